@@ -1,0 +1,126 @@
+"""Region-word alignment scores (TERAN, CHAN) and the TGDT fused score.
+
+All functions take ``words`` (Nt x Tw x D), ``word_mask`` (Nt x Tw), ``regions`` (Ni x Tr x D) and
+``region_mask`` (Ni x Tr), L2-normalised, and return an Nt x Ni score matrix; 1 query x K candidates is the
+case Nt = 1 (or Ni = 1). Padded tokens never win a max and never add to a sum. Work is chunked over texts so
+the Nt x Ni x Tw x Tr similarity block stays within ``max_block`` elements.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+NEG = float("-inf")
+MAX_BLOCK = 1 << 24
+
+
+def token_similarities(words: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every word with every region: Nt x Ni x Tw x Tr."""
+    return torch.einsum("awd,brd->abwr", words, regions)
+
+
+def _best_region(sims: torch.Tensor, word_mask: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+    """For each word, its best region's similarity (0 for padded words or no regions): Nt x Ni x Tw."""
+    sims = sims.masked_fill(~region_mask[None, :, None, :], NEG)
+    best = sims.amax(dim=-1)
+    valid = word_mask[:, None, :] & region_mask.any(-1)[None, :, None]
+    return torch.where(valid, best, torch.zeros_like(best))
+
+
+def _best_word(sims: torch.Tensor, word_mask: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+    """For each region, its best word's similarity: Nt x Ni x Tr."""
+    sims = sims.masked_fill(~word_mask[:, None, :, None], NEG)
+    best = sims.amax(dim=-2)
+    valid = region_mask[None, :, :] & word_mask.any(-1)[:, None, None]
+    return torch.where(valid, best, torch.zeros_like(best))
+
+
+def _n_words(word_mask: torch.Tensor) -> torch.Tensor:
+    return word_mask.sum(-1).clamp_min(1).to(torch.float32)[:, None]
+
+
+def mrsw(sims, word_mask, region_mask, lse_lambda=0.0):
+    """TERAN MrSw: sum over words of the best region."""
+    return _best_region(sims, word_mask, region_mask).sum(-1)
+
+
+def mravgw(sims, word_mask, region_mask, lse_lambda=0.0):
+    """TERAN MrAVGw: mean over words of the best region (CHAN hard alignment with mean pooling)."""
+    return mrsw(sims, word_mask, region_mask) / _n_words(word_mask)
+
+
+def mwsr(sims, word_mask, region_mask, lse_lambda=0.0):
+    """TERAN MwSr: sum over regions of the best word."""
+    return _best_word(sims, word_mask, region_mask).sum(-1)
+
+
+def symm(sims, word_mask, region_mask, lse_lambda=0.0):
+    """TERAN Symm: MrSw + MwSr."""
+    return mrsw(sims, word_mask, region_mask) + mwsr(sims, word_mask, region_mask)
+
+
+def chan_lse(sims, word_mask, region_mask, lse_lambda=10.0):
+    """CHAN hard alignment pooled over words by log-mean-exp: (1/l) log mean_w exp(l * best_region(w))."""
+    best = _best_region(sims, word_mask, region_mask) * lse_lambda
+    best = best.masked_fill(~word_mask[:, None, :], NEG)
+    pooled = torch.logsumexp(best, dim=-1) - torch.log(_n_words(word_mask))
+    pooled = torch.where(word_mask.any(-1)[:, None], pooled, torch.zeros_like(pooled))
+    return pooled / lse_lambda
+
+
+ALIGNMENT_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "MrSw": mrsw,
+    "MrAVGw": mravgw,
+    "MwSr": mwsr,
+    "Symm": symm,
+    "CHAN-mean": mravgw,
+    "CHAN-lse": chan_lse,
+}
+
+
+def local_scores(
+    words: torch.Tensor,
+    word_mask: torch.Tensor,
+    regions: torch.Tensor,
+    region_mask: torch.Tensor,
+    method: str = "MrSw",
+    lse_lambda: float = 10.0,
+    max_block: int = MAX_BLOCK,
+) -> torch.Tensor:
+    """Texts x images alignment scores with ``method`` (a key of :data:`ALIGNMENT_FUNCTIONS`)."""
+    try:
+        fn = ALIGNMENT_FUNCTIONS[method]
+    except KeyError:
+        raise ValueError(f"unknown alignment {method!r}; choose from {sorted(ALIGNMENT_FUNCTIONS)}") from None
+    word_mask, region_mask = word_mask.bool(), region_mask.bool()
+    regions = regions.to(words.dtype)
+    per_text = max(1, regions.shape[0] * max(1, regions.shape[1]) * max(1, words.shape[1]))
+    step = max(1, max_block // per_text)
+    if words.shape[0] <= step:
+        return fn(token_similarities(words, regions), word_mask, region_mask, lse_lambda)
+    return torch.cat([
+        fn(token_similarities(words[i : i + step], regions), word_mask[i : i + step], region_mask, lse_lambda)
+        for i in range(0, words.shape[0], step)
+    ])
+
+
+def fuse(global_scores: torch.Tensor, local: torch.Tensor, weight: float) -> torch.Tensor:
+    """TGDT fused score: ``S = S_global + weight * S_local``."""
+    return global_scores + weight * local
+
+
+def word_groundings(
+    words: torch.Tensor, word_mask: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one text (Tw x D) and one image (Tr x D): each word's best region index and its similarity."""
+    sims = (words @ regions.T).masked_fill(~region_mask.bool()[None, :], NEG)
+    best, index = sims.max(dim=-1)
+    return index[word_mask.bool()], best[word_mask.bool()]
+
+
+__all__ = [
+    "ALIGNMENT_FUNCTIONS", "fuse", "local_scores", "token_similarities", "word_groundings",
+    "mrsw", "mravgw", "mwsr", "symm", "chan_lse",
+]

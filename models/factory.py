@@ -1,0 +1,107 @@
+"""A model on disk is a folder: ``config.json`` + ``model.safetensors`` (heads only; backbones come from
+their packages or ``from_pretrained``). Nothing is unpickled on load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .model import AlignModel, resolve_device
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+DEFAULT_MODEL = "default"
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
+    """A folder path, or the name of a model shipped in ``models/pretrained`` (``default`` when None)."""
+    name = str(name_or_path or DEFAULT_MODEL)
+    path = Path(name)
+    if path.is_dir():
+        return path
+    shipped = PRETRAINED_DIR / name
+    if shipped.is_dir():
+        return shipped
+    available = sorted(p.name for p in PRETRAINED_DIR.iterdir() if p.is_dir()) if PRETRAINED_DIR.is_dir() else []
+    raise FileNotFoundError(f"no model folder {name!r} (and no shipped model of that name; shipped: {available})")
+
+
+def create_model(config: ModelConfig) -> AlignModel:
+    """Build a model from its config: backbones loaded, heads freshly initialised."""
+    return AlignModel(config)
+
+
+def model_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 over the canonical config and the weights bytes: identifies a model."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    weights = folder / WEIGHTS_FILE
+    if weights.is_file():
+        with open(weights, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def save_model(model: AlignModel, folder: str | os.PathLike) -> str:
+    """Write config + trainable weights atomically (temp folder, then rename); returns the fingerprint."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    model.config.save(tmp / CONFIG_FILE)
+    state = model.trainable_state_dict()
+    if state:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        if old.exists():
+            _rmtree(old)
+        folder.rename(old)
+        tmp.rename(folder)
+        _rmtree(old)
+    else:
+        tmp.rename(folder)
+    return model_fingerprint(folder)
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, device: str = "auto") -> AlignModel:
+    """Load a model folder (or a shipped model by name) in eval mode on ``device``."""
+    folder = resolve_model_path(name_or_path)
+    config_file = folder / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder: no {CONFIG_FILE}")
+    model = create_model(ModelConfig.load(config_file))
+    weights = folder / WEIGHTS_FILE
+    if weights.is_file():
+        state = load_file(str(weights))
+        expected = model.trainable_state_dict().keys()
+        missing = sorted(set(expected) - set(state))
+        unknown = sorted(set(state) - set(model.state_dict()))
+        if missing or unknown:
+            raise ValueError(f"{weights}: weights do not match config (missing {missing[:5]}, unknown {unknown[:5]})")
+        model.load_state_dict(state, strict=False)
+    elif model.joint is None:
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} for the trainable heads")
+    model.fingerprint = model_fingerprint(folder)
+    model.source = str(folder)
+    return model.to(resolve_device(device)).eval()
+
+
+def default_device() -> torch.device:
+    return resolve_device("auto")

@@ -1,0 +1,139 @@
+"""Frozen-backbone features for training, computed once and cached on disk (safetensors)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .backbones import TokenFeatures
+from .model import AlignModel, _pad_tokens
+from .preprocess import ImageDecodeError, load_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CachedFeatures:
+    """Backbone features for a list of items, stored in float16; ``ok`` marks the items that decoded."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+    ok: torch.Tensor
+
+    def batch(self, index: torch.Tensor, device: torch.device | str) -> TokenFeatures:
+        """Rows ``index`` in float32 on ``device``, the token axis cut to the longest row in the batch."""
+        mask = self.mask[index]
+        width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+        return TokenFeatures(
+            self.tokens[index, :width].to(device, torch.float32),
+            mask[:, :width].to(device),
+            self.pooled[index].to(device, torch.float32),
+        )
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        save_file({"tokens": self.tokens, "mask": self.mask, "pooled": self.pooled, "ok": self.ok}, str(tmp))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "CachedFeatures":
+        d = load_file(str(path))
+        return cls(d["tokens"], d["mask"], d["pooled"], d["ok"])
+
+
+def _cache_key(kind: str, backbone: dict, items: Sequence[str]) -> str:
+    digest = hashlib.sha256(json.dumps([kind, backbone], sort_keys=True).encode())
+    for item in items:
+        digest.update(item.encode() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def _concat(parts: list[TokenFeatures]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(p.tokens.shape[1] for p in parts)
+    tokens = torch.cat([_pad_tokens(p.tokens.half().cpu(), width) for p in parts])
+    mask = torch.cat([_pad_tokens(p.mask.cpu(), width) for p in parts])
+    pooled = torch.cat([p.pooled.half().cpu() for p in parts])
+    return tokens, mask, pooled
+
+
+def image_features(
+    model: AlignModel, paths: Sequence[Path], cache_dir: Path | None, batch_size: int = 32, workers: int = 4,
+) -> tuple[CachedFeatures, list[tuple[str, str]]]:
+    """Backbone region features of ``paths``; images that fail to decode are zero rows with ``ok`` False,
+    and are returned as (path, reason) pairs."""
+    stamp = [f"{p}:{p.stat().st_size}" if p.exists() else str(p) for p in paths]
+    key = _cache_key("image", model.config.image_backbone.__dict__, stamp)
+    cached = cache_dir / f"image-{key}.safetensors" if cache_dir else None
+    failures: list[tuple[str, str]] = []
+
+    def read(path: Path):
+        try:
+            return load_image(path)
+        except (ImageDecodeError, OSError) as exc:
+            return exc
+
+    if cached and cached.is_file():
+        feats = CachedFeatures.load(cached)
+        failures = [(str(p), "failed to decode") for p, ok in zip(paths, feats.ok.tolist()) if not ok]
+        return feats, failures
+    decoded: list[TokenFeatures | None] = []
+    ok: list[bool] = []
+    with ThreadPoolExecutor(max(1, workers)) as pool, torch.inference_mode():
+        bar = tqdm(total=len(paths), desc="image features", unit="img")
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            images = list(pool.map(read, chunk))
+            good = [im for im in images if not isinstance(im, Exception)]
+            feats = model.image_features(model.preprocess_images(good).to(model.device)) if good else None
+            row = 0
+            for path, image in zip(chunk, images):
+                ok.append(not isinstance(image, Exception))
+                if isinstance(image, Exception):
+                    failures.append((str(path), str(image)))
+                    decoded.append(None)
+                    continue
+                decoded.append(TokenFeatures(*(t[row : row + 1] for t in (feats.tokens, feats.mask, feats.pooled))))
+                row += 1
+            bar.update(len(chunk))
+        bar.close()
+    first = next((f for f in decoded if f is not None), None)
+    if first is None:
+        raise RuntimeError("no image could be decoded")
+    zero = TokenFeatures(*(torch.zeros_like(t) for t in (first.tokens, first.mask, first.pooled)))
+    tokens, mask, pooled = _concat([f if f is not None else zero for f in decoded])
+    feats = CachedFeatures(tokens, mask, pooled, torch.tensor(ok))
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        feats.save(cached)
+    return feats, failures
+
+
+def text_features(
+    model: AlignModel, texts: Sequence[str], cache_dir: Path | None, batch_size: int = 128
+) -> CachedFeatures:
+    """Backbone word-piece features of ``texts`` (padded to the longest)."""
+    key = _cache_key("text", model.config.text_backbone.__dict__, texts)
+    cached = cache_dir / f"text-{key}.safetensors" if cache_dir else None
+    if cached and cached.is_file():
+        return CachedFeatures.load(cached)
+    parts = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(texts), batch_size), desc="text features", unit="batch"):
+            tok = model.tokenize(texts[start : start + batch_size]).to(model.device)
+            parts.append(model.text_features(tok))
+    tokens, mask, pooled = _concat(parts)
+    feats = CachedFeatures(tokens, mask, pooled, torch.ones(len(texts), dtype=torch.bool))
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        feats.save(cached)
+    return feats

@@ -1,0 +1,225 @@
+"""The joint image-text model: backbones + heads, encoding each modality separately into one space."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from . import alignment
+from .backbones import (
+    EfficientNetBackbone, HFTextBackbone, HFVisionBackbone, ImageBackbone, PrecomputedBackbone, TokenFeatures,
+    TokenizedText,
+)
+from .clip_backbone import HFJointModel
+from .config import ModelConfig
+from .heads import TokenHead
+
+
+@dataclass
+class EncoderOutput:
+    """``global_emb`` B x D, ``local`` B x T x D (both L2-normalised), ``mask`` B x T (True = real token).
+
+    Texts also carry their word pieces (``words``, aligned with the True entries of ``mask``) and whether
+    each was truncated to the model's length limit.
+    """
+
+    global_emb: torch.Tensor
+    local: torch.Tensor
+    mask: torch.Tensor
+    words: list[list[str]] | None = None
+    truncated: list[bool] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.global_emb.shape[0]
+
+    def cpu(self) -> "EncoderOutput":
+        return EncoderOutput(self.global_emb.cpu(), self.local.cpu(), self.mask.cpu(), self.words, self.truncated)
+
+    @staticmethod
+    def concat(parts: Sequence["EncoderOutput"]) -> "EncoderOutput":
+        """Join batches, padding the token axis to the longest."""
+        width = max(p.local.shape[1] for p in parts)
+        local = torch.cat([_pad_tokens(p.local, width) for p in parts])
+        mask = torch.cat([_pad_tokens(p.mask, width) for p in parts])
+        words = None if parts[0].words is None else [w for p in parts for w in (p.words or [])]
+        return EncoderOutput(
+            torch.cat([p.global_emb for p in parts]), local, mask, words, [t for p in parts for t in p.truncated]
+        )
+
+
+def _pad_tokens(x: torch.Tensor, width: int) -> torch.Tensor:
+    pad = width - x.shape[1]
+    if pad == 0:
+        return x
+    shape = (x.shape[0], pad) + tuple(x.shape[2:])
+    return torch.cat([x, torch.zeros(shape, dtype=x.dtype, device=x.device)], dim=1)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available")
+    return device
+
+
+def _build_image_backbone(config: ModelConfig) -> ImageBackbone:
+    kind = config.image_backbone.kind
+    if kind == "efficientnet":
+        return EfficientNetBackbone(config.image_backbone)
+    if kind == "hf-vision":
+        return HFVisionBackbone(config.image_backbone)
+    return PrecomputedBackbone(config.image_backbone)
+
+
+class AlignModel(nn.Module):
+    """Image encoder + text encoder + alignment settings, built from a :class:`ModelConfig`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.joint: HFJointModel | None = None
+        if "hf-clip" in (config.image_backbone.kind, config.text_backbone.kind):
+            if config.image_backbone.kind != config.text_backbone.kind or (
+                config.image_backbone.name != config.text_backbone.name
+            ):
+                raise ValueError("an hf-clip model must be both the image and the text backbone")
+            self.joint = HFJointModel(
+                config.image_backbone.name, config.image_backbone.image_size, config.text_backbone.max_length
+            )
+            self.embed_dim = self.joint.embed_dim
+            return
+        self.image_backbone = _build_image_backbone(config)
+        self.text_backbone = HFTextBackbone(config.text_backbone)
+        self.embed_dim = config.embed_dim
+        if config.image_head is None or config.text_head is None:
+            raise ValueError("backbones other than hf-clip need an image_head and a text_head")
+        self.image_head = TokenHead(self.image_backbone.feature_dim, config.embed_dim, config.image_head)
+        self.text_head = TokenHead(self.text_backbone.feature_dim, config.embed_dim, config.text_head)
+
+    # -- properties -----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def takes_images(self) -> bool:
+        """False when the image side expects precomputed region features."""
+        return self.joint is not None or not isinstance(self.image_backbone, PrecomputedBackbone)
+
+    @property
+    def max_text_tokens(self) -> int:
+        tokenizer = self.joint.tokenizer if self.joint is not None else self.text_backbone.tokenizer
+        return tokenizer.max_length
+
+    def region_grid(self) -> tuple[int, int] | None:
+        """(rows, cols) when image regions are grid cells (row-major), else None (boxes or unknown)."""
+        if self.joint is not None:
+            return self.joint.region_grid()
+        return self.image_backbone.region_grid()
+
+    def train(self, mode: bool = True) -> "AlignModel":
+        """Heads follow ``mode``; frozen backbones always stay in eval mode (BatchNorm statistics fixed)."""
+        super().train(mode)
+        if self.joint is not None:
+            self.joint.eval()
+        else:
+            self.image_backbone.eval()
+            self.text_backbone.eval()
+        return self
+
+    # -- pieces (training uses these on cached backbone features) --------------------------------------
+    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        source = self.joint if self.joint is not None else self.image_backbone
+        return source.preprocess(images)
+
+    def tokenize(self, texts: Sequence[str]) -> TokenizedText:
+        tokenizer = self.joint.tokenizer if self.joint is not None else self.text_backbone.tokenizer
+        return tokenizer(texts)
+
+    def image_features(self, pixel_values: torch.Tensor) -> TokenFeatures:
+        return self.image_backbone(pixel_values)
+
+    def text_features(self, text: TokenizedText) -> TokenFeatures:
+        return self.text_backbone(text)
+
+    def image_head_forward(self, feats: TokenFeatures) -> EncoderOutput:
+        g, local = self.image_head(feats)
+        return EncoderOutput(g, local, feats.mask)
+
+    def text_head_forward(self, feats: TokenFeatures) -> EncoderOutput:
+        g, local = self.text_head(feats)
+        return EncoderOutput(g, local, feats.mask)
+
+    # -- inference ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_pixels(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        """Preprocessed pixels (B x 3 x H x W) -> joint-space embeddings."""
+        pixel_values = pixel_values.to(self.device)
+        if self.joint is not None:
+            return EncoderOutput(*self.joint.encode_images(pixel_values))
+        return self.image_head_forward(self.image_features(pixel_values))
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> EncoderOutput:
+        """PIL images -> joint-space embeddings (``global_emb``, per-region ``local``, ``mask``)."""
+        if not self.takes_images:
+            raise TypeError("this model reads precomputed region features: use encode_region_features")
+        parts = [
+            self.encode_pixels(self.preprocess_images(images[i : i + batch_size]))
+            for i in range(0, len(images), batch_size)
+        ]
+        return EncoderOutput.concat(parts).cpu()
+
+    @torch.inference_mode()
+    def encode_region_features(
+        self, features: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None
+    ) -> EncoderOutput:
+        """Precomputed region features (B x N x C, e.g. bottom-up 36 x 2048) -> joint-space embeddings."""
+        if not isinstance(getattr(self, "image_backbone", None), PrecomputedBackbone):
+            raise TypeError("this model encodes images, not precomputed features")
+        feats = torch.as_tensor(features, dtype=torch.float32, device=self.device)
+        m = None if mask is None else torch.as_tensor(mask, dtype=torch.bool, device=self.device)
+        return self.image_head_forward(self.image_backbone(feats, m)).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> EncoderOutput:
+        """Texts -> joint-space embeddings (``global_emb``, per-word-piece ``local``, ``mask``, ``words``)."""
+        parts = []
+        for i in range(0, len(texts), batch_size):
+            tok = self.tokenize(texts[i : i + batch_size]).to(self.device)
+            if self.joint is not None:
+                out = EncoderOutput(*self.joint.encode_texts(tok))
+            else:
+                out = self.text_head_forward(self.text_features(tok))
+            out.words, out.truncated = tok.words, tok.truncated
+            parts.append(out)
+        return EncoderOutput.concat(parts).cpu()
+
+    # -- scoring -----------------------------------------------------------------------------------------
+    def local_scores(self, texts: EncoderOutput, images: EncoderOutput) -> torch.Tensor:
+        """Region-word alignment scores, texts x images, with the configured alignment."""
+        return alignment.local_scores(
+            texts.local, texts.mask, images.local, images.mask, self.config.alignment, self.config.lse_lambda
+        )
+
+    def scores(self, texts: EncoderOutput, images: EncoderOutput) -> torch.Tensor:
+        """TGDT fused score ``S_global + w * S_local``, texts x images."""
+        return alignment.fuse(
+            texts.global_emb @ images.global_emb.T, self.local_scores(texts, images), self.config.local_weight
+        )
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a model folder stores: the heads and any unfrozen backbone parameters."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {
+            k: v.detach().cpu().contiguous()
+            for k, v in self.state_dict().items()
+            if k in trainable or k.startswith(("image_head.", "text_head."))
+        }

