@@ -30,6 +30,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alignment", choices=ALIGNMENTS, default=None)
     p.add_argument("--local-weight", type=float, default=None, help="w in S = S_global + w * S_local")
     p.add_argument("--no-tune-weight", action="store_true", help="keep --local-weight instead of tuning it on validation")
+    p.add_argument("--train-image-layers", type=int, default=None,
+                   help="fine-tune this many top blocks of the image backbone (default 0: frozen, features cached)")
+    p.add_argument("--train-text-layers", type=int, default=None,
+                   help="fine-tune this many top layers of the text backbone (default 0: frozen)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -74,6 +78,10 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
         config.text_backbone = _backbone(args.text_backbone, config.text_backbone)
     if args.image_size:
         config.image_backbone.image_size = args.image_size
+    if args.train_image_layers is not None:
+        config.image_backbone.trainable_layers = args.train_image_layers
+    if args.train_text_layers is not None:
+        config.text_backbone.trainable_layers = args.train_text_layers
     if args.embed_dim:
         config.embed_dim = args.embed_dim
     if args.layers is not None:
@@ -106,8 +114,12 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_dataset
     from .evaluation import format_table
+    from .data import load_dataset
     from .factory import load_model
 
+    load_dataset(args.dataset)  # fail on a bad dataset before loading any model
+    if not args.images.is_dir():
+        raise FileNotFoundError(f"images folder not found: {args.images}")
     model = load_model(args.model, device=args.device)
     report = evaluate_dataset(model, args.dataset, args.images, args.split, args.candidates)
     report.update(model=model.source, fingerprint=model.fingerprint, split=args.split, candidates=args.candidates)

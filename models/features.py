@@ -137,3 +137,41 @@ def text_features(
         cached.parent.mkdir(parents=True, exist_ok=True)
         feats.save(cached)
     return feats
+
+
+class LiveImageFeatures:
+    """Image features computed on every batch (with gradients), for fine-tuning the backbone's top layers.
+
+    Keeps the preprocessed pixels in memory instead of cached features; same ``batch`` interface."""
+
+    def __init__(self, model: AlignModel, paths: Sequence[Path]) -> None:
+        self.model = model
+        pixels, ok, self.failures = [], [], []
+        for path in tqdm(paths, desc="decode images", unit="img"):
+            try:
+                pixels.append(model.preprocess_images([load_image(path)])[0])
+                ok.append(True)
+            except (ImageDecodeError, OSError) as exc:
+                self.failures.append((str(path), str(exc)))
+                pixels.append(None)
+                ok.append(False)
+        template = next(p for p in pixels if p is not None)
+        self.pixels = torch.stack([p if p is not None else torch.zeros_like(template) for p in pixels])
+        self.ok = torch.tensor(ok)
+
+    def batch(self, index: torch.Tensor, device: torch.device | str) -> TokenFeatures:
+        with torch.inference_mode(False), torch.enable_grad():
+            return self.model.image_features(self.pixels[index].to(device))
+
+
+class LiveTextFeatures:
+    """Text features computed on every batch (with gradients), for fine-tuning the text backbone."""
+
+    def __init__(self, model: AlignModel, texts: Sequence[str]) -> None:
+        self.model, self.texts = model, list(texts)
+        self.ok = torch.ones(len(texts), dtype=torch.bool)
+
+    def batch(self, index: torch.Tensor, device: torch.device | str) -> TokenFeatures:
+        tok = self.model.tokenize([self.texts[i] for i in index.tolist()]).to(device)
+        with torch.inference_mode(False), torch.enable_grad():
+            return self.model.text_features(tok)

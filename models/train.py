@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from .config import ModelConfig
 from .data import DatasetError, ImageRecord, load_dataset, select_split
 from .evaluation import evaluate_scores
 from .factory import create_model, save_model
-from .features import CachedFeatures, image_features, text_features
+from .features import CachedFeatures, LiveImageFeatures, LiveTextFeatures, image_features, text_features
 from .losses import LOSSES
 from .model import AlignModel, EncoderOutput, resolve_device
 from . import alignment
@@ -74,7 +75,7 @@ def _pairs(records: list[ImageRecord], row_of: dict[str, int], ok: torch.Tensor,
     )
 
 
-def encode_cached(model: AlignModel, feats: CachedFeatures, rows: torch.Tensor, image: bool, batch: int = 256) -> EncoderOutput:
+def encode_cached(model: AlignModel, feats: CachedFeatures | LiveImageFeatures | LiveTextFeatures, rows: torch.Tensor, image: bool, batch: int = 256) -> EncoderOutput:
     """Run the heads (eval mode) over cached backbone features."""
     model.eval()
     head = model.image_head_forward if image else model.text_head_forward
@@ -83,7 +84,8 @@ def encode_cached(model: AlignModel, feats: CachedFeatures, rows: torch.Tensor, 
     return EncoderOutput.concat(parts).cpu()
 
 
-def validation_scores(model: AlignModel, img: CachedFeatures, txt: CachedFeatures, pairs: Pairs):
+def validation_scores(model: AlignModel, img, txt, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts x images global and local scores on the validation pairs."""
     images = encode_cached(model, img, pairs.image_rows, image=True)
     texts = encode_cached(model, txt, pairs.text_rows, image=False)
     global_scores = texts.global_emb @ images.global_emb.T
@@ -126,6 +128,15 @@ def _load_checkpoint(out: Path, model: AlignModel, opt: torch.optim.Optimizer) -
     return meta
 
 
+def _has_trainable(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def learning_rate_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    return min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
 def tune_local_weight(global_scores: torch.Tensor, local: torch.Tensor, text_to_image: torch.Tensor,
                       candidates: int, grid=WEIGHT_GRID) -> tuple[float, dict[float, float]]:
     """Pick the TGDT weight ``w`` that maximises two-stage rsum on validation scores."""
@@ -154,16 +165,22 @@ def train(options: TrainOptions, config: ModelConfig) -> dict:
     all_records = train_records + val_records
     filenames = list(dict.fromkeys(r.filename for r in all_records))
     row_of = {f: i for i, f in enumerate(filenames)}
-    img_feats, failures = image_features(
-        model, [options.images / f for f in filenames], options.cache_dir, workers=options.workers
-    )
+    paths = [options.images / f for f in filenames]
+    if _has_trainable(model.image_backbone):
+        img_feats = LiveImageFeatures(model, paths)
+        failures = img_feats.failures
+    else:
+        img_feats, failures = image_features(model, paths, options.cache_dir, workers=options.workers)
     for path, reason in failures:
         log.warning("skipped %s: %s", path, reason)
     texts, offsets = [], {}
     for r in all_records:
         offsets[r.filename] = len(texts)
         texts.extend(r.captions)
-    txt_feats = text_features(model, texts, options.cache_dir)
+    if _has_trainable(model.text_backbone):
+        txt_feats = LiveTextFeatures(model, texts)
+    else:
+        txt_feats = text_features(model, texts, options.cache_dir)
     train_pairs = _pairs(train_records, row_of, img_feats.ok, offsets)
     val_pairs = _pairs(val_records, row_of, img_feats.ok, offsets)
 
@@ -171,13 +188,8 @@ def train(options: TrainOptions, config: ModelConfig) -> dict:
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     steps_per_epoch = max(1, len(train_pairs.image_rows) // options.batch_size) * 5
     total_steps = steps_per_epoch * options.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, steps_per_epoch)) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s, total_steps) / total_steps)).item())
-    )
     meta = _load_checkpoint(options.out, model, opt) if options.resume else None
     start_epoch, best, history = (meta["epoch"] + 1, meta["best"], meta["history"]) if meta else (0, None, [])
-    for _ in range(start_epoch * steps_per_epoch):
-        sched.step()
     loss_fn = LOSSES[options.loss]
     loss_kwargs = {"margin": options.margin} if options.loss == "triplet" else {"temperature": options.temperature}
     out_model = options.out / "model"
@@ -186,6 +198,7 @@ def train(options: TrainOptions, config: ModelConfig) -> dict:
         model.train()
         gen = torch.Generator().manual_seed(options.seed * 1000 + epoch)
         t0, total, n = time.time(), 0.0, 0
+        step = epoch * steps_per_epoch
         batches = []
         for _round in range(5):
             order = torch.randperm(len(train_pairs.image_rows), generator=gen)
@@ -204,8 +217,10 @@ def train(options: TrainOptions, config: ModelConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 2.0)
+            for group in opt.param_groups:
+                group["lr"] = options.lr * learning_rate_factor(step, steps_per_epoch, total_steps)
             opt.step()
-            sched.step()
+            step += 1
             total += loss.item()
             n += 1
             bar.set_postfix(loss=f"{total / n:.3f}")

@@ -1,0 +1,116 @@
+"""`alignsearch train` / `eval` on real images: outputs, resume, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models import BackboneConfig, HeadConfig, ModelConfig, load_model
+from service.cli import main
+
+
+@pytest.fixture()
+def small_set(tmp_path, dataset_dir) -> tuple[Path, Path]:
+    """30 shared images (25 train, 5 test) plus one corrupt file, with a Karpathy JSON naming them."""
+    data = json.loads((dataset_dir / "dataset_flickr8k.json").read_text())
+    train = [i for i in data["images"] if i["split"] == "train"][:25]
+    test = [i for i in data["images"] if i["split"] == "test"][:5]
+    images = tmp_path / "images"
+    images.mkdir()
+    for item in train + test:
+        shutil.copy(dataset_dir / "images" / item["filename"], images / item["filename"])
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    broken = {"filename": "broken.jpg", "split": "train", "sentences": [{"raw": "nothing to see"}]}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"images": train + [broken] + test}))
+    return path, images
+
+
+def _tiny_config(tmp_path, tiny_vit, tiny_bert) -> Path:
+    cfg = ModelConfig(
+        image_backbone=BackboneConfig("hf-vision", tiny_vit, image_size=32),
+        text_backbone=BackboneConfig("hf-text", tiny_bert),
+        embed_dim=16, image_head=HeadConfig(layers=1, heads=2), text_head=HeadConfig(layers=1, heads=2),
+    )
+    cfg.save(tmp_path / "config.json")
+    return tmp_path / "config.json"
+
+
+def test_train_saves_best_model_skips_corrupt_image_and_resumes(tmp_path, small_set, tiny_vit, tiny_bert, capsys):
+    dataset, images = small_set
+    config = _tiny_config(tmp_path, tiny_vit, tiny_bert)
+    out = tmp_path / "run"
+    args = ["train", "--dataset", str(dataset), "--images", str(images), "--out", str(out), "--config", str(config),
+            "--batch-size", "8", "--val-size", "5", "--candidates", "3", "--cache-dir", str(tmp_path / "cache")]
+    assert main(args + ["--epochs", "1"]) == 0
+    summary = json.loads((out / "training.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == [1]
+    assert any(p.endswith("broken.jpg") for p in summary["skipped_images"])
+    assert main(args + ["--epochs", "2"]) == 0  # resumes from the checkpoint: only epoch 2 runs
+    summary = json.loads((out / "training.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    model = load_model(out / "model", device="cpu")
+    assert model.fingerprint == summary["fingerprint"]
+    assert str(model.config.local_weight) in summary["local_weight_sweep"]
+
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--dataset", str(dataset), "--images", str(images), "--model", str(out / "model"),
+                 "--candidates", "3", "--json", str(report)]) == 0
+    results = json.loads(report.read_text())
+    assert set(results) >= {"global", "exhaustive", "two-stage"}
+    for mode in ("global", "exhaustive", "two-stage"):
+        row = results[mode]
+        assert set(row) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"}
+        assert row["rsum"] == pytest.approx(sum(v for k, v in row.items() if k != "rsum"), abs=0.1)
+        assert 0 <= row["i2t_r1"] <= row["i2t_r5"] <= row["i2t_r10"] <= 100
+    assert results["meta"]["images"] == 5 and results["meta"]["captions"] == 25
+    assert "two-stage" in capsys.readouterr().out
+
+
+def test_train_missing_images_folder_is_a_clear_error(tmp_path, small_set, capsys):
+    dataset, _ = small_set
+    code = main(["train", "--dataset", str(dataset), "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "images folder not found" in capsys.readouterr().err
+
+
+def test_malformed_json_is_a_clear_error(tmp_path, small_set, capsys):
+    _, images = small_set
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [ {"filename": ')
+    code = main(["eval", "--dataset", str(bad), "--images", str(images)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "malformed JSON" in err and "Traceback" not in err
+
+
+def test_csv_dataset_is_read(tmp_path):
+    from models.data import load_dataset, select_split
+
+    path = tmp_path / "c.csv"
+    path.write_text("image,caption\na.jpg,a dog\na.jpg,a brown dog\nb.jpg,a cat\n")
+    records = load_dataset(path)
+    assert [(r.filename, r.captions) for r in records] == [("a.jpg", ["a dog", "a brown dog"]), ("b.jpg", ["a cat"])]
+    assert select_split(records, "train", val_size=0) == records
+
+
+def test_fine_tuning_top_layers_updates_the_backbone(tmp_path, small_set, tiny_vit, tiny_bert):
+    import torch
+
+    dataset, images = small_set
+    config = _tiny_config(tmp_path, tiny_vit, tiny_bert)
+    out = tmp_path / "ft"
+    assert main(["train", "--dataset", str(dataset), "--images", str(images), "--out", str(out),
+                 "--config", str(config), "--epochs", "1", "--batch-size", "8", "--val-size", "5",
+                 "--candidates", "3", "--train-text-layers", "1", "--no-tune-weight"]) == 0
+    tuned = load_model(out / "model", device="cpu")
+    from transformers import AutoModel
+
+    original = AutoModel.from_pretrained(tiny_bert)
+    name = "encoder.layer.1.output.dense.weight"
+    assert not torch.equal(tuned.text_backbone.net.state_dict()[name], original.state_dict()[name])
+    name0 = "encoder.layer.0.output.dense.weight"  # below the fine-tuned layers: frozen
+    assert torch.equal(tuned.text_backbone.net.state_dict()[name0], original.state_dict()[name0])
