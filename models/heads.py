@@ -43,3 +43,15 @@ class TokenHead(nn.Module):
         global_emb = F.normalize(self.out_global(seq[:, 0]), dim=-1)
         local = F.normalize(self.out_local(seq[:, 1:]), dim=-1) * feats.mask.unsqueeze(-1)
         return global_emb, local
+
+
+class LockedHead(nn.Module):
+    """No trainable parameters: the backbone's own space is the joint space (LiT's locked tower).
+
+    Global = the L2-normalised pooled feature (for MiniLM: its sentence embedding), local = the normalised
+    token features. The other modality's head learns to map into this space."""
+
+    def forward(self, feats: TokenFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        global_emb = F.normalize(feats.pooled, dim=-1)
+        local = F.normalize(feats.tokens, dim=-1) * feats.mask.unsqueeze(-1)
+        return global_emb, local

@@ -17,7 +17,7 @@ from .backbones import (
 )
 from .clip_backbone import HFJointModel
 from .config import ModelConfig
-from .heads import TokenHead
+from .heads import LockedHead, TokenHead
 
 
 @dataclass
@@ -99,10 +99,15 @@ class AlignModel(nn.Module):
         self.image_backbone = _build_image_backbone(config)
         self.text_backbone = HFTextBackbone(config.text_backbone)
         self.embed_dim = config.embed_dim
-        if config.image_head is None or config.text_head is None:
-            raise ValueError("backbones other than hf-clip need an image_head and a text_head")
+        if config.image_head is None:
+            raise ValueError("backbones other than hf-clip need an image_head")
         self.image_head = TokenHead(self.image_backbone.feature_dim, config.embed_dim, config.image_head)
-        self.text_head = TokenHead(self.text_backbone.feature_dim, config.embed_dim, config.text_head)
+        if config.text_head is None:  # locked text tower: its own space is the joint space
+            if config.embed_dim != self.text_backbone.feature_dim:
+                raise ValueError(f"a locked text tower needs embed_dim == {self.text_backbone.feature_dim}")
+            self.text_head = LockedHead()
+        else:
+            self.text_head = TokenHead(self.text_backbone.feature_dim, config.embed_dim, config.text_head)
 
     # -- properties -----------------------------------------------------------------------------------
     @property

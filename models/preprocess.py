@@ -54,3 +54,17 @@ class ImagePreprocessor:
 
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.to_array(im) for im in images]))
+
+
+def augmented_view(image: Image.Image, seed: int, min_scale: float = 0.6) -> Image.Image:
+    """A deterministic random view for training: a crop of ``min_scale``..1 of the area, maybe mirrored."""
+    rng = np.random.default_rng(seed)
+    w, h = image.size
+    scale = rng.uniform(min_scale, 1.0)
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    cw = int(round(min(w, np.sqrt(scale * w * h * aspect))))
+    ch = int(round(min(h, np.sqrt(scale * w * h / aspect))))
+    left = int(rng.integers(0, w - cw + 1))
+    top = int(rng.integers(0, h - ch + 1))
+    view = image.crop((left, top, left + cw, top + ch))
+    return ImageOps.mirror(view) if rng.random() < 0.5 else view

@@ -48,6 +48,7 @@ class TrainOptions:
     workers: int = 4
     resume: bool = True
     tune_local_weight: bool = True
+    augment_views: int = 0
     progress: bool = True
 
 
@@ -171,6 +172,10 @@ def train(options: TrainOptions, config: ModelConfig) -> dict:
         failures = img_feats.failures
     else:
         img_feats, failures = image_features(model, paths, options.cache_dir, workers=options.workers)
+    views = [img_feats] + [
+        image_features(model, paths, options.cache_dir, workers=options.workers, view=v)[0]
+        for v in range(1, options.augment_views + 1)
+    ]
     for path, reason in failures:
         log.warning("skipped %s: %s", path, reason)
     texts, offsets = [], {}
@@ -210,7 +215,8 @@ def train(options: TrainOptions, config: ModelConfig) -> dict:
                 train_pairs.caption_rows[i][int(torch.randint(len(train_pairs.caption_rows[i]), (1,), generator=gen))]
                 for i in idx.tolist()
             ])
-            img = model.image_head_forward(img_feats.batch(train_pairs.image_rows[idx], device))
+            source = views[int(torch.randint(len(views), (1,), generator=gen))] if len(views) > 1 else img_feats
+            img = model.image_head_forward(source.batch(train_pairs.image_rows[idx], device))
             txt = model.text_head_forward(txt_feats.batch(caps, device))
             loss = loss_fn(model.local_scores(txt, img), **loss_kwargs)
             loss = loss + options.global_loss_weight * loss_fn(txt.global_emb @ img.global_emb.T, **loss_kwargs)

