@@ -9,6 +9,7 @@ from models.data import DatasetError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from indexer.cli import add_index_parser
     from models.cli import add_eval_parser, add_train_parser
 
     parser = argparse.ArgumentParser(
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_index_parser(sub)
     return parser
 
 
@@ -26,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, NotADirectoryError, DatasetError, ValueError, RuntimeError, ImportError) as exc:
+    except (FileNotFoundError, NotADirectoryError, DatasetError, ValueError, RuntimeError, ImportError,
+            OSError) as exc:
         print(f"alignsearch {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,126 @@
+"""``alignsearch index build | add | delete | info | verify``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .local_store import DEFAULT_CODEC
+
+
+def _encoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=Path, required=True, help="folder of photos (searched recursively)")
+    p.add_argument("--captions", type=Path, help="image,caption CSV, Karpathy JSON, or JSON lines")
+    p.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped default)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=4, help="image-decoding threads")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--shard-size", type=int, default=1024, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_index_parser(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser("index", help="build and maintain an on-disk index",
+                           description="The two-level index: global vectors in FAISS, per-region and per-word "
+                                       "vectors in a FAISS-coded memory-mapped store, metadata in SQLite.")
+    isub = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+
+    p = isub.add_parser("build", help="encode a folder of images (and captions) into a new index")
+    _encoding_args(p)
+    p.add_argument("--out", type=Path, required=True, help="index folder to write (replaced atomically)")
+    p.add_argument("--faiss-factory", default=None,
+                   help="FAISS index-factory string for the global vectors (default: chosen from size and memory)")
+    p.add_argument("--local-codec", default=DEFAULT_CODEC, help="FAISS codec for local vectors: SQfp16, SQ8, PQ32, ...")
+    p.add_argument("--memory-budget-gb", type=float, default=4.0, help="memory the global index may use")
+    p.set_defaults(func=run_build)
+
+    p = isub.add_parser("add", help="add new images / captions to an index without a rebuild")
+    p.add_argument("index", type=Path)
+    _encoding_args(p)
+    p.set_defaults(func=run_add)
+
+    p = isub.add_parser("delete", help="delete images or captions by id (they never come back from a search)")
+    p.add_argument("index", type=Path)
+    p.add_argument("--ids", nargs="+", required=True)
+    p.set_defaults(func=run_delete)
+
+    p = isub.add_parser("info", help="counts, bytes per item, model, FAISS types")
+    p.add_argument("index", type=Path)
+    p.set_defaults(func=run_info)
+
+    p = isub.add_parser("verify", help="check checksums and that FAISS, local store and SQLite agree")
+    p.add_argument("index", type=Path)
+    p.set_defaults(func=run_verify)
+
+
+def _options(args: argparse.Namespace, out: Path):
+    from .build import BuildOptions
+
+    return BuildOptions(images=args.images, out=out, captions=args.captions, batch_size=args.batch_size,
+                        workers=args.workers, shard_size=args.shard_size,
+                        faiss_factory=getattr(args, "faiss_factory", None),
+                        local_codec=getattr(args, "local_codec", DEFAULT_CODEC),
+                        memory_budget_gb=getattr(args, "memory_budget_gb", 4.0), progress=not args.quiet)
+
+
+def _summary(report: dict) -> None:
+    skipped = report.pop("skipped", [])
+    print(json.dumps({**report, "skipped": len(skipped)}, indent=2))
+    for item in skipped[:20]:
+        print(f"skipped {item['item']}: {item['reason']}", file=sys.stderr)
+    if len(skipped) > 20:
+        print(f"... and {len(skipped) - 20} more (see build_report.json)", file=sys.stderr)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from models.factory import load_model
+
+    from .build import build
+
+    options = _options(args, args.out)
+    if not args.images.is_dir():
+        raise FileNotFoundError(f"images folder not found: {args.images}")
+    model = load_model(args.model, device=args.device)
+    _summary(build(model, options))
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from models.factory import load_model
+
+    from .build import add
+    from .layout import read_manifest
+
+    manifest = read_manifest(args.index)
+    model = load_model(args.model or manifest["model"].get("source"), device=args.device)
+    _summary(add(model, args.index, _options(args, args.index)))
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    from .build import delete
+
+    report = delete(args.index, args.ids)
+    print(json.dumps(report, indent=2))
+    return 1 if report["not_found"] and len(report["not_found"]) == len(set(args.ids)) else 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from .index import Index
+
+    print(json.dumps(Index(args.index, check="size", use_gpu=False).info(), indent=2))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from .index import verify
+
+    problems = verify(args.index)
+    if problems:
+        for p in problems:
+            print(f"FAILED {p}", file=sys.stderr)
+        return 1
+    print(f"OK {args.index}")
+    return 0

@@ -1,0 +1,101 @@
+"""Per-region / per-word vectors in FAISS's own standalone codecs, memory-mapped.
+
+A codec from a factory string (``SQfp16`` default, ``SQ8``, ``PQ{m}``) turns each vector into a fixed number of
+bytes with ``sa_encode``. Codes of all items lie back to back in one uint8 array (``codes.npy``, opened with
+``mmap_mode='r'``); ``offsets.npy`` says where each item starts. A query's K candidates are gathered and
+decoded in one ``sa_decode`` call, so the cost is K items' bytes, not the collection's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from .layout import CODEC_FILE, CODES_FILE, OFFSETS_FILE
+
+DEFAULT_CODEC = "SQfp16"
+TRAIN_SAMPLE = 65_536
+
+
+def make_codec(dim: int, factory: str, sample: np.ndarray, train: bool = True) -> faiss.Index:
+    """A standalone codec for ``dim``-d vectors, trained on ``sample`` when the type needs training."""
+    try:
+        codec = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid local codec factory string {factory!r}: {str(exc).splitlines()[0]}") from exc
+    if train and not codec.is_trained:
+        if len(sample) < 256:
+            sample = np.concatenate([sample] * (256 // max(len(sample), 1) + 1)) if len(sample) else sample
+        if len(sample) == 0:
+            raise ValueError(f"codec {factory!r} needs training vectors")
+        rng = np.random.default_rng(0)
+        if len(sample) > TRAIN_SAMPLE:
+            sample = sample[rng.choice(len(sample), TRAIN_SAMPLE, replace=False)]
+        codec.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return codec
+
+
+def encode(codec: faiss.Index, vectors: np.ndarray) -> np.ndarray:
+    """n x d float vectors -> n x code_size uint8 codes."""
+    if len(vectors) == 0:
+        return np.zeros((0, codec.sa_code_size()), dtype=np.uint8)
+    return codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def write_store(folder: Path, codec: faiss.Index, codes: np.ndarray, lengths: np.ndarray) -> None:
+    """Write the codec, the codes and the offsets of a collection (items' token counts in ``lengths``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(codec, str(folder / CODEC_FILE))
+    np.save(folder / CODES_FILE, np.ascontiguousarray(codes, dtype=np.uint8))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    np.save(folder / OFFSETS_FILE, offsets)
+
+
+@dataclass
+class LocalStore:
+    """Read side: memory-mapped codes, per-item offsets, and the codec to decode them."""
+
+    codec: faiss.Index
+    codes: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def open(cls, folder: Path) -> "LocalStore":
+        return cls(
+            faiss.read_index(str(folder / CODEC_FILE)),
+            np.load(folder / CODES_FILE, mmap_mode="r"),
+            np.load(folder / OFFSETS_FILE),
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def dim(self) -> int:
+        return self.codec.d
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def item_codes(self, row: int) -> np.ndarray:
+        return self.codes[self.offsets[row] : self.offsets[row + 1]]
+
+    def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode the vectors of ``rows`` in one call: (K x T x D float32, K x T bool mask)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        lengths = ends - starts
+        width = int(lengths.max()) if len(rows) else 0
+        if width == 0:
+            return torch.zeros(len(rows), 0, self.dim), torch.zeros(len(rows), 0, dtype=torch.bool)
+        codes = np.concatenate([self.codes[s:e] for s, e in zip(starts, ends)])
+        flat = self.codec.sa_decode(codes)
+        out = np.zeros((len(rows), width, self.dim), dtype=np.float32)
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        out[mask] = flat
+        return torch.from_numpy(out), torch.from_numpy(mask)

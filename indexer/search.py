@@ -1,0 +1,197 @@
+"""The search pipeline, the one place a score is computed: encode -> coarse (FAISS) -> rerank (alignment).
+
+The service, ``alignsearch eval`` and the benchmarks all call :class:`Searcher`. Coarse: the top
+``candidates`` items by global inner product in FAISS (tombstones skipped). Rerank: the candidates' local
+vectors are gathered and decoded in one call, scored against the query with the model's region-word
+alignment, and mixed with the global score as TGDT does: ``S = S_global + w * S_local``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models import alignment
+from models.factory import load_model
+from models.model import AlignModel, EncoderOutput
+
+from .index import Collection, Index, check_model
+
+
+@dataclass
+class Hit:
+    row: int
+    id: str
+    score: float
+    global_score: float
+    local_score: float
+    uri: str | None
+    caption: str | None
+    image_id: str | None
+    metadata: dict[str, Any]
+    grounding: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    truncated: bool = False
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+class Searcher:
+    """Two-stage search over an :class:`Index` with the model it was built with."""
+
+    def __init__(self, index: Index, model: AlignModel) -> None:
+        check_model(index.manifest, model)
+        self.index = index
+        self.model = model
+        self.grid = model.region_grid()
+
+    @classmethod
+    def open(cls, index_dir: str | Path, model: str | AlignModel | None = None, device: str = "auto") -> "Searcher":
+        """Open an index; ``model`` None loads the model named in its manifest."""
+        index = Index(index_dir)
+        if model is None:
+            source = index.manifest["model"].get("source")
+            model = source if source and Path(source).is_dir() else None
+        if not isinstance(model, AlignModel):
+            model = load_model(model, device=device)
+        return cls(index, model)
+
+    # -- public API -------------------------------------------------------------------------------------
+    def search_text(self, queries: list[str], k: int = 10, candidates: int = 100,
+                    explain: bool = False) -> list[SearchResult]:
+        """Texts -> ranked images."""
+        start = time.perf_counter()
+        enc = self.model.encode_texts(queries)
+        return self._with_encode(self.search_text_encoded(enc, k, candidates, explain), _ms(start))
+
+    def search_image(self, images: list[Image.Image], k: int = 10, candidates: int = 100,
+                     explain: bool = False) -> list[SearchResult]:
+        """Images -> ranked captions."""
+        start = time.perf_counter()
+        enc = self.model.encode_images(images)
+        return self._with_encode(self.search_image_encoded(enc, k, candidates, explain), _ms(start))
+
+    def search_text_encoded(self, enc: EncoderOutput, k: int, candidates: int,
+                            explain: bool = False) -> list[SearchResult]:
+        """Encoded text queries -> ranked images (words are the query side)."""
+        return self._search(enc, self.index.images, k, candidates, explain, query_is_text=True)
+
+    def search_image_encoded(self, enc: EncoderOutput, k: int, candidates: int,
+                             explain: bool = False) -> list[SearchResult]:
+        """Encoded image queries -> ranked captions (words are the candidates' side)."""
+        return self._search(enc, self.index.captions, k, candidates, explain, query_is_text=False)
+
+    def get_image(self, image_id: str) -> dict[str, Any] | None:
+        """Metadata of a live indexed image (with its absolute ``file``), or None."""
+        row = self.index.image_by_id(image_id)
+        if row is not None:
+            row["file"] = str(self.index.images_root / row["path"])
+        return row
+
+    # -- stages -----------------------------------------------------------------------------------------
+    def coarse(self, queries: np.ndarray, col: Collection, candidates: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Top ``candidates`` live rows per query by global inner product: (rows, scores) per query."""
+        live = col.live
+        if live == 0 or len(queries) == 0:
+            return [np.zeros(0, np.int64)] * len(queries), [np.zeros(0, np.float32)] * len(queries)
+        fetch = min(col.index.ntotal, candidates + len(col.deleted))
+        scores, rows = col.index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        out_rows, out_scores = [], []
+        for r, s in zip(rows, scores):
+            keep = (r >= 0) & ~np.isin(r, list(col.deleted)) if col.deleted else r >= 0
+            out_rows.append(r[keep][:candidates])
+            out_scores.append(s[keep][:candidates])
+        return out_rows, out_scores
+
+    def rerank_scores(self, enc: EncoderOutput, q: int, col: Collection, rows: np.ndarray,
+                      query_is_text: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Local alignment scores of query ``q`` against ``rows``; also returns the decoded candidates."""
+        local, mask = col.store.gather(rows)
+        cfg = self.model.config
+        q_local, q_mask = enc.local[q : q + 1], enc.mask[q : q + 1]
+        if query_is_text:
+            scores = alignment.local_scores(q_local, q_mask, local, mask, cfg.alignment, cfg.lse_lambda)[0]
+        else:
+            scores = alignment.local_scores(local, mask, q_local, q_mask, cfg.alignment, cfg.lse_lambda)[:, 0]
+        return scores, local, mask
+
+    def _search(self, enc: EncoderOutput, col: Collection, k: int, candidates: int, explain: bool,
+                query_is_text: bool) -> list[SearchResult]:
+        if k < 1 or candidates < 1:
+            raise ValueError("k and candidates must be >= 1")
+        candidates = max(candidates, k)
+        start = time.perf_counter()
+        rows_per_query, global_per_query = self.coarse(enc.global_emb.numpy(), col, candidates)
+        coarse_ms = _ms(start)
+        results = []
+        for q, (rows, global_scores) in enumerate(zip(rows_per_query, global_per_query)):
+            start = time.perf_counter()
+            if len(rows) == 0:
+                results.append(SearchResult([], {"coarse": coarse_ms, "rerank": 0.0, "total": coarse_ms}))
+                continue
+            local_scores, local, mask = self.rerank_scores(enc, q, col, rows, query_is_text)
+            g = torch.from_numpy(global_scores.astype(np.float32))
+            fused = alignment.fuse(g, local_scores, self.model.config.local_weight)
+            order = np.lexsort((rows, -fused.numpy()))[:k]  # score descending, then row id: deterministic
+            hits = self._hits(col.name, rows[order], fused[order], g[order], local_scores[order])
+            if explain:
+                self._explain(enc, q, hits, local[order], mask[order], query_is_text)
+            rerank_ms = _ms(start)
+            results.append(SearchResult(hits, {"coarse": coarse_ms, "rerank": rerank_ms,
+                                               "total": round(coarse_ms + rerank_ms, 3)},
+                                        bool(enc.truncated[q]) if enc.truncated else False))
+        return results
+
+    def _hits(self, collection: str, rows: np.ndarray, fused: torch.Tensor, g: torch.Tensor,
+              local: torch.Tensor) -> list[Hit]:
+        meta = self.index.rows(collection, rows.tolist())
+        hits = []
+        for row, s, gs, ls in zip(rows.tolist(), fused.tolist(), g.tolist(), local.tolist()):
+            m = meta[row]
+            extra = m.get("extra", {})
+            if collection == "images":
+                hits.append(Hit(row, m["id"], s, gs, ls, m["path"], None, None,
+                                {"width": m["width"], "height": m["height"], **extra}))
+            else:
+                hits.append(Hit(row, m["id"], s, gs, ls, None, m["text"], m["image_id"], extra))
+        return hits
+
+    def _explain(self, enc: EncoderOutput, q: int, hits: list[Hit], local: torch.Tensor, mask: torch.Tensor,
+                 query_is_text: bool) -> None:
+        """For each word, its best region (grid cell when regions are a grid) and the similarity."""
+        for i, hit in enumerate(hits):
+            if query_is_text:
+                words, w_local, w_mask = enc.words[q], enc.local[q], enc.mask[q]
+                r_local, r_mask = local[i], mask[i]
+            else:
+                tok = self.model.encode_texts([hit.caption])
+                words, w_local, w_mask = tok.words[0], tok.local[0], tok.mask[0]
+                r_local, r_mask = enc.local[q], enc.mask[q]
+            regions, sims = alignment.word_groundings(w_local, w_mask, r_local, r_mask)
+            hit.grounding = []
+            for word, region, sim in zip(words, regions.tolist(), sims.tolist()):
+                entry: dict[str, Any] = {"word": word, "region": region, "similarity": round(sim, 4)}
+                if self.grid is not None:
+                    entry["cell"] = [region // self.grid[1], region % self.grid[1]]
+                    entry["grid"] = list(self.grid)
+                hit.grounding.append(entry)
+
+    @staticmethod
+    def _with_encode(results: list[SearchResult], encode_ms: float) -> list[SearchResult]:
+        for r in results:
+            r.timings_ms["encode"] = encode_ms
+            r.timings_ms["total"] = round(encode_ms + r.timings_ms["coarse"] + r.timings_ms["rerank"], 3)
+        return results

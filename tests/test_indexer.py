@@ -1,0 +1,238 @@
+"""The on-disk index on real images with the shipped model: build, resume after SIGKILL, verify, add/delete,
+bad inputs, and two-stage search equal to the exhaustive computation when K covers the collection."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from indexer import layout
+from indexer.index import Index, verify
+from indexer.search import Searcher
+from models import load_model
+from service.cli import main
+
+N_IMAGES = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, dataset_dir) -> tuple[Path, Path]:
+    """16 shared photos + 3 broken files, and a captions CSV (5 per photo, one empty, one standalone)."""
+    root = tmp_path_factory.mktemp("photos")
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    with open(dataset_dir / "captions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    names = sorted({r["image"] for r in rows})[:N_IMAGES]
+    for i, name in enumerate(names):
+        shutil.copy(dataset_dir / "images" / name, images / ("sub" if i % 4 == 0 else "") / name)
+    (images / "garbage.jpg").write_bytes(b"this is not an image")
+    (images / "empty.png").write_bytes(b"")
+    data = (dataset_dir / "images" / names[0]).read_bytes()
+    (images / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    rel = {n: (f"sub/{n}" if i % 4 == 0 else n) for i, n in enumerate(names)}
+    captions = root / "captions.csv"
+    with open(captions, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "caption", "source"])
+        for r in rows:
+            if r["image"] in rel:
+                writer.writerow([rel[r["image"]], r["caption"], "flickr8k"])
+        writer.writerow([rel[names[1]], "   ", "flickr8k"])
+        writer.writerow(["", "a lone caption about a red boat", "user"])
+    return images, captions
+
+
+def _build(images: Path, captions: Path, out: Path, *extra: str) -> int:
+    return main(["index", "build", "--images", str(images), "--captions", str(captions), "--out", str(out),
+                 "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, photos) -> Path:
+    out = tmp_path_factory.mktemp("idx") / "index"
+    assert _build(*photos, out) == 0
+    return out
+
+
+def test_build_counts_and_skips_bad_items(built, capsys):
+    assert main(["index", "info", str(built)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["counts"]["images"] == N_IMAGES
+    assert info["counts"]["captions"] == N_IMAGES * 5 + 1  # the empty caption skipped, the standalone kept
+    assert info["images"]["faiss_type"] == "IndexFlat"
+    assert info["images"]["bytes_per_item"]["local"] == pytest.approx(49 * 384 * 2 + 8, abs=20)  # SQfp16 + offset (+ .npy headers)
+    report = json.loads((built / "build_report.json").read_text())
+    skipped = {s["item"]: s["reason"] for s in report["skipped"]}
+    assert {"garbage.jpg", "empty.png", "truncated.jpg"} <= set(skipped)
+    assert any(r == "empty caption" for r in skipped.values())
+    index = Index(built)
+    lone = index.conn.execute("SELECT * FROM captions WHERE image_id IS NULL").fetchall()
+    assert len(lone) == 1 and json.loads(lone[0]["extra"])["source"] == "user"
+    nested = index.conn.execute("SELECT id FROM images WHERE id LIKE 'sub/%'").fetchall()
+    assert len(nested) == N_IMAGES // 4  # found recursively, ids are relative paths
+    row = index.image_by_id(nested[0]["id"])
+    assert row["width"] > 0 and row["height"] > 0
+
+
+def test_verify_names_a_flipped_byte_in_any_data_file(built, tmp_path, capsys):
+    assert main(["index", "verify", str(built)]) == 0
+    for name in layout.data_files(built):
+        copy = tmp_path / name.replace("/", "_")
+        shutil.copytree(built, copy)
+        path = copy / name
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        assert main(["index", "verify", str(copy)]) == 1
+        assert name in capsys.readouterr().err
+        with pytest.raises(layout.IndexError_, match=name):
+            Index(copy)
+
+
+def test_search_equals_exhaustive_when_k_covers_the_collection(built, model):
+    searcher = Searcher(Index(built), model)
+    queries = ["a dog runs through the grass", "children playing", "a man on a bike", "people in the snow"]
+    results = searcher.search_text(queries, k=N_IMAGES, candidates=N_IMAGES)
+    ids = [m["id"] for m in searcher.index.rows("images", list(range(N_IMAGES))).values()]
+    from indexer.reader import list_images  # noqa: F401  (ids are relative paths)
+    from models.preprocess import load_image
+
+    root = searcher.index.images_root
+    images = model.encode_images([load_image(root / i) for i in ids])
+    texts = model.encode_texts(queries)
+    exhaustive = model.scores(texts, images)
+    for q, res in enumerate(results):
+        assert len(res.hits) == N_IMAGES
+        scores = [h.score for h in res.hits]
+        assert scores == sorted(scores, reverse=True)
+        expected = [ids[i] for i in torch.argsort(exhaustive[q], descending=True, stable=True).tolist()]
+        got = [h.id for h in res.hits]
+        # SQfp16 decoding may swap items whose scores differ by less than its rounding
+        close = torch.isclose(torch.tensor(scores), exhaustive[q].sort(descending=True).values, atol=2e-3)
+        assert bool(close.all()), (scores, exhaustive[q])
+        assert got[:3] == expected[:3] or abs(scores[0] - scores[1]) < 2e-3
+        assert set(res.timings_ms) == {"encode", "coarse", "rerank", "total"}
+
+
+def test_caption_finds_its_image_and_image_finds_its_captions(built, model):
+    searcher = Searcher(Index(built), model)
+    index = searcher.index
+    caption = index.conn.execute("SELECT text, image_id FROM captions WHERE image_id IS NOT NULL LIMIT 1").fetchone()
+    hits = searcher.search_text([caption["text"]], k=5, candidates=10, explain=True)[0].hits
+    assert caption["image_id"] in [h.id for h in hits]
+    grounding = hits[0].grounding
+    assert grounding and all(0 <= g["region"] < 49 and len(g["cell"]) == 2 for g in grounding)
+    from models.preprocess import load_image
+
+    image_id = caption["image_id"]
+    res = searcher.search_image([load_image(index.images_root / image_id)], k=10, candidates=50)[0]
+    assert any(h.image_id == image_id for h in res.hits[:5])
+    assert all(h.caption for h in res.hits)
+
+
+def test_add_then_delete_round_trips(built, photos, tmp_path, model, dataset_dir):
+    index_dir = tmp_path / "index"
+    shutil.copytree(built, index_dir)
+    extra = tmp_path / "more"
+    extra.mkdir()
+    with open(dataset_dir / "captions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    new_name = sorted({r["image"] for r in rows})[-1]
+    shutil.copy(dataset_dir / "images" / new_name, extra / new_name)
+    caps = tmp_path / "more.jsonl"
+    caps.write_text("".join(json.dumps({"image": new_name, "caption": r["caption"]}) + "\n"
+                            for r in rows if r["image"] == new_name))
+    assert main(["index", "add", str(index_dir), "--images", str(extra), "--captions", str(caps), "--quiet"]) == 0
+    assert verify(index_dir) == []
+    searcher = Searcher(Index(index_dir), model)
+    query = next(r["caption"] for r in rows if r["image"] == new_name)
+    assert new_name in [h.id for h in searcher.search_text([query], k=3, candidates=20)[0].hits]
+
+    assert main(["index", "delete", str(index_dir), "--ids", new_name, f"{new_name}#0"]) == 0
+    assert verify(index_dir) == []
+    searcher = Searcher(Index(index_dir), model)
+    hits = searcher.search_text([query], k=50, candidates=50)[0].hits
+    assert new_name not in [h.id for h in hits]
+    from models.preprocess import load_image
+
+    cap_hits = searcher.search_image([load_image(extra / new_name)], k=200, candidates=200)[0].hits
+    assert f"{new_name}#0" not in [h.id for h in cap_hits] and f"{new_name}#1" in [h.id for h in cap_hits]
+    assert searcher.get_image(new_name) is None
+
+
+def test_model_fingerprint_mismatch_is_refused(built, tmp_path):
+    from models import ModelConfig, create_model, save_model
+
+    save_model(create_model(ModelConfig()), tmp_path / "other")
+    other = load_model(tmp_path / "other", device="cpu")
+    with pytest.raises(layout.IndexError_, match="fingerprint"):
+        Searcher(Index(built), other)
+
+
+def test_bad_factory_string_is_a_clear_error(photos, tmp_path, capsys):
+    assert _build(*photos, tmp_path / "x", "--faiss-factory", "NotAnIndex") == 2
+    assert "invalid FAISS factory" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_nothing_indexed_exits_non_zero(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "bad.jpg").write_bytes(b"nope")
+    code = main(["index", "build", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 2 and "nothing was indexed" in capsys.readouterr().err
+
+
+def _collection_arrays(folder: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for name in layout.COLLECTIONS:
+        index = faiss.read_index(str(folder / name / layout.GLOBAL_FILE))
+        out[f"{name}.global"] = index.index.reconstruct_n(0, index.ntotal)
+        out[f"{name}.ids"] = faiss.vector_to_array(index.id_map)
+        out[f"{name}.codes"] = np.load(folder / name / layout.CODES_FILE)
+        out[f"{name}.offsets"] = np.load(folder / name / layout.OFFSETS_FILE)
+    return out
+
+
+@pytest.mark.slow
+def test_build_killed_mid_way_resumes_to_the_same_index(photos, tmp_path):
+    images, captions = photos
+    out = tmp_path / "index"
+    cmd = [sys.executable, "-m", "service.cli", "index", "build", "--images", str(images), "--captions",
+           str(captions), "--out", str(out), "--quiet", "--shard-size", "2", "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL)
+    first = out.with_name("index.partial") / "shards" / "images-00000"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not out.exists(), "the build must be killed after its first shard, before the end"
+    done_before = len(list(first.parent.glob("images-*[0-9]")))
+    assert done_before < (N_IMAGES + 3 + 1) // 2
+    assert subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True).returncode == 0
+    assert not out.with_name("index.partial").exists()
+    built = tmp_path / "clean"
+    assert _build(images, captions, built, "--shard-size", "2", "--batch-size", "2") == 0
+    resumed, clean = _collection_arrays(out), _collection_arrays(built)
+    for key in clean:
+        np.testing.assert_array_equal(resumed[key], clean[key], err_msg=key)
+    assert Index(out).rows("images", list(range(N_IMAGES))) == Index(built).rows("images", list(range(N_IMAGES)))
