@@ -40,6 +40,15 @@ class EncoderOutput:
     def cpu(self) -> "EncoderOutput":
         return EncoderOutput(self.global_emb.cpu(), self.local.cpu(), self.mask.cpu(), self.words, self.truncated)
 
+    def select(self, indices: Sequence[int]) -> "EncoderOutput":
+        """The rows ``indices`` of this batch."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return EncoderOutput(
+            self.global_emb[idx], self.local[idx], self.mask[idx],
+            None if self.words is None else [self.words[i] for i in indices],
+            [self.truncated[i] for i in indices] if self.truncated else [],
+        )
+
     @staticmethod
     def concat(parts: Sequence["EncoderOutput"]) -> "EncoderOutput":
         """Join batches, padding the token axis to the longest."""

@@ -21,18 +21,29 @@ class ImageDecodeError(ValueError):
     """An input that is not a decodable image (or is too large to decode safely)."""
 
 
-def load_image(source: str | Path | bytes) -> Image.Image:
-    """Open an image from a path or bytes, apply its EXIF orientation and convert to RGB."""
+class ImageTooLarge(ImageDecodeError):
+    """An image over the pixel limit (a likely decompression bomb)."""
+
+
+def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image from a path or bytes, apply its EXIF orientation and convert to RGB.
+
+    Images over ``max_pixels`` are refused before their pixels are decoded (decompression bombs)."""
     try:
         if isinstance(source, (bytes, bytearray)):
             image = Image.open(io.BytesIO(source))
         else:
             image = Image.open(source)
+        if image.width * image.height > max_pixels:
+            raise ImageTooLarge(
+                f"image of {image.width}x{image.height} pixels exceeds the {max_pixels} pixel limit")
         image.load()
         image = ImageOps.exif_transpose(image)
         return image.convert("RGB")
+    except ImageDecodeError:
+        raise
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image exceeds the {MAX_IMAGE_PIXELS} pixel limit") from exc
+        raise ImageTooLarge(f"image exceeds the {MAX_IMAGE_PIXELS} pixel limit") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc
 

@@ -12,6 +12,8 @@ def build_parser() -> argparse.ArgumentParser:
     from indexer.cli import add_index_parser
     from models.cli import add_eval_parser, add_train_parser
 
+    from .serve import add_serve_parser
+
     parser = argparse.ArgumentParser(
         prog="alignsearch",
         description="Fine-grained image-text search: region-word alignment over a two-stage FAISS index.",
@@ -20,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_eval_parser(sub)
     add_index_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+N_IMAGES = 16
 DATASET_DIR = Path(os.environ.get("ALIGNSEARCH_DATASET", REPO.parent / "shared" / "datasets" / "flickr8k-800"))
 
 
@@ -68,3 +71,51 @@ def tiny_clip(tmp_path_factory) -> str:
     CLIPModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory, dataset_dir) -> tuple[Path, Path]:
+    """16 shared photos + 3 broken files, and a captions CSV (5 per photo, one empty, one standalone)."""
+    root = tmp_path_factory.mktemp("photos")
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    with open(dataset_dir / "captions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    names = sorted({r["image"] for r in rows})[:N_IMAGES]
+    for i, name in enumerate(names):
+        shutil.copy(dataset_dir / "images" / name, images / ("sub" if i % 4 == 0 else "") / name)
+    (images / "garbage.jpg").write_bytes(b"this is not an image")
+    (images / "empty.png").write_bytes(b"")
+    data = (dataset_dir / "images" / names[0]).read_bytes()
+    (images / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    rel = {n: (f"sub/{n}" if i % 4 == 0 else n) for i, n in enumerate(names)}
+    captions = root / "captions.csv"
+    with open(captions, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "caption", "source"])
+        for r in rows:
+            if r["image"] in rel:
+                writer.writerow([rel[r["image"]], r["caption"], "flickr8k"])
+        writer.writerow([rel[names[1]], "   ", "flickr8k"])
+        writer.writerow(["", "a lone caption about a red boat", "user"])
+    return images, captions
+
+
+def build_index(images: Path, captions: Path, out: Path, *extra: str) -> int:
+    return _cli_main(["index", "build", "--images", str(images), "--captions", str(captions), "--out", str(out),
+                 "--quiet", *extra])
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, photos) -> Path:
+    out = tmp_path_factory.mktemp("idx") / "index"
+    assert build_index(*photos, out) == 0
+    return out
+
+
+
+
+def _cli_main(argv: list[str]) -> int:
+    from service.cli import main
+
+    return main(argv)

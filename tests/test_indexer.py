@@ -24,52 +24,12 @@ from indexer.search import Searcher
 from models import load_model
 from service.cli import main
 
-N_IMAGES = 16
+from conftest import N_IMAGES, build_index as _build
 
 
 @pytest.fixture(scope="module")
 def model():
     return load_model(device="cpu")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory, dataset_dir) -> tuple[Path, Path]:
-    """16 shared photos + 3 broken files, and a captions CSV (5 per photo, one empty, one standalone)."""
-    root = tmp_path_factory.mktemp("photos")
-    images = root / "images"
-    (images / "sub").mkdir(parents=True)
-    with open(dataset_dir / "captions.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    names = sorted({r["image"] for r in rows})[:N_IMAGES]
-    for i, name in enumerate(names):
-        shutil.copy(dataset_dir / "images" / name, images / ("sub" if i % 4 == 0 else "") / name)
-    (images / "garbage.jpg").write_bytes(b"this is not an image")
-    (images / "empty.png").write_bytes(b"")
-    data = (dataset_dir / "images" / names[0]).read_bytes()
-    (images / "truncated.jpg").write_bytes(data[: len(data) // 3])
-    rel = {n: (f"sub/{n}" if i % 4 == 0 else n) for i, n in enumerate(names)}
-    captions = root / "captions.csv"
-    with open(captions, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "caption", "source"])
-        for r in rows:
-            if r["image"] in rel:
-                writer.writerow([rel[r["image"]], r["caption"], "flickr8k"])
-        writer.writerow([rel[names[1]], "   ", "flickr8k"])
-        writer.writerow(["", "a lone caption about a red boat", "user"])
-    return images, captions
-
-
-def _build(images: Path, captions: Path, out: Path, *extra: str) -> int:
-    return main(["index", "build", "--images", str(images), "--captions", str(captions), "--out", str(out),
-                 "--quiet", *extra])
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, photos) -> Path:
-    out = tmp_path_factory.mktemp("idx") / "index"
-    assert _build(*photos, out) == 0
-    return out
 
 
 def test_build_counts_and_skips_bad_items(built, capsys):

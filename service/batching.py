@@ -1,0 +1,94 @@
+"""Dynamic micro-batching: concurrent requests share one encoder forward pass.
+
+Requests queue up; a worker takes the first, waits at most ``max_wait_ms`` for more (up to ``max_batch``),
+and runs the batch in a thread so the event loop stays free. While a batch runs, new requests queue and form
+the next one, so under load batches grow by themselves and at low load a request waits at most the bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(self, process: Callable[[list[T]], list[R]], max_batch: int = 16, max_wait_ms: float = 5.0,
+                 observe: Callable[[int], None] | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.process = process
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.observe = observe
+        self.batches = 0
+        self.items = 0
+        self.largest = 0
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, item: T) -> R:
+        """Queue ``item``; returns its result once its batch has run (or raises the batch's error)."""
+        if self._queue is None:
+            raise RuntimeError("batcher not started")
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, future))
+        return await future
+
+    async def _collect(self) -> list[tuple[T, asyncio.Future]]:
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            live = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            if not live:
+                continue
+            self.batches += 1
+            self.items += len(live)
+            self.largest = max(self.largest, len(live))
+            if self.observe:
+                self.observe(len(live))
+            try:
+                results = await asyncio.to_thread(self.process, [item for item, _ in live])
+            except Exception as exc:  # the batch failed: each caller gets the error
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(live, results):
+                if not fut.done():
+                    fut.set_result(result)
+
+    def stats(self) -> dict[str, float]:
+        return {"batches": self.batches, "items": self.items, "largest": self.largest,
+                "mean": round(self.items / self.batches, 3) if self.batches else 0.0}

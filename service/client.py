@@ -1,0 +1,106 @@
+"""A Python client for the alignsearch HTTP API (sync and async, on httpx)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class AlignSearchError(RuntimeError):
+    """A 4xx/5xx answer; ``status`` and the server's ``detail``."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _text_body(query: str, k: int, candidates: int, explain: bool) -> dict[str, Any]:
+    return {"query": query, "k": k, "candidates": candidates, "explain": explain}
+
+
+def _image_files(image: bytes | str | Path, k: int, candidates: int, explain: bool) -> dict[str, Any]:
+    data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+    return {"files": {"file": ("image", data, "application/octet-stream")},
+            "data": {"k": str(k), "candidates": str(candidates), "explain": str(explain).lower()}}
+
+
+def _json(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail")
+        except ValueError:
+            detail = response.text
+        raise AlignSearchError(response.status_code, detail)
+    return response.json()
+
+
+class AlignSearchClient:
+    """Synchronous client: ``AlignSearchClient("http://127.0.0.1:8000").search_text("a dog on a beach")``."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+        self.http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+
+    def __enter__(self) -> "AlignSearchClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def search_text(self, query: str, k: int = 10, candidates: int = 100, explain: bool = False) -> dict:
+        return _json(self.http.post("/search/text", json=_text_body(query, k, candidates, explain)))
+
+    def search_image(self, image: bytes | str | Path, k: int = 10, candidates: int = 100,
+                     explain: bool = False) -> dict:
+        return _json(self.http.post("/search/image", **_image_files(image, k, candidates, explain)))
+
+    def image(self, image_id_or_uri: str) -> bytes:
+        path = image_id_or_uri if image_id_or_uri.startswith("/images/") else f"/images/{image_id_or_uri}"
+        response = self.http.get(path)
+        if response.status_code >= 400:
+            _json(response)
+        return response.content
+
+    def ready(self) -> dict:
+        return _json(self.http.get("/readyz"))
+
+    def metrics(self) -> str:
+        return self.http.get("/metrics").text
+
+
+class AsyncAlignSearchClient:
+    """Asynchronous client with the same methods as :class:`AlignSearchClient`."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+        self.http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+
+    async def __aenter__(self) -> "AsyncAlignSearchClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def search_text(self, query: str, k: int = 10, candidates: int = 100, explain: bool = False) -> dict:
+        return _json(await self.http.post("/search/text", json=_text_body(query, k, candidates, explain)))
+
+    async def search_image(self, image: bytes | str | Path, k: int = 10, candidates: int = 100,
+                           explain: bool = False) -> dict:
+        return _json(await self.http.post("/search/image", **_image_files(image, k, candidates, explain)))
+
+    async def ready(self) -> dict:
+        return _json(await self.http.get("/readyz"))
+
+    async def metrics(self) -> str:
+        return (await self.http.get("/metrics")).text

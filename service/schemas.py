@@ -1,0 +1,96 @@
+"""Request and response models of the HTTP API."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_K = 100
+MAX_CANDIDATES = 1000
+
+
+class SearchParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(10, ge=1, le=MAX_K, description="results to return")
+    candidates: int = Field(100, ge=1, le=MAX_CANDIDATES, description="first-stage candidates to rerank")
+
+    @model_validator(mode="after")
+    def _candidates_cover_k(self) -> "SearchParams":
+        if self.candidates < self.k:
+            raise ValueError(f"candidates ({self.candidates}) must be >= k ({self.k})")
+        return self
+
+
+class TextSearchRequest(SearchParams):
+    query: str = Field(..., max_length=10_000, description="the sentence to search images for")
+    explain: bool = Field(False, description="add, per result, each query word's best-matching region")
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query is empty")
+        return value.strip()
+
+
+class ImageSearchJSON(SearchParams):
+    image_base64: str = Field(..., min_length=1, description="the image file's bytes, base64-encoded")
+    explain: bool = False
+
+
+class Grounding(BaseModel):
+    word: str
+    region: int = Field(description="region index (row-major grid cell, or box index)")
+    similarity: float
+    cell: list[int] | None = Field(None, description="[row, col] of the grid cell")
+    grid: list[int] | None = Field(None, description="[rows, cols] of the region grid")
+
+
+class Timings(BaseModel):
+    encode: float
+    coarse: float
+    rerank: float
+    total: float
+
+
+class ImageResult(BaseModel):
+    rank: int
+    id: str
+    score: float
+    global_score: float
+    local_score: float
+    uri: str
+    metadata: dict
+    grounding: list[Grounding] | None = None
+
+
+class TextSearchResponse(BaseModel):
+    query: str
+    results: list[ImageResult]
+    timings_ms: Timings
+    truncated: bool = Field(False, description="the query was cut to the text model's token limit")
+
+
+class CaptionResult(BaseModel):
+    rank: int
+    id: str
+    caption: str
+    image_id: str | None
+    score: float
+    global_score: float
+    local_score: float
+    metadata: dict = {}
+    grounding: list[Grounding] | None = None
+
+
+class ImageSearchResponse(BaseModel):
+    results: list[CaptionResult]
+    timings_ms: Timings
+
+
+class Ready(BaseModel):
+    status: str
+    index: str
+    model_fingerprint: str
+    images: int
+    captions: int

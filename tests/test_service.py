@@ -1,0 +1,219 @@
+"""End-to-end: a real uvicorn server on 127.0.0.1 over a small real index, called with the shipped client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import N_IMAGES
+from service.client import AlignSearchClient, AlignSearchError, AsyncAlignSearchClient
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "test-key"
+MAX_UPLOAD = 2_000_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    port = _free_port()
+    env = dict(os.environ, ALIGNSEARCH_MAX_PIXELS="1000000", ALIGNSEARCH_API_KEY=KEY)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--index", str(built), "--port", str(port),
+         "--device", "cpu", "--max-upload-bytes", str(MAX_UPLOAD), "--batch-wait-ms", "10", "--log-level", "warning"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("server did not become ready in 120 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture()
+def client(server):
+    with AlignSearchClient(server, api_key=KEY) as c:
+        yield c
+
+
+def _caption_of_some_image(built):
+    from indexer.index import Index
+
+    return Index(built).conn.execute(
+        "SELECT text, image_id FROM captions WHERE image_id IS NOT NULL ORDER BY row LIMIT 1 OFFSET 7").fetchone()
+
+
+def test_text_search_returns_ranked_images(client, built):
+    row = _caption_of_some_image(built)
+    res = client.search_text(row["text"], k=5, candidates=N_IMAGES)
+    scores = [r["score"] for r in res["results"]]
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+    assert [r["rank"] for r in res["results"]] == [1, 2, 3, 4, 5]
+    assert row["image_id"] in [r["id"] for r in res["results"][:3]]  # a caption finds its own image near the top
+    first = res["results"][0]
+    assert first["uri"].startswith("/images/") and first["metadata"]["width"] > 0
+    assert set(res["timings_ms"]) == {"encode", "coarse", "rerank", "total"}
+    assert res["truncated"] is False
+
+
+def test_explain_grounds_each_word_in_a_grid_cell(client):
+    res = client.search_text("a dog runs on the grass", k=2, candidates=10, explain=True)
+    grounding = res["results"][0]["grounding"]
+    assert [g["word"] for g in grounding] == ["a", "dog", "runs", "on", "the", "grass"]
+    assert all(g["grid"] == [7, 7] and g["cell"] == [g["region"] // 7, g["region"] % 7] for g in grounding)
+
+
+def test_image_search_finds_its_own_captions(client, built):
+    row = _caption_of_some_image(built)
+    from indexer.index import Index
+
+    path = Index(built).images_root / row["image_id"]
+    res = client.search_image(path, k=5, candidates=100)
+    assert [r["image_id"] for r in res["results"]].count(row["image_id"]) >= 2
+    scores = [r["score"] for r in res["results"]]
+    assert scores == sorted(scores, reverse=True)
+    as_json = client.http.post("/search/image", headers={"Authorization": f"Bearer {KEY}"},
+                         json={"image_base64": base64.b64encode(path.read_bytes()).decode(), "k": 5})
+    assert as_json.status_code == 200
+    assert [r["id"] for r in as_json.json()["results"]] == [r["id"] for r in res["results"]]
+
+
+def test_served_image_is_the_indexed_file_and_traversal_is_refused(client, built, server):
+    from indexer.index import Index
+
+    index = Index(built)
+    image_id = index.conn.execute("SELECT id FROM images WHERE id LIKE 'sub/%' LIMIT 1").fetchone()[0]
+    assert client.image(image_id) == (index.images_root / image_id).read_bytes()
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for path in ("/images/../../../etc/passwd", "/images/%2e%2e/%2e%2e/etc/passwd", "/images/nope.jpg"):
+        assert httpx.get(server + path, headers=headers).status_code == 404, path
+
+
+def _status(server, method="post", path="/search/text", key=KEY, headers=None, **kw) -> httpx.Response:
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    return httpx.request(method.upper(), server + path, headers=headers, timeout=30, **kw)
+
+
+@pytest.mark.parametrize("body", [
+    {"query": ""}, {"query": "   \n"}, {"query": "dog", "k": 0}, {"query": "dog", "k": 101},
+    {"query": "dog", "candidates": 5000}, {"query": "dog", "k": 20, "candidates": 10},
+    {"query": "dog", "colour": "red"}, {}, {"query": 3},
+])
+def test_bad_text_queries_are_422(server, body):
+    response = _status(server, json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"]
+
+
+def test_long_query_is_truncated_and_says_so(client):
+    res = client.search_text("a dog " * 200, k=3)
+    assert res["truncated"] is True and len(res["results"]) == 3
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_uploads_get_clear_4xx(server):
+    files = lambda data: {"files": {"file": ("x.jpg", data, "image/jpeg")}}  # noqa: E731
+    cases = [
+        (files(b"this is not an image"), 415, "not a decodable image"),
+        (files(b""), 400, "empty"),
+        (files(os.urandom(MAX_UPLOAD + 10)), 413, "upload limit"),
+        (files(_png(2000, 2000)), 413, "pixel limit"),  # a decompression bomb, scaled down: 4 Mpx > 1 Mpx limit
+        ({"json": {"image_base64": "***not base64***"}}, 400, "base64"),
+        ({"json": {"image_base64": base64.b64encode(_png(32, 32)).decode(), "k": 0}}, 422, ""),
+        ({"files": {"other": ("x", b"abc")}}, 422, "file"),
+        ({"content": b"raw bytes", "headers": {"content-type": "image/jpeg"}},
+         415, "multipart"),
+    ]
+    for kwargs, status, message in cases:
+        response = _status(server, path="/search/image", **kwargs)
+        assert response.status_code == status, (status, response.text[:300])
+        assert message in str(response.json()["detail"])
+
+
+def test_api_key_is_required_but_health_is_open(server):
+    assert _status(server, json={"query": "dog"}, key=None).status_code == 401
+    assert _status(server, json={"query": "dog"}, key="wrong").status_code == 401
+    assert _status(server, "get", "/healthz", key=None).status_code == 200
+    ready = _status(server, "get", "/readyz", key=None).json()
+    assert ready["images"] == N_IMAGES and ready["status"] == "ready"
+    assert "openapi" in _status(server, "get", "/openapi.json", key=None).json()
+    with pytest.raises(AlignSearchError) as err:
+        AlignSearchClient(server).search_text("dog")
+    assert err.value.status == 401
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.slow
+def test_load_with_concurrent_clients_batches_and_has_no_errors(server):
+    requests_total, concurrency, time_limit = 240, 16, 240.0
+    queries = ["a dog runs", "two children play", "a man rides a bike", "people at the beach",
+               "a girl in a pink dress", "a black and white dog", "a crowd in the street", "a boy jumps"]
+
+    async def run() -> tuple[int, int, float]:
+        errors, done = 0, 0
+        counter = iter(range(requests_total))
+        async with AsyncAlignSearchClient(server, api_key=KEY, timeout=60) as c:
+            async def worker() -> None:
+                nonlocal errors, done
+                for i in counter:
+                    try:
+                        res = await c.search_text(queries[i % len(queries)], k=5, candidates=16)
+                        assert len(res["results"]) == 5
+                        done += 1
+                    except Exception:  # noqa: BLE001  (counted, reported below)
+                        errors += 1
+
+            start = time.perf_counter()
+            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), time_limit)
+            return errors, done, time.perf_counter() - start
+
+    errors, done, seconds = asyncio.run(run())
+    metrics = httpx.get(server + "/metrics").text
+    batches = _metric(metrics, "alignsearch_batch_size_count", kind="text")
+    queued = _metric(metrics, "alignsearch_batch_size_sum", kind="text")
+    singles = _metric(metrics, "alignsearch_batch_size_bucket", kind="text", le="1.0")
+    print(f"load: {done} ok, {errors} errors in {seconds:.1f}s ({done / seconds:.1f} req/s); "
+          f"{batches:.0f} batches, mean {queued / batches:.2f} queries per forward pass")
+    assert errors == 0 and done == requests_total
+    assert batches < queued and singles < batches  # micro-batching ran batches larger than one
+    assert _metric(metrics, "alignsearch_requests_total", endpoint="/search/text", status="200") >= requests_total
+    assert re.search(r'alignsearch_stage_seconds_count\{endpoint="/search/text",stage="rerank"\}', metrics)
