@@ -38,6 +38,7 @@ class BuildOptions:
     local_codec: str = local_store.DEFAULT_CODEC
     memory_budget_gb: float = 4.0
     progress: bool = True
+    files: list[str] | None = None  # index only these files of ``images`` (relative paths)
 
 
 class NothingIndexed(RuntimeError):
@@ -151,6 +152,9 @@ def model_fields(model: AlignModel) -> dict[str, Any]:
 def build(model: AlignModel, options: BuildOptions) -> dict[str, Any]:
     """Build (or resume building) the index at ``options.out``; returns the build report."""
     files = list_images(options.images)
+    if options.files is not None:
+        wanted = set(options.files)
+        files = [f for f in files if f in wanted]
     caption_rows = read_captions(options.captions) if options.captions else []
     if options.faiss_factory:
         faiss_index.validate_factory(options.faiss_factory, model.embed_dim)

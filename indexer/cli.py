@@ -124,3 +124,41 @@ def run_verify(args: argparse.Namespace) -> int:
         return 1
     print(f"OK {args.index}")
     return 0
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="Recall@K for global, exhaustive and two-stage search",
+                       description="Recall@1/5/10 both ways and rsum, as the papers count them, for global-only, exhaustive and two-stage search. The split is indexed with the same build and queried with the same search code as the service.")
+    p.add_argument("--dataset", type=Path, required=True, help="Karpathy-format JSON, or an image,caption CSV")
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--split", default="test", help="test (default), val (carved from train), train, ...")
+    p.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped default)")
+    p.add_argument("--candidates", type=int, default=20, help="first-stage K for two-stage search")
+    p.add_argument("--json", type=Path, help="write results here")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from models.data import load_dataset
+    from models.evaluation import format_table
+    from models.factory import load_model
+
+    from .evaluate import evaluate_split
+
+    load_dataset(args.dataset)  # fail on a bad dataset before loading any model
+    if not args.images.is_dir():
+        raise FileNotFoundError(f"images folder not found: {args.images}")
+    model = load_model(args.model, device=args.device)
+    report = evaluate_split(model, args.dataset, args.images, args.split, args.candidates, progress=not args.quiet)
+    report.update(model=model.source, fingerprint=model.fingerprint, split=args.split, candidates=args.candidates)
+    print(f"model {model.source} ({model.fingerprint}), split {args.split}: "
+          f"{report['images']} images, {report['captions']} captions, two-stage K={args.candidates}")
+    print(format_table(report["results"]))
+    for item in report["skipped"]:
+        print(f"skipped: {item}")
+    if args.json:
+        meta = {k: v for k, v in report.items() if k != "results"}
+        args.json.write_text(json.dumps({**report["results"], "meta": meta}, indent=2))
+    return 0

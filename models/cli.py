@@ -1,4 +1,4 @@
-"""``alignsearch train`` and ``alignsearch eval``."""
+"""``alignsearch train``."""
 
 from __future__ import annotations
 
@@ -55,19 +55,6 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
 
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="Recall@K for global, exhaustive and two-stage search",
-                       description="Recall@1/5/10 both ways and rsum, as the papers count them.")
-    p.add_argument("--dataset", type=Path, required=True, help=DEFAULT_DATASET_HELP)
-    p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--split", default="test", help="test (default), val (carved from train), train, ...")
-    p.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped default)")
-    p.add_argument("--candidates", type=int, default=20, help="first-stage K for two-stage search")
-    p.add_argument("--json", type=Path, help="write results here")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=run_eval)
-
-
 def _backbone(spec: str, base: BackboneConfig) -> BackboneConfig:
     kind, _, name = spec.partition(":")
     cfg = BackboneConfig(kind, base.name if not name and kind == base.kind else name, base.image_size,
@@ -121,26 +108,4 @@ def run_train(args: argparse.Namespace) -> int:
     print(json.dumps({"model": str(args.out / "model"), "best_epoch": summary["best_epoch"],
                       "fingerprint": summary["fingerprint"],
                       "validation_rsum": {m: r["rsum"] for m, r in summary["validation"].items()}}, indent=2))
-    return 0
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_dataset
-    from .evaluation import format_table
-    from .data import load_dataset
-    from .factory import load_model
-
-    load_dataset(args.dataset)  # fail on a bad dataset before loading any model
-    if not args.images.is_dir():
-        raise FileNotFoundError(f"images folder not found: {args.images}")
-    model = load_model(args.model, device=args.device)
-    report = evaluate_dataset(model, args.dataset, args.images, args.split, args.candidates)
-    report.update(model=model.source, fingerprint=model.fingerprint, split=args.split, candidates=args.candidates)
-    print(f"model {model.source} ({model.fingerprint}), split {args.split}: "
-          f"{report['images']} images, {report['captions']} captions, two-stage K={args.candidates}")
-    print(format_table(report["results"]))
-    for path in report["skipped"]:
-        print(f"skipped (not decodable): {path}")
-    if args.json:
-        args.json.write_text(json.dumps({**report["results"], "meta": {k: v for k, v in report.items() if k != "results"}}, indent=2))
     return 0

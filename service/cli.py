@@ -9,8 +9,8 @@ from models.data import DatasetError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from indexer.cli import add_index_parser
-    from models.cli import add_eval_parser, add_train_parser
+    from indexer.cli import add_eval_parser, add_index_parser
+    from models.cli import add_train_parser
 
     from .serve import add_serve_parser
 

@@ -29,10 +29,10 @@ def test_default_model_is_small_and_has_a_card():
 
 @pytest.mark.slow
 def test_default_model_meets_its_card_on_the_test_split(default_model, dataset_dir):
-    from models.evaluate import evaluate_dataset
+    from indexer.evaluate import evaluate_split
 
     card = json.loads(CARD.read_text())
-    report = evaluate_dataset(default_model, dataset_dir / "dataset_flickr8k.json", dataset_dir / "images",
+    report = evaluate_split(default_model, dataset_dir / "dataset_flickr8k.json", dataset_dir / "images",
                               "test", card["candidates"], progress=False)
     results = report["results"]
     assert report["images"] == 100 and report["captions"] == 500

@@ -1,0 +1,87 @@
+"""``alignsearch eval``: index a captioned split, then query it through the search pipeline the service uses.
+
+Recall is counted as the papers count it (see :mod:`models.evaluation`). The three modes are three settings of
+the same :class:`~indexer.search.Searcher`: ``global`` ranks by the FAISS first stage alone, ``exhaustive``
+reranks every item (candidates = the collection), ``two-stage`` reranks the top ``candidates``; a ground
+truth outside the candidates is a miss.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.data import load_dataset, select_split
+from models.evaluation import recall_metrics
+from models.model import AlignModel
+
+from .build import BuildOptions, build
+from .index import Index
+from .search import Searcher
+
+
+def _score_matrix(results, n_rows: int, n_cols: int, column_of: dict[str, int], use_global: bool) -> torch.Tensor:
+    """Queries x items, -inf where an item was not returned."""
+    scores = torch.full((n_rows, n_cols), float("-inf"))
+    for q, res in enumerate(results):
+        for hit in res.hits:
+            scores[q, column_of[hit.id]] = hit.global_score if use_global else hit.score
+    return scores
+
+
+def evaluate_split(model: AlignModel, dataset: Path, images_dir: Path, split: str = "test",
+                   candidates: int = 20, val_size: int = 100, seed: int = 0, progress: bool = True) -> dict:
+    """Build a temporary index of ``split`` with ``model`` and measure the three modes through the Searcher."""
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"images folder not found: {images_dir}")
+    records = select_split(load_dataset(dataset), split, val_size, seed)
+    with tempfile.TemporaryDirectory(prefix="alignsearch-eval-") as tmp:
+        captions = Path(tmp) / "captions.jsonl"
+        captions.write_text("".join(json.dumps({"image": r.filename, "caption": c}) + "\n"
+                                    for r in records for c in r.captions))
+        report = build(model, BuildOptions(images=images_dir, out=Path(tmp) / "index", captions=captions,
+                                           files=[r.filename for r in records], progress=progress))
+        searcher = Searcher(Index(Path(tmp) / "index"), model)
+        index = searcher.index
+        image_ids = [r["id"] for r in index.conn.execute("SELECT id FROM images ORDER BY row")]
+        cap_rows = index.conn.execute("SELECT id, text, image_id FROM captions ORDER BY row").fetchall()
+        image_col = {i: n for n, i in enumerate(image_ids)}
+        caption_col = {r["id"]: n for n, r in enumerate(cap_rows)}
+        text_to_image = torch.tensor([image_col[r["image_id"]] for r in cap_rows])
+        n_img, n_cap = len(image_ids), len(cap_rows)
+        texts = [r["text"] for r in cap_rows]
+
+        def t2i(k: int) -> list:
+            out = []
+            for start in tqdm(range(0, n_cap, 128), desc=f"text queries (K={k})", disable=not progress):
+                out += searcher.search_text(texts[start : start + 128], k=k, candidates=k)
+            return out
+
+        def i2t(k: int) -> list:
+            from models.preprocess import load_image
+
+            out = []
+            for start in tqdm(range(0, n_img, 32), desc=f"image queries (K={k})", disable=not progress):
+                batch = [load_image(index.images_root / i) for i in image_ids[start : start + 32]]
+                out += searcher.search_image(batch, k=k, candidates=k)
+            return out
+
+        full_t2i, full_i2t = t2i(n_img), i2t(n_cap)
+        cut_t2i, cut_i2t = t2i(min(candidates, n_img)), i2t(min(candidates, n_cap))
+
+        def metrics(t2i_res, i2t_res, use_global: bool) -> dict[str, float]:
+            t2i_scores = _score_matrix(t2i_res, n_cap, n_img, image_col, use_global)
+            i2t_scores = _score_matrix(i2t_res, n_img, n_cap, caption_col, use_global).T
+            return recall_metrics(t2i_scores, text_to_image, i2t_scores)
+
+        results = {
+            "global": metrics(full_t2i, full_i2t, use_global=True),
+            "exhaustive": metrics(full_t2i, full_i2t, use_global=False),
+            "two-stage": metrics(cut_t2i, cut_i2t, use_global=False),
+        }
+    return {"results": results, "images": n_img, "captions": n_cap,
+            "skipped": [s["item"] for s in report["skipped"]]}
