@@ -34,17 +34,21 @@ def _score_matrix(results, n_rows: int, n_cols: int, column_of: dict[str, int], 
 
 
 def evaluate_split(model: AlignModel, dataset: Path, images_dir: Path, split: str = "test",
-                   candidates: int = 20, val_size: int = 100, seed: int = 0, progress: bool = True) -> dict:
-    """Build a temporary index of ``split`` with ``model`` and measure the three modes through the Searcher."""
+                   candidates: int = 20, val_size: int = 100, seed: int = 0, progress: bool = True,
+                   local_codec: str = "SQfp16", limit: int | None = None) -> dict:
+    """Build a temporary index of ``split`` with ``model`` and measure the three modes through the Searcher.
+
+    ``local_codec`` is the local store's FAISS codec; ``limit`` keeps only the first images (quick runs)."""
     if not images_dir.is_dir():
         raise FileNotFoundError(f"images folder not found: {images_dir}")
-    records = select_split(load_dataset(dataset), split, val_size, seed)
+    records = select_split(load_dataset(dataset), split, val_size, seed)[:limit]
     with tempfile.TemporaryDirectory(prefix="alignsearch-eval-") as tmp:
         captions = Path(tmp) / "captions.jsonl"
         captions.write_text("".join(json.dumps({"image": r.filename, "caption": c}) + "\n"
                                     for r in records for c in r.captions))
         report = build(model, BuildOptions(images=images_dir, out=Path(tmp) / "index", captions=captions,
-                                           files=[r.filename for r in records], progress=progress))
+                                           files=[r.filename for r in records], progress=progress,
+                                           local_codec=local_codec))
         searcher = Searcher(Index(Path(tmp) / "index"), model)
         index = searcher.index
         image_ids = [r["id"] for r in index.conn.execute("SELECT id FROM images ORDER BY row")]
@@ -83,5 +87,7 @@ def evaluate_split(model: AlignModel, dataset: Path, images_dir: Path, split: st
             "exhaustive": metrics(full_t2i, full_i2t, use_global=False),
             "two-stage": metrics(cut_t2i, cut_i2t, use_global=False),
         }
+        sizes = index.info()
     return {"results": results, "images": n_img, "captions": n_cap,
-            "skipped": [s["item"] for s in report["skipped"]]}
+            "skipped": [s["item"] for s in report["skipped"]],
+            "bytes_per_item": {name: sizes[name]["bytes_per_item"] for name in ("images", "captions")}}

@@ -64,6 +64,17 @@ class LocalStore:
     codes: np.ndarray
     offsets: np.ndarray
 
+    def __post_init__(self) -> None:
+        codec = faiss.downcast_index(self.codec)
+        # SQfp16 codes are IEEE half floats: reading them as float16 gives sa_decode's exact result, faster
+        self.fp16 = isinstance(codec, faiss.IndexScalarQuantizer) and codec.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+
+    def decode(self, codes: np.ndarray) -> torch.Tensor:
+        """n x code_size codes -> n x dim float32 vectors (one ``sa_decode`` call)."""
+        if self.fp16:
+            return torch.from_numpy(np.ascontiguousarray(codes).view(np.float16)).float()
+        return torch.from_numpy(self.codec.sa_decode(np.ascontiguousarray(codes)))
+
     @classmethod
     def open(cls, folder: Path) -> "LocalStore":
         return cls(
@@ -93,9 +104,12 @@ class LocalStore:
         width = int(lengths.max()) if len(rows) else 0
         if width == 0:
             return torch.zeros(len(rows), 0, self.dim), torch.zeros(len(rows), 0, dtype=torch.bool)
+        if int(lengths.min()) == width:  # every item has the same token count (image grids): no padding
+            codes = self.codes[(starts[:, None] + np.arange(width)[None, :]).ravel()]
+            flat = self.decode(codes).reshape(len(rows), width, self.dim)
+            return flat, torch.ones(len(rows), width, dtype=torch.bool)
         codes = np.concatenate([self.codes[s:e] for s, e in zip(starts, ends)])
-        flat = self.codec.sa_decode(codes)
-        out = np.zeros((len(rows), width, self.dim), dtype=np.float32)
-        mask = np.arange(width)[None, :] < lengths[:, None]
-        out[mask] = flat
-        return torch.from_numpy(out), torch.from_numpy(mask)
+        mask = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None])
+        out = torch.zeros((len(rows), width, self.dim), dtype=torch.float32)
+        out[mask] = self.decode(codes)
+        return out, mask

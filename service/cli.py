@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_index_parser(sub)
     add_serve_parser(sub)
+    try:
+        from bench.cli import add_bench_parser
+    except ImportError:  # the benchmarks ship with the source tree
+        pass
+    else:
+        add_bench_parser(sub)
     return parser
 
 

@@ -196,3 +196,24 @@ def test_build_killed_mid_way_resumes_to_the_same_index(photos, tmp_path):
     for key in clean:
         np.testing.assert_array_equal(resumed[key], clean[key], err_msg=key)
     assert Index(out).rows("images", list(range(N_IMAGES))) == Index(built).rows("images", list(range(N_IMAGES)))
+
+
+@pytest.mark.parametrize("codec", ["SQfp16", "SQ8", "PQ8"])
+def test_local_store_gather_decodes_like_sa_decode(tmp_path, codec):
+    from indexer import local_store
+
+    rng = np.random.default_rng(0)
+    lengths = np.array([3, 5, 1, 4, 5])
+    vectors = rng.standard_normal((int(lengths.sum()), 16)).astype(np.float32)
+    coder = local_store.make_codec(16, codec, vectors)
+    local_store.write_store(tmp_path, coder, local_store.encode(coder, vectors), lengths)
+    store = local_store.LocalStore.open(tmp_path)
+    assert store.fp16 == (codec == "SQfp16")
+    reference = coder.sa_decode(coder.sa_encode(vectors))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    for rows in ([1, 4], [0, 2, 3], [4]):
+        local, mask = store.gather(np.array(rows))
+        assert local.shape == (len(rows), lengths[rows].max(), 16)
+        for i, r in enumerate(rows):
+            np.testing.assert_array_equal(local[i][mask[i]].numpy(), reference[offsets[r] : offsets[r + 1]])
+            assert int(mask[i].sum()) == lengths[r] and torch.all(local[i][~mask[i]] == 0)

@@ -1,0 +1,139 @@
+"""``alignsearch bench`` / ``python -m bench``: run the suite, write JSON and a markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATASET = Path(os.environ.get("ALIGNSEARCH_DATASET", Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k-800"))
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark the two-stage design (JSON + markdown out)")
+    _arguments(p)
+    p.set_defaults(func=run)
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="small sizes: checks that every benchmark runs (CI)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for results JSON and table")
+    p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="flickr8k-800 folder (quality, build)")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder for synthetic indexes (default: temp)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="synthetic collection sizes")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tag", default=None, help="name of the results file (default: cpu or gpu)")
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    """Each target of the design, with the measured figure and whether it is met."""
+    out: dict[str, Any] = {}
+    speed = results.get("speed", {})
+    if speed:
+        largest = speed[max(speed, key=int)]
+        out["two_stage_vs_exhaustive >= 50x at largest N"] = [largest["speedup_two_stage_vs_exhaustive"],
+                                                              largest["speedup_two_stage_vs_exhaustive"] >= 50]
+        out["two_stage_e2e <= 1.5x global-only"] = [largest["two_stage_over_global_only"],
+                                                    largest["two_stage_over_global_only"] <= 1.5]
+        out["rerank >= 25% of copy bandwidth"] = [largest["rerank_fraction_of_copy_bandwidth"],
+                                                  largest["rerank_fraction_of_copy_bandwidth"] >= 0.25]
+    quality = results.get("quality", {})
+    if "SQfp16" in quality:
+        r = quality["SQfp16"]["results"]
+        gap = round(r["exhaustive"]["rsum"] - r["two-stage"]["rsum"], 2)
+        out["two-stage within 1 rsum of exhaustive"] = [gap, gap <= 1.0]
+        out["two-stage above global-only"] = [r["two-stage"]["rsum"] - r["global"]["rsum"],
+                                              r["two-stage"]["rsum"] > r["global"]["rsum"]]
+        if "SQ8" in quality:
+            d = round(r["two-stage"]["rsum"] - quality["SQ8"]["results"]["two-stage"]["rsum"], 2)
+            out["SQ8 within 1 rsum of SQfp16"] = [d, d <= 1.0]
+        within2 = [c for c, q in quality.items() if r["two-stage"]["rsum"] - q["results"]["two-stage"]["rsum"] <= 2.0]
+        out["smallest codec within 2 rsum"] = [min(within2, key=lambda c: quality[c]["bytes_per_image_local"]), True]
+    build = results.get("build")
+    if build:
+        out["build >= 85% of forward-only"] = [build["build_fraction_of_forward"], build["build_fraction_of_forward"] >= 0.85]
+    serve = results.get("serving")
+    if serve:
+        errors = serve["batching_on"]["errors"] + serve["batching_off"]["errors"]
+        out["batching on >= 2x off, zero errors"] = [serve["throughput_on_over_off"],
+                                                     serve["throughput_on_over_off"] >= 2 and errors == 0]
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"# Benchmark results ({results['environment']['device']}, {'quick' if results['quick'] else 'full'})", "",
+             f"Command: `{results['command']}`", ""]
+    if results.get("speed"):
+        lines += ["| N images | two-stage search ms | exhaustive ms | speed-up | global-only e2e ms | two-stage e2e ms | ratio | rerank GB/s | memcpy GB/s | fraction |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for n, r in results["speed"].items():
+            lines.append(f"| {n} | {r['two_stage_search_ms']} | {r['exhaustive_search_ms']} | {r['speedup_two_stage_vs_exhaustive']}x | "
+                         f"{r['global_only_e2e_ms']} | {r['two_stage_e2e_ms']} | {r['two_stage_over_global_only']} | "
+                         f"{r['rerank_gb_s']} | {r['memcpy_gb_s']} | {r['rerank_fraction_of_copy_bandwidth']} |")
+        lines.append("")
+    if results.get("quality"):
+        lines += ["| codec | bytes/image | bytes/caption | global rsum | exhaustive rsum | two-stage rsum | two-stage R@1 i2t / t2i |",
+                  "|---|---|---|---|---|---|---|"]
+        for codec, q in results["quality"].items():
+            r = q["results"]
+            lines.append(f"| {codec} | {q['bytes_per_image_local']} | {q['bytes_per_caption_local']} | {r['global']['rsum']} | "
+                         f"{r['exhaustive']['rsum']} | {r['two-stage']['rsum']} | {r['two-stage']['i2t_r1']} / {r['two-stage']['t2i_r1']} |")
+        lines.append("")
+    if results.get("build"):
+        b = results["build"]
+        lines += [f"Build: {b['images']} images in {b['build_seconds']} s = {b['build_images_per_s']} img/s; encoder forward only "
+                  f"{b['forward_only_images_per_s']} img/s; ratio {b['build_fraction_of_forward']}.", ""]
+    if results.get("serving"):
+        lines += ["| serving | requests | errors | throughput req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
+        for label in ("batching_on", "batching_off"):
+            s = results["serving"][label]
+            lines.append(f"| {label} | {s['requests']} | {s['errors']} | {s['throughput_rps']} | {s['p50_ms']} | {s['p99_ms']} |")
+        lines.append("")
+    lines += ["| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if ok else 'no'} |" for name, (value, ok) in results["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.factory import load_model
+
+    from . import suite
+
+    model = load_model(device=args.device)
+    quick = args.quick
+    sizes = args.sizes or ([1_000] if quick else [10_000, 100_000])
+    results: dict[str, Any] = {"quick": quick, "command": " ".join(["python -m bench", *sys.argv[1:]]),
+                               "environment": suite.environment(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with tempfile.TemporaryDirectory(prefix="alignsearch-bench-") as tmp:
+        work = args.work or Path(tmp)
+        print(f"speed on synthetic indexes of {sizes} images ...", flush=True)
+        results["speed"] = suite.speed_vs_exhaustive_and_global(model, sizes, work, repeats=3 if quick else 21)
+        have_data = (args.dataset / "dataset_flickr8k.json").is_file()
+        if have_data:
+            print("quality and codecs on the test split ...", flush=True)
+            codecs = ["SQfp16", "SQ8"] if quick else ["SQfp16", "SQ8", "PQ96", "PQ48"]
+            results["quality"] = suite.quality_and_codecs(model, args.dataset, codecs, limit=8 if quick else None)
+            print("build throughput ...", flush=True)
+            results["build"] = suite.build_throughput(model, args.dataset / "images", 16 if quick else None, work)
+        else:
+            results["skipped"] = f"no data set at {args.dataset}: quality, codecs and build not measured"
+        print("serving under concurrency ...", flush=True)
+        results["serving"] = suite.serving(work / f"synthetic-{sizes[0]}", 32 if quick else 480)
+    results["targets"] = targets(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or ("gpu" if "CPU" not in results["environment"]["device"] else "cpu") + ("-quick" if quick else "")
+    (args.out / f"results-{tag}.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"results-{tag}.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    _arguments(parser)
+    return run(parser.parse_args(argv))
