@@ -12,7 +12,10 @@ from .local_store import DEFAULT_CODEC
 
 def _encoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=Path, required=True, help="folder of photos (searched recursively)")
-    p.add_argument("--captions", type=Path, help="image,caption CSV, Karpathy JSON, or JSON lines")
+    p.add_argument("--captions", type=Path,
+                   help="image,caption CSV (other columns kept as metadata), Karpathy JSON, or JSON lines "
+                        "({'image': ..., 'caption': ...}); a caption whose image is not indexed is kept as a "
+                        "standalone caption, and linked if its image is added later")
     p.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped default)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=4, help="image-decoding threads")

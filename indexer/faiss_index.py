@@ -9,10 +9,14 @@ given instead. Vectors are L2-normalised, so inner product is cosine similarity;
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
+from typing import Callable
 
 import faiss
 import numpy as np
+
+from .layout import atomic_path
 
 FLAT_MAX = 50_000
 HNSW_MAX = 1_000_000
@@ -46,19 +50,89 @@ def gpu_available() -> bool:
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
+def _ivf(index: faiss.Index) -> faiss.Index | None:
+    """The IVF index inside ``index`` (also under a pre-transform such as OPQ), or None."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError):
+        return None
+
+
+def new_index(dim: int, factory: str, sample: np.ndarray | Callable[[], np.ndarray]) -> faiss.Index:
+    """An empty inner-product index whose FAISS ids are row ids (``add_with_ids``), trained on ``sample`` when
+    the type needs training (on the GPU when there is one; the trained index lives on the CPU). ``sample`` may
+    be a function returning it, called only when training is needed.
+
+    IVF indexes store ids themselves (and ``remove_ids`` by id); others are wrapped in ``IndexIDMap2``. An IVF
+    must not be wrapped: ``IndexIDMap.remove_ids`` assumes the inner index renumbers what remains, which only
+    the flat index does, so deleting from a wrapped IVF returns wrong ids afterwards."""
+    base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if not base.is_trained:
+        sample = np.ascontiguousarray(sample() if callable(sample) else sample, dtype=np.float32)
+        if len(sample) == 0:
+            raise ValueError(f"FAISS index {factory!r} needs training vectors")
+        base = _train(base, sample)
+    return base if _ivf(base) is not None else faiss.IndexIDMap2(base)
+
+
+def stored_ids(index: faiss.Index) -> np.ndarray | None:
+    """The ids held by ``index`` (sorted), or None when its type does not say."""
+    if hasattr(index, "id_map"):
+        return np.sort(faiss.vector_to_array(index.id_map))
+    ivf = _ivf(index)
+    if ivf is None:
+        return None
+    invlists = ivf.invlists
+    parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+             for i in range(ivf.nlist) if invlists.list_size(i)]
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
+def _train(base: faiss.Index, sample: np.ndarray) -> faiss.Index:
+    if gpu_available():
+        try:
+            gpu = faiss.index_cpu_to_all_gpus(base)
+            gpu.train(sample)
+            return faiss.index_gpu_to_cpu(gpu)
+        except (RuntimeError, AttributeError):  # no GPU version of this type: train on the CPU
+            pass
+    base.train(sample)
+    return base
+
+
+def training_size(factory: str, n: int) -> int:
+    """How many vectors to train ``factory`` on: FAISS asks for 30-256 per IVF list (and 256 per PQ code)."""
+    match = re.search(r"IVF(\d+)", factory)
+    per_list = 256 * int(match.group(1)) if match else 0
+    return min(n, max(per_list, 65_536))
+
+
 def build_global_index(vectors: np.ndarray, ids: np.ndarray, factory: str) -> faiss.Index:
     """Train (when the type needs it) and fill an inner-product index with ``ids``."""
-    dim = vectors.shape[1]
-    base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    index = faiss.IndexIDMap2(base)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if not index.is_trained:
-        if len(vectors) == 0:
-            raise ValueError(f"FAISS index {factory!r} needs training vectors")
-        base.train(vectors)
+    index = new_index(vectors.shape[1], factory, vectors)
     if len(vectors):
         index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
     return index
+
+
+def default_search_params(index: faiss.Index) -> str:
+    """Search-time settings for a built index: IVF probes ~1/16 of its lists (at least 16), HNSW explores 128
+    candidates (FAISS raises both to what a query's k needs). Empty for exact indexes."""
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    params = []
+    ivf = _ivf(index)
+    if ivf is not None:
+        params.append(f"nprobe={min(ivf.nlist, max(16, ivf.nlist // 16))}")
+    if isinstance(faiss.downcast_index(inner), faiss.IndexHNSW):
+        params.append("efSearch=128")
+    return ",".join(params)
+
+
+def set_search_params(index: faiss.Index, params: str) -> None:
+    """Apply ``nprobe=..,efSearch=..`` style settings (a FAISS ParameterSpace string)."""
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
 
 
 def empty_like(index: faiss.Index) -> faiss.Index:
@@ -69,25 +143,40 @@ def empty_like(index: faiss.Index) -> faiss.Index:
 
 
 def write(index: faiss.Index, path: Path) -> None:
-    faiss.write_index(index, str(path))
+    """Write ``index`` to ``path`` atomically (temp file, then rename)."""
+    with atomic_path(Path(path)) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
-def read(path: Path, use_gpu: bool = True) -> faiss.Index:
-    """Read an index (memory-mapped when possible); moved to the GPU when one is present."""
+def read(path: Path, use_gpu: bool = True, search_params: str | None = None) -> faiss.Index:
+    """Read an index (memory-mapped when possible) with its search settings (``search_params``, else
+    :func:`default_search_params`); moved to the GPU when one is present."""
     try:
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:
         index = faiss.read_index(str(path))
-    if use_gpu and gpu_available():
-        try:
-            return faiss.index_cpu_to_all_gpus(index)
-        except (RuntimeError, AttributeError):  # index type without a GPU version: stay on the CPU
-            return index
-    return index
+    set_search_params(index, default_search_params(index) if search_params is None else search_params)
+    return to_gpu(index) if use_gpu else index
+
+
+GPU_MAX_K = 2048  # FAISS's GPU indexes return at most this many neighbours per query
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index:
+    """A copy of ``index`` on the GPUs when faiss-gpu sees any, else ``index`` itself (same results)."""
+    if not gpu_available():
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError):  # index type without a GPU version: stay on the CPU
+        return index
 
 
 def describe(index: faiss.Index) -> str:
-    """The type of the wrapped index, e.g. ``IndexFlatIP``."""
+    """The type of the (wrapped) index, e.g. ``IndexFlat``, ``IndexHNSWFlat``, ``IndexIVFPQ``."""
+    ivf = _ivf(index)
+    if ivf is not None:
+        return type(faiss.downcast_index(ivf)).__name__
     inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
     return type(inner).__name__
 

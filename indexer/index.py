@@ -33,10 +33,16 @@ class Collection:
     index: faiss.Index
     store: LocalStore
     deleted: set[int]
+    cpu_index: faiss.Index | None = None  # the CPU original when ``index`` is a GPU copy
 
     @property
     def live(self) -> int:
         return len(self.store) - len(self.deleted)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search (scores, ids), on the GPU copy unless ``k`` is beyond what GPU indexes return."""
+        index = self.cpu_index if self.cpu_index is not None and k > faiss_index.GPU_MAX_K else self.index
+        return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
 class Index:
@@ -55,15 +61,14 @@ class Index:
             if problems:
                 raise layout.IndexError_(f"{self.folder}: files do not match the manifest: {'; '.join(problems)}")
         self.conn = metadata.connect(self.folder / layout.METADATA, read_only=True)
-        self.collections = {
-            name: Collection(
-                name,
-                faiss_index.read(self.folder / name / layout.GLOBAL_FILE, use_gpu=use_gpu),
-                LocalStore.open(self.folder / name),
-                metadata.deleted_rows(self.conn, name),
-            )
-            for name in layout.COLLECTIONS
-        }
+        self.collections: dict[str, Collection] = {}
+        for name in layout.COLLECTIONS:
+            cpu = faiss_index.read(self.folder / name / layout.GLOBAL_FILE, use_gpu=False,
+                                   search_params=self.manifest["collections"][name].get("search_params"))
+            index = faiss_index.to_gpu(cpu) if use_gpu else cpu
+            self.collections[name] = Collection(name, index, LocalStore.open(self.folder / name),
+                                                metadata.deleted_rows(self.conn, name),
+                                                cpu_index=cpu if index is not cpu else None)
 
     @property
     def images(self) -> Collection:
@@ -104,6 +109,8 @@ class Index:
                 },
             }
         out["metadata_bytes"] = files[layout.METADATA]["bytes"]
+        items = sum(len(col.store) for col in self.collections.values())
+        out["metadata_bytes_per_item"] = round(out["metadata_bytes"] / max(items, 1), 1)
         return out
 
 
@@ -122,6 +129,11 @@ def verify(folder: str | Path) -> list[str]:
             problems.append(f"{name}: local store has {len(col.store)} items, SQLite {total}")
         if col.index.ntotal not in (live, total):
             problems.append(f"{name}: FAISS has {col.index.ntotal} vectors, SQLite {live} live / {total}")
+        elif (ids := faiss_index.stored_ids(col.index)) is not None:
+            rows = np.array(sorted(r[0] for r in index.conn.execute(
+                f"SELECT row FROM {name}" + (" WHERE deleted = 0" if len(ids) == live else ""))), dtype=np.int64)
+            if not np.array_equal(ids, rows):
+                problems.append(f"{name}: FAISS ids are not SQLite's row ids")
         if manifest["counts"][name] != live:
             problems.append(f"{name}: manifest counts {manifest['counts'][name]}, SQLite {live} live")
         if int(col.store.offsets[-1]) != len(col.store.codes):

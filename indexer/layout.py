@@ -2,24 +2,33 @@
 
 An index is one folder::
 
-    manifest.json            format version, model, dimension, counts, FAISS descriptions, sha256 of every file
+    manifest.json            format version, model, dimension, counts, FAISS factory strings and search
+                             settings, sha256 of every data file; written last
     metadata.sqlite          items, captions, tombstones, user columns
-    images/global.faiss      global vectors (inner product on L2-normalised vectors), ids = row ids
+    images/global.faiss      global vectors (inner product on L2-normalised vectors), FAISS ids = row ids
     images/codec.faiss       the standalone FAISS codec of the per-region vectors (SQfp16 by default)
     images/codes.npy         uint8 codes of every region, items back to back (memory-mapped)
     images/offsets.npy       int64, item i's regions are codes[offsets[i]:offsets[i+1]]
     captions/...             the same for captions (per-word vectors)
+    build_report.json        what the build skipped and why (not checksummed)
+
+Data files are never rewritten in place: each is written to a temp name and renamed (:func:`atomic_path`), an
+update works on a hard-linked copy (:func:`link_copy`), and a finished folder replaces the live one in one
+step (:func:`replace_folder`). Builds and updates of one index take a lock beside it (:func:`exclusive`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -51,14 +60,17 @@ def data_files(folder: Path) -> list[str]:
     return [f for f in files if (folder / f).is_file()]
 
 
-def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
-    """Checksum every data file and write the manifest last (temp file + rename)."""
+def write_manifest(folder: Path, fields: dict[str, Any], reuse: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Checksum every data file and write the manifest last (temp file + rename). ``reuse`` gives the entries
+    of files known unchanged (hard links to an index whose manifest was checked), which are not read again."""
+    reuse = reuse or {}
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": fields.pop("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **fields,
-        "files": {f: {"sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size}
+        "files": {f: reuse[f] if f in reuse else {"sha256": sha256_file(folder / f),
+                                                   "bytes": (folder / f).stat().st_size}
                   for f in data_files(folder)},
     }
     tmp = folder / (MANIFEST + ".tmp")
@@ -100,6 +112,60 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it is fsynced and renamed over ``path``.
+
+    Files are never rewritten in place, so an update may hard-link the files it does not change from the live
+    index (see :func:`link_copy`) without the live index ever seeing a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        _fsync(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def link_copy(src: Path, dst: Path, copy: tuple[str, ...] = (METADATA,)) -> None:
+    """Recreate the folder ``src`` at ``dst`` with hard links (no data copied), except the files named in
+    ``copy`` (relative paths), which are copied because they are modified in place (SQLite)."""
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        target = dst / rel
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if rel.as_posix() in copy:
+            shutil.copy2(path, target)
+            continue
+        try:
+            os.link(path, target)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, target)
+
+
+@contextmanager
+def exclusive(target: Path) -> Iterator[None]:
+    """Hold ``.{target}.lock`` (beside the index) for a build or update: a second one fails at once."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.with_name(f".{target.name}.lock")
+    with open(lock, "a+") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except BlockingIOError as exc:
+            raise RuntimeError(f"another build or update of {target} is running (lock {lock})") from exc
+        yield  # the lock goes with the file descriptor, also when the process is killed
+
+
 def _old(target: Path) -> Path:
     return target.with_name(f".{target.name}.old")
 
@@ -110,15 +176,32 @@ def recover(target: Path) -> None:
         _old(target).rename(target)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def replace_folder(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; the previous ``target`` stays valid on disk until the final rename, and
-    :func:`recover` restores it if a crash falls between the two renames."""
+    """Move ``new`` to ``target``. An existing ``target`` is swapped out atomically where the OS can
+    (``RENAME_EXCHANGE``: readers see the old index or the new, never none); elsewhere with two renames, and
+    :func:`recover` restores the previous index if a crash falls between them."""
     recover(target)
-    if target.exists():
-        old = _old(target)
-        shutil.rmtree(old, ignore_errors=True)
+    if not target.exists():
+        new.rename(target)
+        return
+    old = _old(target)
+    shutil.rmtree(old, ignore_errors=True)
+    if _exchange(new, target):
+        new.rename(old)  # ``new`` now holds the previous index
+    else:
         target.rename(old)
         new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

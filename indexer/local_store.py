@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import faiss
 import numpy as np
 import torch
 
-from .layout import CODEC_FILE, CODES_FILE, OFFSETS_FILE
+from .layout import CODEC_FILE, CODES_FILE, OFFSETS_FILE, atomic_path
 
 DEFAULT_CODEC = "SQfp16"
 TRAIN_SAMPLE = 65_536
+COPY_CHUNK = 262_144  # vectors encoded / codes copied per step while writing a store
 
 
 def make_codec(dim: int, factory: str, sample: np.ndarray, train: bool = True) -> faiss.Index:
@@ -27,6 +29,10 @@ def make_codec(dim: int, factory: str, sample: np.ndarray, train: bool = True) -
         codec = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise ValueError(f"invalid local codec factory string {factory!r}: {str(exc).splitlines()[0]}") from exc
+    inner = faiss.downcast_index(codec)
+    if isinstance(inner, faiss.IndexPQ):
+        inner.do_polysemous_training = False  # only sa_encode / sa_decode are used: skip the costly reordering
+        inner.pq.cp.min_points_per_centroid = 1  # small collections: train on what there is, without warnings
     if train and not codec.is_trained:
         if len(sample) < 256:
             sample = np.concatenate([sample] * (256 // max(len(sample), 1) + 1)) if len(sample) else sample
@@ -48,12 +54,42 @@ def encode(codec: faiss.Index, vectors: np.ndarray) -> np.ndarray:
 
 def write_store(folder: Path, codec: faiss.Index, codes: np.ndarray, lengths: np.ndarray) -> None:
     """Write the codec, the codes and the offsets of a collection (items' token counts in ``lengths``)."""
+    write_store_streaming(folder, codec, [codes], lengths, encoded=True)
+
+
+def write_store_streaming(folder: Path, codec: faiss.Index, parts: Iterable[np.ndarray], lengths: np.ndarray,
+                          previous: "LocalStore | None" = None, encoded: bool = False) -> None:
+    """Write a collection's store without holding it in memory: the codes of ``previous`` (copied in chunks
+    from its memory map) followed by ``parts`` (float vectors, encoded here, or codes when ``encoded``), into a
+    preallocated memory-mapped ``codes.npy``. ``lengths`` are the token counts of the new items. Every file is
+    written to a temp name and renamed, so a live index sharing these files (hard links) is never changed."""
     folder.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(codec, str(folder / CODEC_FILE))
-    np.save(folder / CODES_FILE, np.ascontiguousarray(codes, dtype=np.uint8))
+    lengths = np.asarray(lengths, dtype=np.int64)
+    start = 0 if previous is None else len(previous.codes)
+    total = start + int(lengths.sum())
+    with atomic_path(folder / CODES_FILE) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total, codec.sa_code_size()))
+        for pos in range(0, start, COPY_CHUNK):
+            out[pos : min(start, pos + COPY_CHUNK)] = previous.codes[pos : min(start, pos + COPY_CHUNK)]
+        pos = start
+        for part in parts:
+            for first in range(0, len(part), COPY_CHUNK):
+                chunk = part[first : first + COPY_CHUNK]
+                codes = chunk if encoded else encode(codec, np.asarray(chunk, dtype=np.float32))
+                out[pos : pos + len(codes)] = codes
+                pos += len(codes)
+        if pos != total:
+            raise RuntimeError(f"{folder}: {pos} local vectors written, {total} expected from the lengths")
+        out.flush()
+        del out
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    np.save(folder / OFFSETS_FILE, offsets)
+    if previous is not None:
+        offsets = np.concatenate([previous.offsets[:-1], offsets + start])
+    with atomic_path(folder / OFFSETS_FILE) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, offsets)
+    with atomic_path(folder / CODEC_FILE) as tmp:
+        faiss.write_index(codec, str(tmp))
 
 
 @dataclass

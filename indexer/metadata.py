@@ -79,6 +79,19 @@ def insert_captions(conn: sqlite3.Connection, first_row: int, items: Iterable[Ca
     )
 
 
+def link_captions(conn: sqlite3.Connection, image_ids: Iterable[str]) -> int:
+    """Link standalone captions that name one of ``image_ids`` (in ``extra.image``) to that image, now indexed;
+    returns how many were linked."""
+    linked = 0
+    for image_id in image_ids:
+        found = conn.execute("SELECT row FROM images WHERE id = ? AND deleted = 0", (image_id,)).fetchone()
+        if found:
+            linked += conn.execute(
+                "UPDATE captions SET image_row = ?, image_id = ? WHERE image_id IS NULL AND "
+                "json_extract(extra, '$.image') = ?", (found[0], image_id, image_id)).rowcount
+    return linked
+
+
 def tombstone(conn: sqlite3.Connection, table: str, ids: list[str]) -> list[int]:
     """Mark ``ids`` deleted in ``table``; returns their row ids."""
     assert table in ("images", "captions")

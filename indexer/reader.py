@@ -8,7 +8,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from models.data import DatasetError, load_dataset
 from models.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_image
@@ -46,14 +46,22 @@ def _decode(folder: Path, rel: str, prepare: Callable) -> Decoded:
 def decoded_batches(folder: Path, files: Sequence[str], batch_size: int, workers: int,
                     prepare: Callable, prefetch: int = 2) -> Iterator[list[Decoded]]:
     """Decode ``files`` in ``workers`` threads, ``prefetch`` batches ahead of the consumer."""
+    batches = (list(files[start : start + batch_size]) for start in range(0, len(files), batch_size))
+    return decode_batches(folder, batches, workers, prepare, prefetch)
+
+
+def decode_batches(folder: Path, batches: Iterable[Sequence[str]], workers: int, prepare: Callable,
+                   prefetch: int = 2) -> Iterator[list[Decoded]]:
+    """Decode each batch of relative paths in ``workers`` threads, keeping ``prefetch`` batches in flight
+    beyond the one being consumed, so the encoder never waits for file reads or image decoding."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
         pending: deque[list[Future]] = deque()
-        starts = iter(range(0, len(files), batch_size))
+        batches = iter(batches)
 
         def submit() -> None:
-            start = next(starts, None)
-            if start is not None:
-                pending.append([pool.submit(_decode, folder, rel, prepare) for rel in files[start : start + batch_size]])
+            batch = next(batches, None)
+            if batch is not None:
+                pending.append([pool.submit(_decode, folder, rel, prepare) for rel in batch])
 
         for _ in range(prefetch + 1):
             submit()

@@ -107,11 +107,14 @@ class Searcher:
         live = col.live
         if live == 0 or len(queries) == 0:
             return [np.zeros(0, np.int64)] * len(queries), [np.zeros(0, np.float32)] * len(queries)
-        fetch = min(col.index.ntotal, candidates + len(col.deleted))
-        scores, rows = col.index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        # tombstones FAISS could not remove (HNSW) are still in it: fetch that many more, then drop them
+        stale = max(0, col.index.ntotal - live)
+        fetch = min(col.index.ntotal, candidates + stale)
+        scores, rows = col.search(queries, fetch)
+        deleted = np.fromiter(col.deleted, dtype=np.int64, count=len(col.deleted)) if stale else None
         out_rows, out_scores = [], []
         for r, s in zip(rows, scores):
-            keep = (r >= 0) & ~np.isin(r, list(col.deleted)) if col.deleted else r >= 0
+            keep = (r >= 0) & ~np.isin(r, deleted) if stale else r >= 0
             out_rows.append(r[keep][:candidates])
             out_scores.append(s[keep][:candidates])
         return out_rows, out_scores

@@ -58,20 +58,22 @@ def write_shard(root: Path, collection: str, number: int, shard: Shard) -> None:
     tmp.rename(final)
 
 
-def read_shard(root: Path, collection: str, number: int) -> Shard:
+def read_shard(root: Path, collection: str, number: int, mmap: bool = False) -> Shard:
+    """A finished shard; with ``mmap`` its vectors stay on disk until used."""
     folder = shard_dir(root, collection, number)
     meta = json.loads((folder / "items.json").read_text())
-    return Shard(np.load(folder / "global.npy"), np.load(folder / "local.npy"), np.load(folder / "lengths.npy"),
-                 meta["items"], meta["skipped"])
+    mode = "r" if mmap else None
+    return Shard(np.load(folder / "global.npy", mmap_mode=mode), np.load(folder / "local.npy", mmap_mode=mode),
+                 np.load(folder / "lengths.npy"), meta["items"], meta["skipped"])
 
 
-def concat(shards: list[Shard], dim: int) -> Shard:
-    if not shards:
-        return empty_shard(dim, [])
-    return Shard(
-        np.concatenate([s.global_vectors for s in shards]).reshape(-1, dim),
-        np.concatenate([s.local_vectors for s in shards]).reshape(-1, dim),
-        np.concatenate([s.lengths for s in shards]),
-        [i for s in shards for i in s.items],
-        [k for s in shards for k in s.skipped],
-    )
+def shard_numbers(root: Path, collection: str) -> list[int]:
+    """The finished shards of ``collection`` under ``root``, in order."""
+    return sorted(int(p.name.rsplit("-", 1)[1]) for p in (root / "shards").glob(f"{collection}-[0-9]*")
+                  if not p.name.endswith(".tmp") and (p / "items.json").is_file())
+
+
+def read_shards(root: Path, collection: str) -> list[Shard]:
+    """Every finished shard of ``collection``, memory-mapped (metadata in memory, vectors on disk)."""
+    return [read_shard(root, collection, n, mmap=True) for n in shard_numbers(root, collection)]
+

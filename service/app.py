@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -32,6 +33,7 @@ from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger("alignsearch.service")
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 @dataclass
@@ -245,11 +247,17 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
         row = searcher.get_image(image_id)
         if row is None:
             raise HTTPException(404, f"no indexed image with id {image_id!r}")
-        root = searcher.index.images_root.resolve()
-        path = Path(row["file"]).resolve()
-        if root not in path.parents or not path.is_file():
+        path = Path(row["file"])  # the index's own record: ids are looked up, never joined into paths
+        if not path.is_file():
             raise HTTPException(404, f"the file of image {image_id!r} is not available")
         return FileResponse(path)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        """The search page (plain HTML + a small script; the API key, if any, is typed into the page)."""
+        return FileResponse(STATIC / "index.html")
 
     @app.get("/healthz", summary="the process is up")
     async def healthz() -> dict[str, str]:

@@ -12,6 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     from indexer.cli import add_eval_parser, add_index_parser
     from models.cli import add_train_parser
 
+    from .demo import add_demo_parser
     from .serve import add_serve_parser
 
     parser = argparse.ArgumentParser(
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_index_parser(sub)
     add_serve_parser(sub)
+    add_demo_parser(sub)
     try:
         from bench.cli import add_bench_parser
     except ImportError:  # the benchmarks ship with the source tree

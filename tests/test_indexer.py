@@ -123,6 +123,7 @@ def test_add_then_delete_round_trips(built, photos, tmp_path, model, dataset_dir
     assert main(["index", "add", str(index_dir), "--images", str(extra), "--captions", str(caps), "--quiet"]) == 0
     assert verify(index_dir) == []
     searcher = Searcher(Index(index_dir), model)
+    assert Path(searcher.get_image(new_name)["file"]) == (extra / new_name).resolve()  # added from another folder
     query = next(r["caption"] for r in rows if r["image"] == new_name)
     assert new_name in [h.id for h in searcher.search_text([query], k=3, candidates=20)[0].hits]
 

@@ -1,0 +1,195 @@
+"""Updates and crash safety: a failed or killed update leaves the previous index valid and untouched, add is
+idempotent and never reuses ids, one writer at a time, codecs that need training, the streaming store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import N_IMAGES
+from indexer import layout, local_store
+from indexer.index import Index, verify
+from indexer.search import Searcher
+from models import load_model
+from service.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(device="cpu")
+
+
+@pytest.fixture()
+def index_copy(built, tmp_path) -> Path:
+    out = tmp_path / "index"
+    shutil.copytree(built, out)
+    return out
+
+
+def _photo(photos, n: int = 0) -> Path:
+    """The n-th real photo of the fixture (the broken files are named otherwise)."""
+    return sorted(p for p in photos[0].iterdir() if p.suffix == ".jpg" and p.name[0].isdigit())[n]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_update_leaves_the_index_untouched(index_copy, photos, tmp_path, monkeypatch):
+    extra = tmp_path / "more"
+    extra.mkdir()
+    shutil.copy(_photo(photos), extra / "new.jpg")
+    before = _snapshot(index_copy)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(layout, "write_manifest", boom)  # fails after every data file of the copy was rewritten
+    assert main(["index", "add", str(index_copy), "--images", str(extra), "--quiet"]) == 2
+    assert main(["index", "delete", str(index_copy), "--ids", "caption-82"]) == 2
+    monkeypatch.undo()
+    assert _snapshot(index_copy) == before  # hard-linked files were replaced in the copy, never written through
+    assert verify(index_copy) == []
+    assert main(["index", "add", str(index_copy), "--images", str(extra), "--quiet"]) == 0
+    assert Index(index_copy).manifest["counts"]["images"] == N_IMAGES + 1
+    assert not list(tmp_path.glob(".index.*[!k]"))  # no .update / .old / shards left (only the lock file)
+
+
+@pytest.mark.slow
+def test_an_add_killed_mid_way_leaves_the_previous_index(index_copy, photos, tmp_path):
+    extra = tmp_path / "more"
+    extra.mkdir()
+    for n in range(6):
+        shutil.copy(_photo(photos, n), extra / f"new{n}.jpg")
+    cmd = [sys.executable, "-m", "service.cli", "index", "add", str(index_copy), "--images", str(extra), "--quiet",
+           "--batch-size", "1", "--shard-size", "1", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / ".index.update.shards" / "shards" / "images-00000"
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the add must be killed while it runs"
+    assert verify(index_copy) == []
+    assert Index(index_copy).manifest["counts"]["images"] == N_IMAGES
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True).returncode == 0  # the lock died with the process
+    assert Index(index_copy).manifest["counts"]["images"] == N_IMAGES + 6 and verify(index_copy) == []
+
+
+def test_add_is_idempotent_and_never_reuses_ids(index_copy, photos, tmp_path, model):
+    extra = tmp_path / "more"
+    extra.mkdir()
+    shutil.copy(_photo(photos), extra / "late.jpg")
+    caps = tmp_path / "late.jsonl"
+    lines = [{"image": "late.jpg", "caption": "a picture added later"},
+             {"caption": "another lone caption"},
+             {"image": _snapshot_first_image(index_copy), "caption": "one more caption for an old image"}]
+    caps.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    lone = tmp_path / "lone.jsonl"  # a caption whose image is not indexed yet: standalone for now
+    lone.write_text(json.dumps({"image": "later.jpg", "caption": "waiting for its picture"}) + "\n")
+    assert main(["index", "add", str(index_copy), "--images", str(tmp_path / "empty"), "--captions", str(lone),
+                 "--quiet"]) == 2  # no such images folder: a clear error, nothing changed
+    (tmp_path / "empty").mkdir()
+    assert main(["index", "add", str(index_copy), "--images", str(tmp_path / "empty"), "--captions", str(lone),
+                 "--quiet"]) == 0
+    assert main(["index", "add", str(index_copy), "--images", str(extra), "--captions", str(caps), "--quiet"]) == 0
+    index = Index(index_copy)
+    ids = [r[0] for r in index.conn.execute("SELECT id FROM captions")]
+    assert len(ids) == len(set(ids)) == N_IMAGES * 5 + 1 + 1 + 3
+    assert "late.jpg#0" in ids
+    old = _snapshot_first_image(index_copy)
+    assert f"{old}#5" in ids  # the sixth caption of that image: the first five ids are taken
+    waiting = index.conn.execute("SELECT image_id FROM captions WHERE text = 'waiting for its picture'").fetchone()
+    assert waiting[0] is None
+
+    shutil.copy(_photo(photos, 1), extra / "later.jpg")
+    before = index.manifest["counts"]
+    assert main(["index", "add", str(index_copy), "--images", str(extra), "--captions", str(caps), "--quiet"]) == 0
+    index = Index(index_copy)
+    assert index.manifest["counts"] == {**before, "images": before["images"] + 1}  # only later.jpg is new
+    waiting = index.conn.execute("SELECT image_id FROM captions WHERE text = 'waiting for its picture'").fetchone()
+    assert waiting[0] == "later.jpg"  # linked to its image once that was added
+    assert verify(index_copy) == []
+    searcher = Searcher(index, model)
+    assert searcher.get_image("late.jpg")["file"] == str((extra / "late.jpg").resolve())
+    hits = searcher.search_text(["a picture"], k=N_IMAGES + 2, candidates=N_IMAGES + 2)[0].hits
+    assert {"late.jpg", "later.jpg"} <= {h.id for h in hits}
+
+
+def _snapshot_first_image(folder: Path) -> str:
+    return Index(folder, check="none").conn.execute("SELECT id FROM images ORDER BY row LIMIT 1").fetchone()[0]
+
+
+def test_one_writer_at_a_time(index_copy, photos, capsys):
+    with layout.exclusive(index_copy):
+        assert main(["index", "delete", str(index_copy), "--ids", "caption-82"]) == 2
+        assert "another build or update" in capsys.readouterr().err
+        assert main(["index", "build", "--images", str(photos[0]), "--out", str(index_copy), "--quiet"]) == 2
+    assert verify(index_copy) == []
+
+
+@pytest.mark.parametrize("codec", ["SQ8", "PQ16"])
+def test_trained_codecs_without_captions_then_add_captions(photos, tmp_path, model, codec, capsys):
+    out = tmp_path / "idx"
+    assert main(["index", "build", "--images", str(photos[0]), "--out", str(out), "--local-codec", codec,
+                 "--quiet"]) == 0  # no captions: the empty collection's codec is trained on the images' vectors
+    assert main(["index", "add", str(out), "--images", str(photos[0]), "--captions", str(photos[1]), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["index", "info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["counts"]["captions"] == N_IMAGES * 5 + 1 and info["local_codec"] == codec
+    code_size = 384 if codec == "SQ8" else 16
+    assert info["images"]["bytes_per_item"]["local"] == pytest.approx(49 * code_size + 8, abs=30)
+    searcher = Searcher(Index(out), model)
+    caption = searcher.index.conn.execute("SELECT text, image_id FROM captions WHERE image_id IS NOT NULL").fetchone()
+    hits = searcher.search_text([caption["text"]], k=N_IMAGES, candidates=N_IMAGES)[0].hits
+    assert len(hits) == N_IMAGES and caption["image_id"] in [h.id for h in hits[:8]]
+
+
+def test_rebuild_replaces_an_existing_index_in_one_step(index_copy, photos, tmp_path):
+    old_inode = (index_copy / layout.MANIFEST).stat().st_ino
+    assert main(["index", "build", "--images", str(photos[0]), "--out", str(index_copy), "--quiet"]) == 0
+    assert (index_copy / layout.MANIFEST).stat().st_ino != old_inode
+    assert Index(index_copy).manifest["counts"]["captions"] == 0 and verify(index_copy) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".index.lock", "index"]
+
+
+def test_streaming_store_appends_like_one_write(tmp_path):
+    rng = np.random.default_rng(1)
+    lengths = [np.array([3, 1, 4]), np.array([2, 5])]
+    parts = [rng.standard_normal((int(n.sum()), 16)).astype(np.float32) for n in lengths]
+    codec = local_store.make_codec(16, "SQ8", np.concatenate(parts))
+    local_store.write_store(tmp_path / "one", codec, local_store.encode(codec, np.concatenate(parts)),
+                            np.concatenate(lengths))
+    local_store.write_store_streaming(tmp_path / "two", codec, [parts[0]], lengths[0])
+    first = local_store.LocalStore.open(tmp_path / "two")
+    local_store.write_store_streaming(tmp_path / "two", codec, [parts[1]], lengths[1], previous=first)
+    one, two = local_store.LocalStore.open(tmp_path / "one"), local_store.LocalStore.open(tmp_path / "two")
+    np.testing.assert_array_equal(one.codes, two.codes)
+    np.testing.assert_array_equal(one.offsets, two.offsets)
+    assert len(first) == 3 and len(two) == 5  # the first store's memory map still reads its own (old) file
+
+
+def test_add_with_another_model_is_refused_naming_both_fingerprints(index_copy, photos, tmp_path, model, capsys):
+    from models import ModelConfig, create_model, save_model
+
+    other = save_model(create_model(ModelConfig()), tmp_path / "other-model")
+    assert main(["index", "add", str(index_copy), "--images", str(photos[0]), "--model",
+                 str(tmp_path / "other-model"), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "fingerprint" in err and other in err and model.fingerprint in err
+    with pytest.raises(ValueError, match=other):
+        Searcher.open(index_copy, str(tmp_path / "other-model"), device="cpu")
+    assert verify(index_copy) == []

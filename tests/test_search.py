@@ -1,0 +1,192 @@
+"""The search pipeline over a real index: two-stage search equals the exhaustive computation (both directions,
+whole rankings), equals reranking the global top-K, deterministic ties, FAISS index types (IVF probes, HNSW
+tombstones), the encoded entry points the service uses, and opening with the manifest's model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import N_IMAGES, build_index
+from indexer.index import Index, verify
+from indexer.search import Searcher
+from models import load_model
+from models.preprocess import load_image
+from service.cli import main
+
+TOL = 2e-3  # SQfp16 decoding of the local vectors moves fused scores by less than this
+QUERIES = ["a dog runs through the grass", "children playing", "a man on a bike", "people in the snow",
+           "a girl in a pink dress"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def searcher(built, model):
+    return Searcher(Index(built), model)
+
+
+@pytest.fixture(scope="module")
+def encoded(searcher, model):
+    """Exhaustive side: every indexed image and caption encoded afresh, in row order."""
+    index = searcher.index
+    image_ids = [r["id"] for r in index.conn.execute("SELECT id FROM images ORDER BY row")]
+    captions = index.conn.execute("SELECT id, text FROM captions ORDER BY row").fetchall()
+    images = model.encode_images([load_image(index.images_root / i) for i in image_ids])
+    texts = model.encode_texts([c["text"] for c in captions])
+    return image_ids, images, [c["id"] for c in captions], texts
+
+
+def _same_ranking(hits, expected: dict[str, float]) -> None:
+    """Every item returned once, each score within TOL of the exhaustive score, and the order the exhaustive
+    order except swaps of items whose exhaustive scores are within 2 * TOL."""
+    assert sorted(h.id for h in hits) == sorted(expected)
+    for h in hits:
+        assert h.score == pytest.approx(expected[h.id], abs=TOL), h.id
+    exact = [expected[h.id] for h in hits]
+    for a, b in zip(exact, exact[1:]):
+        assert a >= b - 2 * TOL
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_text_to_image_equals_exhaustive_over_the_whole_ranking(searcher, model, encoded):
+    image_ids, images, _, _ = encoded
+    exhaustive = model.scores(model.encode_texts(QUERIES), images)
+    results = searcher.search_text(QUERIES, k=N_IMAGES, candidates=N_IMAGES)
+    for q, res in enumerate(results):
+        _same_ranking(res.hits, dict(zip(image_ids, exhaustive[q].tolist())))
+        assert set(res.timings_ms) == {"encode", "coarse", "rerank", "total"}
+        for h in res.hits:
+            assert h.score == pytest.approx(h.global_score + model.config.local_weight * h.local_score, abs=1e-5)
+
+
+def test_image_to_caption_equals_exhaustive_over_the_whole_ranking(searcher, model, encoded):
+    image_ids, _, caption_ids, texts = encoded
+    queries = [load_image(searcher.index.images_root / i) for i in image_ids[:3]]
+    exhaustive = model.scores(texts, model.encode_images(queries)).T  # images x captions
+    results = searcher.search_image(queries, k=len(caption_ids), candidates=len(caption_ids))
+    for q, res in enumerate(results):
+        _same_ranking(res.hits, dict(zip(caption_ids, exhaustive[q].tolist())))
+        assert all(h.caption and h.uri is None for h in res.hits)
+
+
+def test_two_stage_reranks_exactly_the_global_top_k(searcher, model, encoded):
+    image_ids, images, _, _ = encoded
+    texts = model.encode_texts(QUERIES)
+    k = 5
+    for q, res in enumerate(searcher.search_text_encoded(texts, k=3, candidates=k)):
+        top = torch.argsort(texts.global_emb[q] @ images.global_emb.T, descending=True)[:k].tolist()
+        fused = model.scores(texts.select([q]), images.select(top))[0]
+        expected = {image_ids[i]: s for i, s in zip(top, fused.tolist())}
+        assert {h.id for h in res.hits} <= set(expected)
+        best = sorted(expected, key=expected.get, reverse=True)[:3]
+        if all(abs(expected[best[i]] - expected[best[i + 1]]) > 2 * TOL for i in range(2)):
+            assert [h.id for h in res.hits] == best
+
+
+def test_encoded_entry_points_match_the_plain_ones(searcher, model):
+    plain = searcher.search_text(QUERIES[:2], k=4, candidates=8)
+    enc = searcher.search_text_encoded(model.encode_texts(QUERIES[:2]), k=4, candidates=8)
+    assert [[h.id for h in r.hits] for r in plain] == [[h.id for h in r.hits] for r in enc]
+    assert "encode" not in enc[0].timings_ms and plain[0].timings_ms["encode"] > 0
+
+
+def test_explain_grounds_every_query_word_in_a_grid_cell(searcher, model):
+    res = searcher.search_text(["a black dog jumps"], k=2, candidates=4, explain=True)[0]
+    rows, cols = model.region_grid()
+    for hit in res.hits:
+        words = [g["word"] for g in hit.grounding]
+        assert words == model.encode_texts(["a black dog jumps"]).words[0]
+        for g in hit.grounding:
+            assert 0 <= g["region"] < rows * cols and g["cell"] == [g["region"] // cols, g["region"] % cols]
+            assert -1.0 <= g["similarity"] <= 1.0
+    res = searcher.search_image([load_image(searcher.index.images_root / res.hits[0].uri)], k=2, candidates=4,
+                                explain=True)[0]
+    assert all(h.grounding and len(h.grounding) > 0 for h in res.hits)
+
+
+def test_get_image_and_hit_metadata(searcher):
+    hit = searcher.search_text(["a dog"], k=1, candidates=5)[0].hits[0]
+    row = searcher.get_image(hit.id)
+    assert row["id"] == hit.id and Path(row["file"]).is_file()
+    assert hit.metadata["width"] == row["width"] and hit.uri == row["path"]
+    assert searcher.get_image("no-such-image.jpg") is None
+    caption = searcher.search_image([load_image(row["file"])], k=1, candidates=5)[0].hits[0]
+    assert caption.metadata.get("source") in ("flickr8k", "user")
+
+
+def test_ties_are_broken_by_row_id(photos, model, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    real = sorted(p for p in photos[0].iterdir() if p.suffix == ".jpg" and p.name[0].isdigit())
+    for name in ("c.jpg", "a.jpg", "b.jpg"):
+        shutil.copy(real[0], images / name)  # three identical photos: identical scores
+    shutil.copy(real[1], images / "other.jpg")
+    assert main(["index", "build", "--images", str(images), "--out", str(tmp_path / "idx"), "--quiet"]) == 0
+    searcher = Searcher(Index(tmp_path / "idx"), model)
+    for _ in range(3):
+        hits = searcher.search_text(["a photo"], k=4, candidates=4)[0].hits
+        dupes = [h for h in hits if h.id != "other.jpg"]
+        assert [h.id for h in dupes] == ["a.jpg", "b.jpg", "c.jpg"]  # rows in path order, equal scores
+        assert len({h.score for h in dupes}) == 1
+
+
+@pytest.mark.parametrize("factory", ["IVF4,Flat", "HNSW32,Flat"])
+def test_approximate_global_indexes_agree_with_flat(photos, built, model, tmp_path, factory):
+    """IVF is searched with enough probes (not FAISS's default of one) and HNSW keeps tombstones, which the
+    search skips by fetching that many more candidates."""
+    out = tmp_path / "idx"
+    assert build_index(*photos, out, "--faiss-factory", factory) == 0
+    searcher, flat = Searcher(Index(out), model), Searcher(Index(built), model)
+    assert searcher.index.manifest["collections"]["images"]["factory"] == factory
+    got = searcher.search_text(QUERIES, k=N_IMAGES, candidates=N_IMAGES)
+    want = flat.search_text(QUERIES, k=N_IMAGES, candidates=N_IMAGES)
+    assert [[h.id for h in r.hits] for r in got] == [[h.id for h in r.hits] for r in want]
+    victims = [h.id for h in got[0].hits[:3]]
+    assert main(["index", "delete", str(out), "--ids", *victims]) == 0
+    assert verify(out) == []
+    searcher = Searcher(Index(out), model)
+    if factory.startswith("HNSW"):
+        assert searcher.index.images.index.ntotal == N_IMAGES  # HNSW cannot remove: tombstones only
+    for res in searcher.search_text(QUERIES, k=5, candidates=5):
+        ids = [h.id for h in res.hits]
+        assert not set(victims) & set(ids) and len(ids) == 5
+    assert len(searcher.search_text(["x"], k=N_IMAGES, candidates=N_IMAGES)[0].hits) == N_IMAGES - 3
+
+
+def test_open_loads_the_model_named_in_the_manifest(built, model):
+    searcher = Searcher.open(built, device="cpu")
+    assert searcher.model.fingerprint == model.fingerprint
+    assert Searcher.open(built, model).model is model
+
+
+def test_gpu_copy_is_used_up_to_its_k_limit(built, model, monkeypatch):
+    """With faiss-gpu the coarse stage runs on a GPU copy; beyond the GPU's k limit it falls back to the CPU
+    original. The GPU is stood in for here by a wrapper that refuses large k, as FAISS's GPU indexes do."""
+    from indexer import faiss_index
+
+    class FakeGpu:
+        def __init__(self, index):
+            self.index, self.ntotal, self.calls = index, index.ntotal, []
+
+        def search(self, queries, k):
+            assert k <= faiss_index.GPU_MAX_K
+            self.calls.append(k)
+            return self.index.search(queries, k)
+
+    monkeypatch.setattr(faiss_index, "to_gpu", FakeGpu)
+    monkeypatch.setattr(faiss_index, "GPU_MAX_K", 8)
+    index = Index(built)
+    assert isinstance(index.images.index, FakeGpu) and index.images.cpu_index is not None
+    searcher, plain = Searcher(index, model), Searcher(Index(built, use_gpu=False), model)
+    for k in (5, N_IMAGES):  # N_IMAGES > 8: the CPU original answers
+        assert [h.id for h in searcher.search_text(QUERIES[:1], k=k, candidates=k)[0].hits] == \
+               [h.id for h in plain.search_text(QUERIES[:1], k=k, candidates=k)[0].hits]
+    assert index.images.index.calls == [5]
