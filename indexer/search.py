@@ -174,14 +174,17 @@ class Searcher:
 
     def _explain(self, enc: EncoderOutput, q: int, hits: list[Hit], local: torch.Tensor, mask: torch.Tensor,
                  query_is_text: bool) -> None:
-        """For each word, its best region (grid cell when regions are a grid) and the similarity."""
+        """For each word, its best region (grid cell when regions are a grid) and the similarity.
+
+        For caption hits the word vectors are the decoded ones that ranked them; only the word strings are
+        needed, from one tokenizer call for all hits."""
+        caption_words = None if query_is_text else self.model.tokenize([h.caption or "" for h in hits]).words
         for i, hit in enumerate(hits):
             if query_is_text:
                 words, w_local, w_mask = enc.words[q], enc.local[q], enc.mask[q]
                 r_local, r_mask = local[i], mask[i]
             else:
-                tok = self.model.encode_texts([hit.caption])
-                words, w_local, w_mask = tok.words[0], tok.local[0], tok.mask[0]
+                words, w_local, w_mask = caption_words[i], local[i], mask[i]
                 r_local, r_mask = enc.local[q], enc.mask[q]
             regions, sims = alignment.word_groundings(w_local, w_mask, r_local, r_mask)
             hit.grounding = []

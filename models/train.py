@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .config import ModelConfig
 from .data import DatasetError, ImageRecord, load_dataset, select_split
 from .evaluation import evaluate_scores
-from .factory import create_model, save_model
+from .factory import create_model, load_model, save_model
 from .features import CachedFeatures, LiveImageFeatures, LiveTextFeatures, image_features, text_features
 from .losses import LOSSES
 from .model import AlignModel, EncoderOutput, resolve_device
@@ -244,8 +244,6 @@ def train(options: TrainOptions, config: ModelConfig) -> dict:
             best = {"score": score, "epoch": epoch + 1}
             save_model(model, out_model)
         _save_checkpoint(options.out, model, opt, {"epoch": epoch, "best": best, "history": history})
-
-    from .factory import load_model
 
     final = load_model(out_model, device=str(device))
     summary = {"best_epoch": best["epoch"] if best else None, "history": history,

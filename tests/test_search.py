@@ -110,6 +110,8 @@ def test_explain_grounds_every_query_word_in_a_grid_cell(searcher, model):
     res = searcher.search_image([load_image(searcher.index.images_root / res.hits[0].uri)], k=2, candidates=4,
                                 explain=True)[0]
     assert all(h.grounding and len(h.grounding) > 0 for h in res.hits)
+    for h in res.hits:  # caption hits: one entry per word piece of the caption
+        assert [g["word"] for g in h.grounding] == model.encode_texts([h.caption]).words[0]
 
 
 def test_get_image_and_hit_metadata(searcher):
