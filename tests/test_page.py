@@ -160,6 +160,27 @@ def _rewrite(page, path: str, change) -> None:
     page.route(f"**{path}", handle)
 
 
+def _min_score_api(page, threshold: float) -> list:
+    """Answer /search/text as the API with a match threshold does (issue 9): the server's results less those whose
+    global score is below ``threshold`` (all of them when the page sends min_score -1), with ``min_score``,
+    ``below_min_score`` and ``no_match``. Returns the min_score of each request, as the page sent it."""
+    sent = []
+
+    def handle(route):
+        body = route.request.post_data_json
+        sent.append(body.pop("min_score", None))
+        response = route.fetch(post_data=json.dumps(body))
+        answer = response.json()
+        applied = threshold if sent[-1] is None else sent[-1]
+        kept = [r for r in answer["results"] if r["global_score"] >= applied]
+        answer.update(results=kept, min_score=applied, below_min_score=len(answer["results"]) - len(kept),
+                      no_match=not kept)
+        route.fulfill(response=response, body=json.dumps(answer),
+                      headers={**response.headers, "content-type": "application/json"})
+    page.route("**/search/text", handle)
+    return sent
+
+
 def _chip_words(card) -> list[str]:
     return card.locator(".legend .chip .w").all_inner_texts()
 
@@ -302,28 +323,43 @@ def test_search_page_with_confidences_weak_matches_and_a_narrow_screen(browser, 
     _state(page, "7-overlay-shared-cell")  # the label at the right edge is checked to stay inside the photo
     page.unroute("**/search/text")
 
-    # the API says nothing matches well: the page says so and dims what it shows
-    _rewrite(page, "/search/text", lambda body: {**body, "weak": True, "min_score": 0.5,
-                                                  "results": [{**r, "weak": True} for r in body["results"]]})
+    # nothing clears the API's match threshold: the page says so, and shows the closest on request, dimmed
+    sent = _min_score_api(page, 0.99)
     page.uncheck("#explain")
     page.fill("#query", "zzzz qqqq")
     page.click("#search-button")
-    page.wait_for_selector("#text-notice:not([hidden])")
+    page.wait_for_selector("#text-notice.warn:not([hidden])")
     assert page.inner_text("#text-notice").startswith("No good match")
-    assert "0.50" in page.inner_text("#text-notice")
-    assert page.locator("#image-results .card.weak").count() == page.locator("#image-results .card").count() > 0
-    _all_images_loaded(page, "#image-results img")
+    assert "0.99" in page.inner_text("#text-notice") and page.locator("#image-results .card").count() == 0
     _state(page, "6-no-good-match")
+    page.click("#text-notice button", timeout=5000)
+    page.wait_for_selector("#image-results .card")
+    assert sent[-2:] == [None, -1]  # the page asks again, for every result
+    assert page.locator("#image-results .card.weak").count() == page.locator("#image-results .card").count() == 12
+    assert "None of these images clears the match threshold" in page.inner_text("#text-notice")
+    _all_images_loaded(page, "#image-results img")
+    _state(page, "6b-closest-anyway")
     page.unroute("**/search/text")
 
-    # some strong, some weak: only the weak ones are marked
-    _rewrite(page, "/search/text", lambda body: {**body, "min_score": body["results"][2]["score"]})
+    # some clear it: the page says how many were left out, and marks them when shown
+    scores = {r["id"]: r["global_score"] for r in httpx.post(
+        page_server + "/search/text", json={"query": "a dog", "k": 12},
+        headers={"Authorization": f"Bearer {KEY}"}).raise_for_status().json()["results"]}
+    threshold = sorted(scores.values(), reverse=True)[3]
+    _min_score_api(page, threshold)
     page.fill("#query", "a dog")
     page.click("#search-button")
-    page.wait_for_function("document.querySelectorAll('#image-results .badge').length > 0")
+    page.wait_for_selector("#text-notice.info:not([hidden])")
+    kept = page.locator("#image-results .card").count()
+    assert kept == sum(v >= threshold for v in scores.values()) >= 4
+    assert page.inner_text("#text-notice").startswith(f"{12 - kept} weaker images left out")
+    page.click("#text-notice button")
+    page.wait_for_function("document.querySelectorAll('#image-results .card').length === 12")
+    marked = page.locator("#image-results .card").evaluate_all(
+        "cs => Object.fromEntries(cs.map(c => [c.dataset.id, !!c.querySelector('.badge')]))")
+    assert marked == {i: v < threshold for i, v in scores.items()}
     assert page.locator("#text-notice").is_hidden()
-    badges = page.locator("#image-results .card").evaluate_all("cs => cs.map(c => !!c.querySelector('.badge'))")
-    assert badges[:3] == [False, False, False] and all(badges[3:])
+    _state(page, "6c-weaker-shown")
     page.unroute("**/search/text")
 
     # captions with and without a photo line up; a caption without one keeps the thumbnail column

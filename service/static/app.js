@@ -78,29 +78,48 @@ function imageUri(id) {
 }
 
 // -- how strong the matches are ------------------------------------------------------------------------------
-// The API may say results are weak: `weak: true` on a result, `weak: true` on the whole response (nothing matches
-// well), or a `min_score` that scores are compared with. Where it says nothing, results show as they are.
+// The API leaves out the images whose global score is below its `min_score` (the model's calibrated threshold)
+// and says so: `min_score` (the threshold applied; null: none), `below_min_score` (how many of the top k it left
+// out) and `no_match` (none cleared it). A server that sends none of these gets its results shown as they are.
+// "Show them anyway" asks again with min_score -1 and dims what falls below the threshold.
 
-function strength(res) {
-  const min = typeof res.min_score === "number" ? res.min_score : null;
-  const weak = res.results.map((r) => r.weak === true || (min !== null && r.score < min));
-  const known = min !== null || typeof res.weak === "boolean" || res.results.some((r) => typeof r.weak === "boolean");
-  const none = res.weak === true || (known && weak.every(Boolean));
-  return { weak, none, min };
+let textThreshold = null; // the last min_score the text search applied
+
+function strength(res, fallback) {
+  const min = typeof res.min_score === "number" && res.min_score > -1 ? res.min_score : fallback;
+  const weak = res.results.map((r) => typeof min === "number" && r.global_score < min);
+  return { min, weak, hidden: res.below_min_score || 0,
+           none: res.no_match === true || (weak.length > 0 && weak.every(Boolean)) };
 }
 
-function notice(id, title, text) {
+function notice(id, kind, title, text, action) {
+  // a note above the results: kind "warn" (no good match) or "info"; empty kind hides it
   const node = $(id);
-  node.hidden = !title;
-  node.replaceChildren(...(title ? [el("strong", { text: title }), document.createTextNode(text)] : []));
+  node.hidden = !kind;
+  node.className = `notice ${kind || ""}`;
+  const parts = kind ? [el("strong", { text: title }), document.createTextNode(text)] : [];
+  if (kind && action) {
+    const button = el("button", { type: "button", class: "link", text: action.text });
+    button.addEventListener("click", action.run);
+    parts.push(document.createTextNode(" "), button);
+  }
+  node.replaceChildren(...parts);
 }
 
-function noMatchNotice(id, what, s, shown) {
-  if (!s.none) return notice(id, "");
-  const threshold = s.min !== null ? ` (every score is below ${s.min.toFixed(2)})` : "";
-  notice(id, "No good match", shown
-    ? `None of these ${what} matches well${threshold}. They are the closest ones, dimmed; try other words.`
-    : `Nothing in this index matches well${threshold}.`);
+function matchNotice(id, what, s, shown, showAll) {
+  const bar = s.min !== null && s.min !== undefined ? ` (global score ${s.min.toFixed(2)})` : "";
+  if (s.none && !shown) {
+    notice(id, "warn", "No good match", ` No ${what.slice(0, -1)} in this index clears the match threshold${bar}: ` +
+      "nothing here looks like what you described.", showAll && { text: "Show the closest anyway", run: showAll });
+  } else if (s.none) {
+    notice(id, "warn", "No good match", ` None of these ${what} clears the match threshold${bar}; ` +
+      "they are the closest ones, dimmed.");
+  } else if (s.hidden && showAll) {
+    notice(id, "info", `${s.hidden} weaker ${s.hidden === 1 ? what.slice(0, -1) : what} left out`,
+      ` (below the match threshold${bar}).`, { text: "Show them", run: showAll });
+  } else {
+    notice(id, "");
+  }
 }
 
 // -- word -> region overlay --------------------------------------------------------------------------------
@@ -211,7 +230,8 @@ function imageCard(r, weak) {
   ]);
 }
 
-async function searchText() {
+async function searchText(showAll) {
+  // showAll: ask for every result, also those below the API's match threshold (min_score -1)
   const query = $("query").value.trim();
   if (!query) return;
   const explain = $("explain").checked;
@@ -219,20 +239,17 @@ async function searchText() {
   try {
     const res = await call("/search/text", {
       method: "POST", headers: authHeaders({ "Content-Type": "application/json" }),
-      body: JSON.stringify(Object.assign({ query, explain }, searchParams())),
+      body: JSON.stringify(Object.assign({ query, explain }, searchParams(), showAll ? { min_score: -1 } : {})),
     });
     releaseImages();
-    const s = strength(res);
-    $("image-results").replaceChildren(...res.results.map((r, i) => imageCard(r, s.weak[i] && !s.none)));
+    const s = strength(res, showAll ? textThreshold : null);
+    if (typeof res.min_score === "number" && res.min_score > -1) textThreshold = res.min_score;
+    $("image-results").replaceChildren(...res.results.map((r, i) => imageCard(r, s.weak[i])));
     $("image-results").classList.toggle("explained", explain);
-    $("image-results").classList.toggle("none-match", s.none);
-    if (s.none) $("image-results").querySelectorAll(".card").forEach((c) => c.classList.add("weak"));
-    noMatchNotice("text-notice", "images", s, res.results.length > 0);
-    const strong = s.weak.filter((w) => !w).length;
+    matchNotice("text-notice", "images", s, res.results.length > 0, showAll ? null : () => searchText(true));
     const t = res.timings_ms;
     setStatus("text-status", `${res.results.length} images in ${t.total.toFixed(0)} ms ` +
       `(encode ${t.encode.toFixed(0)}, first stage ${t.coarse.toFixed(1)}, rerank ${t.rerank.toFixed(1)})` +
-      (!s.none && strong < res.results.length ? ` · ${strong} good matches` : "") +
       (res.truncated ? " · query truncated" : "") +
       (explain && res.results.length ? " · hover a box or a word to see what matched where" : ""));
   } catch (err) {
@@ -243,10 +260,10 @@ async function searchText() {
 
 $("text-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  searchText();
+  searchText(false);
 });
 $("explain").addEventListener("change", () => {
-  if ($("query").value.trim()) searchText();
+  if ($("query").value.trim()) searchText(false);
 });
 
 // -- image -> captions -------------------------------------------------------------------------------------
@@ -268,7 +285,7 @@ async function searchImage(file) {
   form.append("candidates", String(params.candidates));
   try {
     const res = await call("/search/image", { method: "POST", headers: authHeaders(), body: form });
-    const s = strength(res);
+    const s = strength(res, null);
     $("caption-results").replaceChildren(...res.results.map((r, i) => {
       let mini;
       if (r.image_id) {
@@ -278,13 +295,13 @@ async function searchImage(file) {
         mini = el("span", { class: "mini none", title: "a caption without an image" });
       }
       const score = el("span", { class: "score", text: `score ${r.score.toFixed(3)}` });
-      if (s.weak[i] && !s.none) score.appendChild(el("span", { class: "badge", text: "weak" }));
+      if (s.weak[i]) score.appendChild(el("span", { class: "badge", text: "weak" }));
       return el("li", { "data-id": r.id, class: s.weak[i] ? "weak" : "" }, [
         el("div", { class: "row" }, [el("span", { class: "rank", text: `${r.rank}.` }), mini,
                                      el("span", { class: "caption", text: r.caption }), score]),
       ]);
     }));
-    noMatchNotice("image-notice", "captions", s, res.results.length > 0);
+    matchNotice("image-notice", "captions", s, res.results.length > 0, null);
     setStatus("image-status", res.results.length
       ? `${res.results.length} captions in ${res.timings_ms.total.toFixed(0)} ms`
       : "no captions in this index");
