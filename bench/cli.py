@@ -18,11 +18,13 @@ SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "
 DEFAULT_DATASET = Path(os.environ.get("ALIGNSEARCH_DATASET", SHARED_DATASET))
 
 
+DESCRIPTION = ("Measure the design's claims (two-stage speed against exhaustive and global-only search, rerank "
+               "bandwidth, codecs and quality, build throughput, serving with batching on and off) and write "
+               "results-TAG.json and .md.")
+
+
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark the two-stage design (JSON + markdown out)",
-                       description="Measure the design's claims (two-stage speed against exhaustive and "
-                                   "global-only search, rerank bandwidth, codecs and quality, build throughput, "
-                                   "serving with batching on and off) and write results-TAG.json and .md.")
+    p = sub.add_parser("bench", help="benchmark the two-stage design (JSON + markdown out)", description=DESCRIPTION)
     _arguments(p)
     p.set_defaults(func=run)
 
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.cli import HelpFormatter, run_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION, formatter_class=HelpFormatter)
     _arguments(parser)
     parser.set_defaults(func=run)
     args = parser.parse_args(argv)
