@@ -5,17 +5,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_DATASET = Path(os.environ.get("ALIGNSEARCH_DATASET", Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k-800"))
+from models.cli import add_progress_option, apply_progress_option
+
+SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k-800"
+DEFAULT_DATASET = Path(os.environ.get("ALIGNSEARCH_DATASET", SHARED_DATASET))
+
+
+DESCRIPTION = ("Measure the design's claims (two-stage speed against exhaustive and global-only search, rerank "
+               "bandwidth, codecs and quality, build throughput, serving with batching on and off) and write "
+               "results-TAG.json and .md.")
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark the two-stage design (JSON + markdown out)")
+    p = sub.add_parser("bench", help="benchmark the two-stage design (JSON + markdown out)", description=DESCRIPTION)
     _arguments(p)
     p.set_defaults(func=run)
 
@@ -23,11 +32,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes: checks that every benchmark runs (CI)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for results JSON and table")
-    p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="flickr8k-800 folder (quality, build)")
+    p.add_argument("--dataset", type=Path, default=None,
+                   help="flickr8k-800 folder (dataset_flickr8k.json + images/) for quality, codecs and build "
+                        f"(default: $ALIGNSEARCH_DATASET, else {SHARED_DATASET}; skipped if absent)")
     p.add_argument("--work", type=Path, default=None, help="scratch folder for synthetic indexes (default: temp)")
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="synthetic collection sizes")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="synthetic collection sizes (default: 1000 with --quick, else 10000 100000)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--tag", default=None, help="name of the results file (default: cpu or gpu)")
+    add_progress_option(p)
 
 
 def targets(results: dict[str, Any]) -> dict[str, Any]:
@@ -99,29 +112,42 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _dataset(args: argparse.Namespace) -> Path | None:
+    """The data set to measure quality on: ``--dataset`` must be one; the default may be absent (then skipped)."""
+    folder = args.dataset or DEFAULT_DATASET
+    if (folder / "dataset_flickr8k.json").is_file() and (folder / "images").is_dir():
+        return folder
+    if args.dataset is not None:
+        raise FileNotFoundError(f"--dataset {args.dataset}: not a flickr8k-800 folder (it needs "
+                                "dataset_flickr8k.json and images/)")
+    print(f"no data set at {folder}: quality, codecs and build are skipped (pass --dataset)", flush=True)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    dataset = _dataset(args)  # before the model loads
     from models.factory import load_model
 
     from . import suite
 
+    apply_progress_option(args)
     model = load_model(device=args.device)
     quick = args.quick
     sizes = args.sizes or ([1_000] if quick else [10_000, 100_000])
-    results: dict[str, Any] = {"quick": quick, "command": " ".join(["python -m bench", *sys.argv[1:]]),
+    results: dict[str, Any] = {"quick": quick, "command": args.command_line,
                                "environment": suite.environment(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="alignsearch-bench-") as tmp:
         work = args.work or Path(tmp)
         print(f"speed on synthetic indexes of {sizes} images ...", flush=True)
         results["speed"] = suite.speed_vs_exhaustive_and_global(model, sizes, work, repeats=3 if quick else 21)
-        have_data = (args.dataset / "dataset_flickr8k.json").is_file()
-        if have_data:
+        if dataset is not None:
             print("quality and codecs on the test split ...", flush=True)
             codecs = ["SQfp16", "SQ8"] if quick else ["SQfp16", "SQ8", "PQ96", "PQ48"]
-            results["quality"] = suite.quality_and_codecs(model, args.dataset, codecs, limit=8 if quick else None)
+            results["quality"] = suite.quality_and_codecs(model, dataset, codecs, limit=8 if quick else None)
             print("build throughput ...", flush=True)
-            results["build"] = suite.build_throughput(model, args.dataset / "images", 16 if quick else None, work)
+            results["build"] = suite.build_throughput(model, dataset / "images", 16 if quick else None, work)
         else:
-            results["skipped"] = f"no data set at {args.dataset}: quality, codecs and build not measured"
+            results["skipped"] = f"no data set at {args.dataset or DEFAULT_DATASET}: quality, codecs and build not measured"
         print("serving under concurrency ...", flush=True)
         results["serving"] = suite.serving(work / f"synthetic-{sizes[0]}", 32 if quick else 480)
     results["targets"] = targets(results)
@@ -134,6 +160,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    """``python -m bench``: the same as ``alignsearch bench``, with the same help and error handling."""
+    from service.cli import HelpFormatter, run_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION, formatter_class=HelpFormatter)
     _arguments(parser)
-    return run(parser.parse_args(argv))
+    parser.set_defaults(func=run)
+    args = parser.parse_args(argv)
+    args.command, args.command_line = "bench", shlex.join(["python", "-m", "bench", *argv])
+    return run_command(args)

@@ -285,8 +285,9 @@ def _build(model: AlignModel, options: BuildOptions, files: list[str], caption_r
     report = {"images_indexed": counts["images"], "captions_indexed": counts["captions"],
               "skipped": [k for name in layout.COLLECTIONS for s in shards[name] for k in s.skipped]}
     if not counts["images"] and not counts["captions"]:
-        raise NothingIndexed(f"nothing was indexed: {len(report['skipped'])} items skipped "
-                             f"(first: {report['skipped'][:3]})")
+        shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming
+        first = "; ".join(f"{k['item']}: {k['reason']}" for k in report["skipped"][:3])
+        raise NothingIndexed(f"nothing was indexed: all {len(report['skipped'])} items were skipped ({first})")
 
     final = work / "index"
     shutil.rmtree(final, ignore_errors=True)
@@ -395,7 +396,17 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
 
 def delete(index_dir: Path, ids: list[str]) -> dict[str, Any]:
     """Tombstone ``ids`` (images or captions) and remove them from the global FAISS indexes."""
-    report: dict[str, Any] = {"not_found": []}
+    layout.read_manifest(index_dir)  # a clear error for a folder that is not an index
+    conn = metadata.connect(Path(index_dir) / layout.METADATA, read_only=True)
+    try:
+        known = {r[0] for name in layout.COLLECTIONS
+                 for r in conn.execute(f"SELECT id FROM {name} WHERE deleted = 0 AND id IN "
+                                       f"(SELECT value FROM json_each(?))", (json.dumps(ids),))}
+    finally:
+        conn.close()
+    report: dict[str, Any] = {"not_found": sorted(set(ids) - known)}
+    if not known:  # a no-op: leave the index (and its checksums) untouched
+        return {**report, "images_deleted": 0, "captions_deleted": 0}
 
     def change(work: Path, manifest: dict) -> dict:
         conn = metadata.connect(work / layout.METADATA)

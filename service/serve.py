@@ -1,44 +1,104 @@
-"""``alignsearch serve``: load the index and its model, then run the API with uvicorn."""
+"""``alignsearch serve``: check the index and the port, load the index and its model, run the API with uvicorn."""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 from pathlib import Path
+from typing import Any
+
+from models.cli import add_progress_option, apply_progress_option
 
 from .settings import Settings
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     defaults = Settings()
-    p = sub.add_parser("serve", help="serve an index over HTTP",
-                       description="Start the search API. Settings default to ALIGNSEARCH_* environment variables.")
-    p.add_argument("--index", type=Path, default=defaults.index, help="index folder (env ALIGNSEARCH_INDEX)")
+    p = sub.add_parser("serve", help="serve an index over HTTP (the search page and the JSON API)",
+                       description="Start the search API and its page. Each setting's default can also be set "
+                                   "with an ALIGNSEARCH_* environment variable (named in its help).")
+    p.add_argument("--index", type=Path, default=defaults.index,
+                   help="index folder, as written by `alignsearch index build --out` (default: ./index, or "
+                        "$ALIGNSEARCH_INDEX when set)")
     p.add_argument("--model", default=defaults.model,
-                   help="model folder or name (default: the one named in the index manifest)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda")
-    p.add_argument("--api-key", default=defaults.api_key, help="require 'Authorization: Bearer KEY' (env ALIGNSEARCH_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=defaults.max_batch, help="micro-batch size (1 disables batching)")
+                   help="model folder or name (default: the one named in the index manifest; env ALIGNSEARCH_MODEL)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda; env ALIGNSEARCH_DEVICE")
+    p.add_argument("--api-key", default=defaults.api_key,
+                   help="require 'Authorization: Bearer KEY' on the API (default: none; env ALIGNSEARCH_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                   help="micro-batch size (1 disables batching); env ALIGNSEARCH_MAX_BATCH")
     p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
-                   help="how long a query waits for others to share its forward pass")
-    p.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes)
-    p.add_argument("--log-level", default="info")
+                   help="how long a query waits for others to share its forward pass; env ALIGNSEARCH_BATCH_WAIT_MS")
+    p.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes,
+                   help="largest image a query may upload; env ALIGNSEARCH_MAX_UPLOAD_BYTES")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (info also logs each request)")
+    add_progress_option(p)
     p.set_defaults(func=run_serve)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def url(host: str, port: int) -> str:
+    """The address a browser on this machine opens for a server listening on ``host:port``."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind ``host:port`` now (uvicorn listens on it later), so a busy port is found before the model loads."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise OSError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart is not refused
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(f"port {port} on {host} is already in use (another server?): stop it, or pick "
+                          f"another with --port") from None
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def run_app(app: Any, sock: socket.socket, log_level: str) -> None:
+    """Serve ``app`` with uvicorn on the socket :func:`bind` returned."""
     import uvicorn
 
-    from indexer.search import Searcher
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
 
-    from .app import create_app
 
-    settings = Settings(index=args.index, model=args.model, device=args.device, api_key=args.api_key,
-                        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                        max_upload_bytes=args.max_upload_bytes)
-    searcher = Searcher.open(settings.index, settings.model, settings.device)  # fails here, clearly, on a mismatch
-    print(f"alignsearch: serving {settings.index} ({searcher.index.manifest['counts']}) "
-          f"on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(create_app(settings, searcher), host=args.host, port=args.port, log_level=args.log_level)
+def serving_line(index: Path, counts: dict[str, int], host: str, port: int) -> str:
+    """The one line a person reads when the server starts: what, from where, on which address."""
+    return (f"alignsearch: serving {counts.get('images', 0)} images / {counts.get('captions', 0)} captions "
+            f"from {index} on {url(host, port)} (Ctrl-C stops it)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from indexer.cli import require_index
+
+    try:  # the cheap checks first: no model loads for a missing index or a busy port
+        require_index(args.index)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}, or name another with --index DIR (or $ALIGNSEARCH_INDEX)") from None
+    sock = bind(args.host, args.port)
+    try:
+        apply_progress_option(args)
+        from indexer.search import Searcher
+
+        from .app import create_app
+
+        settings = Settings(index=args.index, model=args.model, device=args.device, api_key=args.api_key,
+                            max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                            max_upload_bytes=args.max_upload_bytes)
+        searcher = Searcher.open(settings.index, settings.model, settings.device)  # fails clearly on a mismatch
+        print(serving_line(args.index, searcher.index.manifest["counts"], args.host, args.port), flush=True)
+        run_app(create_app(settings, searcher), sock, args.log_level)
+    finally:
+        sock.close()
     return 0

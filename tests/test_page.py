@@ -1,9 +1,14 @@
 """The search page in a real browser: headless Chromium (Debian's, driven by Playwright) against a real uvicorn
-server on 127.0.0.1 over the small `built` index. Screenshots of each state go to test-artifacts/."""
+server on 127.0.0.1 over the small `built` index. Screenshots of each state go to test-artifacts/, and each state
+is checked for the layout faults a script can see: text wider than its box, elements outside the viewport, a
+placeholder cut short, cards stretched to their neighbours' height, captions out of line, overlay labels cut
+at the photo's edge. Response fields the API may add (a confidence per word, weak-match flags) are exercised by
+rewriting real responses in the browser."""
 
 from __future__ import annotations
 
 import base64
+import json
 import mimetypes
 import os
 import re
@@ -99,8 +104,89 @@ def _drop_file(page, selector: str, path: Path) -> None:
     page.dispatch_event(selector, "drop", {"dataTransfer": data})
 
 
+# Layout faults a script can detect, for whatever is on screen now (closed or hidden parts are skipped).
+LAYOUT_FAULTS = """() => {
+  const faults = [];
+  const vw = document.documentElement.clientWidth;
+  if (document.documentElement.scrollWidth > vw + 1)
+    faults.push(`the page scrolls sideways: ${document.documentElement.scrollWidth} > ${vw}`);
+  const name = (e) => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') +
+    (typeof e.className === 'string' && e.className ? '.' + e.className.trim().split(/\\s+/).join('.') : '');
+  const canvas = document.createElement('canvas').getContext('2d');
+  for (const e of document.querySelectorAll('body *')) {
+    const cs = getComputedStyle(e);
+    const r = e.getBoundingClientRect();
+    if (cs.display === 'none' || cs.visibility === 'hidden' || (r.width === 0 && r.height === 0)) continue;
+    if (r.left < -1 || r.right > vw + 1) faults.push(`${name(e)} is outside the viewport (${r.left}..${r.right} of ${vw})`);
+    // (an input scrolls its own text, an image has none; an overlay cell's hover label sticks out by design and
+    // is checked below)
+    if (cs.display !== 'inline' && !['INPUT', 'IMG'].includes(e.tagName) && !e.matches('.cell') && e.clientWidth > 0 &&
+        e.scrollWidth > e.clientWidth + 1)
+      faults.push(`${name(e)}: its content overflows (${e.scrollWidth} > ${e.clientWidth}): ${e.textContent.slice(0, 60)}`);
+    if (e.tagName === 'INPUT' && e.placeholder) {
+      canvas.font = cs.font;
+      const room = e.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+      if (canvas.measureText(e.placeholder).width > room + 1) faults.push(`${name(e)}: placeholder cut ("${e.placeholder}")`);
+    }
+  }
+  for (const card of document.querySelectorAll('#image-results .card')) {  // cards keep their own height
+    const parts = Array.from(card.children).reduce((h, c) => h + c.getBoundingClientRect().height, 0);
+    if (card.getBoundingClientRect().height > parts + 4) faults.push(`card ${card.dataset.id} stretched`);
+  }
+  const lefts = Array.from(document.querySelectorAll('#caption-results .caption'), (c) => Math.round(c.getBoundingClientRect().left));
+  if (new Set(lefts).size > 1) faults.push(`captions out of line: left edges ${[...new Set(lefts)]}`);
+  for (const label of document.querySelectorAll('.cell .label')) {  // a shown label stays inside its photo
+    const l = label.getBoundingClientRect(), t = label.closest('.thumb').getBoundingClientRect();
+    if (getComputedStyle(label).display !== 'none' && (l.left < t.left - 1 || l.right > t.right + 1))
+      faults.push(`overlay label "${label.textContent}" is cut at the photo's edge`);
+  }
+  return faults;
+}"""
+
+
+def _state(page, name: str) -> None:
+    """Screenshot the page as it is now into test-artifacts/NAME.png, then check it for layout faults."""
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    assert page.evaluate(LAYOUT_FAULTS) == [], name
+
+
+def _rewrite(page, path: str, change) -> None:
+    """Let the real server answer ``path``, then hand the page ``change(json)`` instead (fields the API may add)."""
+    def handle(route):
+        response = route.fetch()
+        assert response.ok, (response.status, response.text()[:300])
+        route.fulfill(response=response, body=json.dumps(change(response.json())),
+                      headers={**response.headers, "content-type": "application/json"})
+    page.route(f"**{path}", handle)
+
+
+def _min_score_api(page, threshold: float) -> list:
+    """Answer /search/text as the API with a match threshold does (issue 9): the server's results less those whose
+    global score is below ``threshold`` (all of them when the page sends min_score -1), with ``min_score``,
+    ``below_min_score`` and ``no_match``. Returns the min_score of each request, as the page sent it."""
+    sent = []
+
+    def handle(route):
+        body = route.request.post_data_json
+        sent.append(body.pop("min_score", None))
+        response = route.fetch(post_data=json.dumps(body))
+        answer = response.json()
+        applied = threshold if sent[-1] is None else sent[-1]
+        kept = [r for r in answer["results"] if r["global_score"] >= applied]
+        answer.update(results=kept, min_score=applied, below_min_score=len(answer["results"]) - len(kept),
+                      no_match=not kept)
+        route.fulfill(response=response, body=json.dumps(answer),
+                      headers={**response.headers, "content-type": "application/json"})
+    page.route("**/search/text", handle)
+    return sent
+
+
+def _chip_words(card) -> list[str]:
+    return card.locator(".legend .chip .w").all_inner_texts()
+
+
 @pytest.mark.slow
-def test_search_page_text_overlay_upload_and_drop(browser, page_server, built):  # browser first: skip early
+def test_search_page_states_and_layout(browser, page_server, built):  # browser first: skip early
     from indexer.index import Index
 
     index = Index(built)
@@ -116,6 +202,7 @@ def test_search_page_text_overlay_upload_and_drop(browser, page_server, built): 
     assert page.title() == "alignsearch"
     page.wait_for_function("document.getElementById('index-info').textContent.includes('images')")
     assert page.inner_text("#index-info") == f"{N_IMAGES} images · {index.manifest['counts']['captions']} captions"
+    _state(page, "0-empty")
 
     # without the key the API refuses, and the page says so (and opens its settings, where the key goes)
     page.fill("#query", query)
@@ -123,6 +210,7 @@ def test_search_page_text_overlay_upload_and_drop(browser, page_server, built): 
     page.wait_for_selector("#text-status.error")
     assert "401" in page.inner_text("#text-status") and page.locator("#settings[open]").count() == 1
     page.fill("#api-key", KEY)
+    _state(page, "5-settings")
 
     # 1. text -> ranked thumbnails with scores (fetched with the key, since an <img> cannot send it)
     page.click("#search-button")
@@ -130,33 +218,44 @@ def test_search_page_text_overlay_upload_and_drop(browser, page_server, built): 
     cards = page.locator("#image-results figure.card")
     assert cards.count() == min(12, N_IMAGES)
     _all_images_loaded(page, "#image-results img")
-    scores = [float(t.split("score ")[1]) for t in page.locator("#image-results .score").all_inner_texts()]
+    scores = [float(t.split("score ")[1].split()[0]) for t in page.locator("#image-results .score").all_inner_texts()]
     assert scores == sorted(scores, reverse=True)
     ids = cards.evaluate_all("cards => cards.map(c => c.dataset.id)")
     assert target in ids[:3]  # a caption finds its own image near the top
     assert len(set(ids)) == len(ids) and set(ids) <= {r[0] for r in index.conn.execute("SELECT id FROM images")}
-    assert page.locator(".cell").count() == 0
+    assert page.locator(".cell").count() == 0 and page.locator("#text-notice").is_hidden()
     assert "images in" in page.inner_text("#text-status")
-    page.screenshot(path=str(ARTIFACTS / "1-text-results.png"), full_page=True)
+    _state(page, "1-text-results")
 
-    # 2. the overlay: every query word is drawn on the grid cell it matched, and named on hover
+    # 2. the overlay: each word the API grounded is drawn on its cell, in its chip's colour, named on hover
     page.fill("#query", "a dog runs through the grass")
-    page.check("#explain")
+    with page.expect_response("**/search/text") as answer:
+        page.check("#explain")
+    grounding = answer.value.json()["results"][0]["grounding"]
     page.wait_for_selector("#image-results .cell")
     _all_images_loaded(page, "#image-results img")
     first = cards.first
-    words = " ".join(first.locator(".cell").evaluate_all("cells => cells.map(c => c.dataset.word)")).split()
-    assert sorted(words) == sorted("a dog runs through the grass".split())
-    assert first.locator(".legend .chip").all_inner_texts() == "a dog runs through the grass".split()
+    shown = [g["word"] for g in grounding if g.get("cell")]
+    assert _chip_words(first) == shown and {"dog", "grass"} <= set(shown)
+    assert sorted(first.locator(".mark").evaluate_all("m => m.map(x => x.dataset.word)")) == sorted(shown)
+    chip_hues = first.locator(".chip").evaluate_all("cs => cs.map(c => c.style.getPropertyValue('--hue'))")
+    mark_hues = first.locator(".mark").evaluate_all(
+        "ms => Object.fromEntries(ms.map(m => [m.dataset.i, m.style.getPropertyValue('--hue')]))")
+    assert [mark_hues[str(i)] for i in range(len(shown))] == chip_hues and len(set(chip_hues)) == len(shown)
+    img = first.locator("img").bounding_box()
     for cell in first.locator(".cell").all():  # inside the picture, one 7 x 7 grid cell each
-        box, img = cell.bounding_box(), first.locator("img").bounding_box()
+        box = cell.bounding_box()
         assert box["width"] == pytest.approx(img["width"] / 7, abs=1.5)
         assert img["x"] - 1 <= box["x"] and box["x"] + box["width"] <= img["x"] + img["width"] + 1
+        cell.hover()  # its label shows, inside the photo (checked by the layout check in _state too)
+        label = cell.locator(".label").bounding_box()
+        assert img["x"] - 1 <= label["x"] and label["x"] + label["width"] <= img["x"] + img["width"] + 1
     dog = first.locator(".cell[data-word~='dog']")
-    assert not dog.locator(".word").is_visible()
+    page.mouse.move(0, 0)
+    assert not dog.locator(".label").is_visible()
     dog.hover()
-    assert dog.locator(".word").is_visible() and "dog" in dog.locator(".word").inner_text()
-    page.screenshot(path=str(ARTIFACTS / "2-grounding-overlay.png"), full_page=True)
+    assert dog.locator(".label").is_visible() and "dog" in dog.locator(".label").inner_text()
+    _state(page, "2-grounding-overlay")
     first.locator(".chip", has_text="grass").hover()  # the word under the picture lights its cell up
     assert first.locator(".cell.lit[data-word~='grass']").count() == 1
 
@@ -168,7 +267,7 @@ def test_search_page_text_overlay_upload_and_drop(browser, page_server, built): 
     assert len(ids) == 12 and sum(i.startswith(target + "#") for i in ids[:5]) >= 2
     assert all(t.strip() for t in page.locator("#caption-results .caption").all_inner_texts())
     assert "captions in" in page.inner_text("#image-status")
-    page.screenshot(path=str(ARTIFACTS / "3-image-to-captions.png"), full_page=True)
+    _state(page, "3-image-to-captions")
 
     # 4. drag and drop another photo onto the drop zone
     other = index.conn.execute("SELECT image_id FROM captions WHERE image_id IS NOT NULL AND image_id != ? "
@@ -177,8 +276,122 @@ def test_search_page_text_overlay_upload_and_drop(browser, page_server, built): 
     page.wait_for_function("id => document.querySelector('#caption-results li')?.dataset.id.startsWith(id + '#')",
                            arg=other)
     assert "over" not in page.get_attribute("#drop-zone", "class")
-    page.screenshot(path=str(ARTIFACTS / "4-dropped-image.png"), full_page=True)
+    _state(page, "4-dropped-image")
 
     assert outside == []  # no asset from outside the server
+    assert errors == []
+    page.close()
+
+
+@pytest.mark.slow
+def test_search_page_with_confidences_weak_matches_and_a_narrow_screen(browser, page_server, built):
+    from indexer.index import Index
+
+    index = Index(built)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(page_server + "/")
+    page.click("#settings summary")
+    page.fill("#api-key", KEY)
+
+    # words sharing a cell at the photo's right edge, with confidences (the shape the API grows for issue 9)
+    def shared_cell(body: dict) -> dict:
+        body["results"][0]["grounding"] = [
+            {"word": "motorcycle", "region": 20, "similarity": 0.41, "confidence": 0.83, "cell": [2, 6], "grid": [7, 7]},
+            {"word": "helmet", "region": 20, "similarity": 0.22, "confidence": 0.12, "cell": [2, 6], "grid": [7, 7]},
+            {"word": "rider", "region": 42, "similarity": 0.30, "confidence": 0.35, "cell": [6, 0], "grid": [7, 7]},
+        ]
+        return body
+    _rewrite(page, "/search/text", shared_cell)
+    page.check("#explain")
+    page.fill("#query", "a rider with a helmet on a motorcycle")
+    page.click("#search-button")
+    page.wait_for_selector("#image-results .card .mark")
+    _all_images_loaded(page, "#image-results img")
+    first = page.locator("#image-results .card").first
+    assert _chip_words(first) == ["motorcycle", "helmet", "rider"]
+    assert first.locator(".chip .conf").all_inner_texts() == ["83%", "12%", "35%"]
+    shared = first.locator(".cell[data-cell='2,6']")
+    assert shared.locator(".mark").count() == 2
+    hues = shared.locator(".mark").evaluate_all("ms => ms.map(m => m.style.getPropertyValue('--hue'))")
+    chips = first.locator(".chip").evaluate_all("cs => cs.map(c => c.style.getPropertyValue('--hue'))")
+    assert hues == chips[:2] and hues[0] != hues[1]  # each word keeps its own colour in the shared cell
+    first.locator(".chip", has_text="helmet").hover()
+    assert shared.locator(".label").inner_text() == "motorcycle 83% · helmet 12%"
+    _state(page, "7-overlay-shared-cell")  # the label at the right edge is checked to stay inside the photo
+    page.unroute("**/search/text")
+
+    # nothing clears the API's match threshold: the page says so, and shows the closest on request, dimmed
+    sent = _min_score_api(page, 0.99)
+    page.uncheck("#explain")
+    page.fill("#query", "zzzz qqqq")
+    page.click("#search-button")
+    page.wait_for_selector("#text-notice.warn:not([hidden])")
+    assert page.inner_text("#text-notice").startswith("No good match")
+    assert "0.99" in page.inner_text("#text-notice") and page.locator("#image-results .card").count() == 0
+    _state(page, "6-no-good-match")
+    page.click("#text-notice button", timeout=5000)
+    page.wait_for_selector("#image-results .card")
+    assert sent[-2:] == [None, -1]  # the page asks again, for every result
+    assert page.locator("#image-results .card.weak").count() == page.locator("#image-results .card").count() == 12
+    assert "None of these images clears the match threshold" in page.inner_text("#text-notice")
+    _all_images_loaded(page, "#image-results img")
+    _state(page, "6b-closest-anyway")
+    page.unroute("**/search/text")
+
+    # some clear it: the page says how many were left out, and marks them when shown
+    scores = {r["id"]: r["global_score"] for r in httpx.post(
+        page_server + "/search/text", json={"query": "a dog", "k": 12},
+        headers={"Authorization": f"Bearer {KEY}"}).raise_for_status().json()["results"]}
+    threshold = sorted(scores.values(), reverse=True)[3]
+    _min_score_api(page, threshold)
+    page.fill("#query", "a dog")
+    page.click("#search-button")
+    page.wait_for_selector("#text-notice.info:not([hidden])")
+    kept = page.locator("#image-results .card").count()
+    assert kept == sum(v >= threshold for v in scores.values()) >= 4
+    assert page.inner_text("#text-notice").startswith(f"{12 - kept} weaker images left out")
+    page.click("#text-notice button")
+    page.wait_for_function("document.querySelectorAll('#image-results .card').length === 12")
+    marked = page.locator("#image-results .card").evaluate_all(
+        "cs => Object.fromEntries(cs.map(c => [c.dataset.id, !!c.querySelector('.badge')]))")
+    assert marked == {i: v < threshold for i, v in scores.items()}
+    assert page.locator("#text-notice").is_hidden()
+    _state(page, "6c-weaker-shown")
+    page.unroute("**/search/text")
+
+    # captions with and without a photo line up; a caption without one keeps the thumbnail column
+    photo = index.images_root / index.conn.execute("SELECT id FROM images ORDER BY row LIMIT 1").fetchone()[0]
+    body = httpx.post(page_server + "/search/image", files={"file": photo.read_bytes()}, data={"k": "12"},
+                      headers={"Authorization": f"Bearer {KEY}"}).raise_for_status().json()
+    body["results"] = [{**r, "image_id": None} if i % 3 == 1 else r for i, r in enumerate(body["results"])]
+    # (a browser-side rewrite would lose the uploaded file: the server's own answer is replayed instead)
+    page.route("**/search/image", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                              body=json.dumps(body)))
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#caption-results .mini.none")
+    _all_images_loaded(page, "#caption-results img")
+    _state(page, "3b-captions-with-and-without-photos")
+    page.close()
+
+    # a phone-sized screen: everything stacks, nothing sticks out
+    page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(page_server + "/")
+    _state(page, "8a-narrow-empty")
+    page.click("#settings summary")
+    page.fill("#api-key", KEY)
+    page.fill("#k", "3")  # (thumbnails load lazily: three fit on a phone's screen)
+    _state(page, "8b-narrow-settings")
+    page.check("#explain")
+    page.fill("#query", "a dog runs through the grass")
+    page.click("#search-button")
+    page.wait_for_selector("#image-results .cell")
+    _all_images_loaded(page, "#image-results img")
+    last = page.locator("#image-results .card").first.locator(".cell").last
+    last.hover()
+    _state(page, "8c-narrow-results")
     assert errors == []
     page.close()

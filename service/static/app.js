@@ -77,71 +77,161 @@ function imageUri(id) {
   return "/images/" + id.split("/").map(encodeURIComponent).join("/");
 }
 
+// -- how strong the matches are ------------------------------------------------------------------------------
+// The API leaves out the images whose global score is below its `min_score` (the model's calibrated threshold)
+// and says so: `min_score` (the threshold applied; null: none), `below_min_score` (how many of the top k it left
+// out) and `no_match` (none cleared it). A server that sends none of these gets its results shown as they are.
+// "Show them anyway" asks again with min_score -1 and dims what falls below the threshold.
+
+let textThreshold = null; // the last min_score the text search applied
+
+function strength(res, fallback) {
+  const min = typeof res.min_score === "number" && res.min_score > -1 ? res.min_score : fallback;
+  const weak = res.results.map((r) => typeof min === "number" && r.global_score < min);
+  return { min, weak, hidden: res.below_min_score || 0,
+           none: res.no_match === true || (weak.length > 0 && weak.every(Boolean)) };
+}
+
+function notice(id, kind, title, text, action) {
+  // a note above the results: kind "warn" (no good match) or "info"; empty kind hides it
+  const node = $(id);
+  node.hidden = !kind;
+  node.className = `notice ${kind || ""}`;
+  const parts = kind ? [el("strong", { text: title }), document.createTextNode(text)] : [];
+  if (kind && action) {
+    const button = el("button", { type: "button", class: "link", text: action.text });
+    button.addEventListener("click", action.run);
+    parts.push(document.createTextNode(" "), button);
+  }
+  node.replaceChildren(...parts);
+}
+
+function matchNotice(id, what, s, shown, showAll) {
+  const bar = s.min !== null && s.min !== undefined ? ` (global score ${s.min.toFixed(2)})` : "";
+  if (s.none && !shown) {
+    notice(id, "warn", "No good match", ` No ${what.slice(0, -1)} in this index clears the match threshold${bar}: ` +
+      "nothing here looks like what you described.", showAll && { text: "Show the closest anyway", run: showAll });
+  } else if (s.none) {
+    notice(id, "warn", "No good match", ` None of these ${what} clears the match threshold${bar}; ` +
+      "they are the closest ones, dimmed.");
+  } else if (s.hidden && showAll) {
+    notice(id, "info", `${s.hidden} weaker ${s.hidden === 1 ? what.slice(0, -1) : what} left out`,
+      ` (below the match threshold${bar}).`, { text: "Show them", run: showAll });
+  } else {
+    notice(id, "");
+  }
+}
+
 // -- word -> region overlay --------------------------------------------------------------------------------
 
 const HUES = [0, 120, 220, 35, 280, 185, 320, 75, 160, 250, 15, 200];
-const hue = (i) => HUES[i % HUES.length]; // one colour per query word, neighbours far apart
+const hue = (i) => HUES[i % HUES.length]; // one colour per shown word, neighbours far apart
+const percent = (x) => `${Math.round(100 * x)}%`;
 
-function overlay(grounding) {
-  // One box per grid cell that some query word matched best; its words show on hover. Opacity follows the
-  // word-region similarity, relative to the best word of this result.
-  const words = grounding.filter((g) => Array.isArray(g.cell) && Array.isArray(g.grid));
-  const best = Math.max(1e-6, ...words.map((g) => g.similarity));
-  const cells = new Map();
-  words.forEach((g, i) => {
-    const key = g.cell.join(",");
-    if (!cells.has(key)) cells.set(key, { g, words: [] });
-    cells.get(key).words.push({ word: g.word, similarity: g.similarity, i });
-  });
-  const boxes = [];
-  for (const { g, words: ws } of cells.values()) {
-    const [rows, cols] = g.grid;
-    const [r, c] = g.cell;
-    const strength = Math.max(...ws.map((w) => w.similarity)) / best;
-    const label = ws.map((w) => w.word).join(" · ");
-    boxes.push(el("div", {
-      class: "cell", "data-word": ws.map((w) => w.word).join(" "), "data-cell": g.cell.join(","),
-      title: ws.map((w) => `${w.word}: ${w.similarity.toFixed(3)}`).join("\n"),
-      style: {
-        left: `${(100 * c) / cols}%`, top: `${(100 * r) / rows}%`, width: `${100 / cols}%`, height: `${100 / rows}%`,
-        "--hue": String(hue(ws[0].i)), "--alpha": String(0.15 + 0.45 * Math.max(0, strength)),
-      },
-    }, [el("span", { class: "word", text: label })]));
-  }
-  return boxes;
+function groundedWords(grounding) {
+  // The words the API grounded on a grid cell, each with its colour: the overlay and the legend share them.
+  // Whole words, no stopwords or punctuation, and a `confidence` per word where the API gives them.
+  return (grounding || []).filter((g) => Array.isArray(g.cell) && Array.isArray(g.grid))
+    .map((g, i) => Object.assign({}, g, { i, hue: hue(i) }));
 }
 
-function legend(grounding, thumb) {
-  // the query's words under the image; hovering one lights up the cell it matched
-  return el("div", { class: "legend" }, grounding.filter((g) => g.cell).map((g, i) => {
-    const chip = el("span", { class: "chip", "data-cell": g.cell.join(","), style: { "--hue": String(hue(i)) },
-                              text: g.word, title: `${g.word} -> row ${g.cell[0] + 1}, col ${g.cell[1] + 1} ` +
-                                                   `(similarity ${g.similarity.toFixed(3)})` });
-    const box = () => thumb.querySelector(`.cell[data-cell="${g.cell.join(",")}"]`);
-    chip.addEventListener("mouseenter", () => box()?.classList.add("lit"));
-    chip.addEventListener("mouseleave", () => box()?.classList.remove("lit"));
+function wordNote(w) {
+  const conf = typeof w.confidence === "number" ? ` · confidence ${percent(w.confidence)}` : "";
+  return `${w.word} -> row ${w.cell[0] + 1}, col ${w.cell[1] + 1}${conf} · similarity ${w.similarity.toFixed(3)}`;
+}
+
+function fitLabel(cell) {
+  // keep the hover label inside the photo: shift it left or right by what sticks out
+  const label = cell.querySelector(".label");
+  const thumb = cell.parentElement;
+  label.style.transform = "";
+  label.style.setProperty("--label-max", `${Math.max(60, thumb.clientWidth - 8)}px`);
+  const t = thumb.getBoundingClientRect();
+  const l = label.getBoundingClientRect();
+  let dx = 0;
+  if (l.right > t.right - 4) dx = t.right - 4 - l.right;
+  if (l.left + dx < t.left + 4) dx = t.left + 4 - l.left;
+  label.style.transform = `translateX(${dx}px)`;
+}
+
+function light(cell, on) {
+  cell.classList.toggle("lit", on);
+  if (on) fitLabel(cell);
+}
+
+function overlay(words) {
+  // One .cell per grid cell some word matched best; one .mark per word in it (nested frames when words share
+  // the cell, each in its own word's colour). Opacity follows the confidence (or the similarity, relative to
+  // the best word of this result, where the API gives no confidence).
+  const best = Math.max(1e-6, ...words.map((w) => w.similarity));
+  const cells = new Map();
+  for (const w of words) {
+    const key = w.cell.join(",");
+    if (!cells.has(key)) cells.set(key, []);
+    cells.get(key).push(w);
+  }
+  return Array.from(cells.values(), (ws) => {
+    const [rows, cols] = ws[0].grid;
+    const [r, c] = ws[0].cell;
+    const marks = ws.map((w, k) => el("div", {
+      class: "mark", "data-i": String(w.i), "data-word": w.word,
+      style: { "--hue": String(w.hue), "--k": String(k),
+               "--alpha": String(typeof w.confidence === "number" ? 0.15 + 0.5 * w.confidence
+                                                                  : 0.15 + 0.45 * Math.max(0, w.similarity / best)) },
+    }));
+    const label = el("div", { class: "label" }, ws.flatMap((w, k) => [
+      ...(k ? [document.createTextNode(" · ")] : []),
+      el("span", { style: { "--hue": String(w.hue) } }, [
+        el("b", { text: w.word }),
+        ...(typeof w.confidence === "number" ? [document.createTextNode(` ${percent(w.confidence)}`)] : []),
+      ]),
+    ]));
+    const cell = el("div", {
+      class: r >= rows / 2 ? "cell up" : "cell", "data-word": ws.map((w) => w.word).join(" "), "data-cell": `${r},${c}`,
+      style: { left: `${(100 * c) / cols}%`, top: `${(100 * r) / rows}%`, width: `${100 / cols}%`, height: `${100 / rows}%` },
+    }, [...marks, label]);
+    cell.addEventListener("mouseenter", () => light(cell, true));
+    cell.addEventListener("mouseleave", () => light(cell, false));
+    return cell;
+  });
+}
+
+function legend(words, thumb) {
+  // the shown words under the photo, in their colours; hovering one lights up the cell it matched
+  return el("div", { class: "legend" }, words.map((w) => {
+    const chip = el("span", { class: "chip", "data-i": String(w.i), style: { "--hue": String(w.hue) }, title: wordNote(w) }, [
+      el("span", { class: "w", text: w.word }),
+      ...(typeof w.confidence === "number" ? [el("span", { class: "conf", text: percent(w.confidence) })] : []),
+    ]);
+    const cell = () => thumb.querySelector(`.mark[data-i="${w.i}"]`)?.parentElement;
+    chip.addEventListener("mouseenter", () => { const c = cell(); if (c) light(c, true); });
+    chip.addEventListener("mouseleave", () => { const c = cell(); if (c) light(c, false); });
     return chip;
   }));
 }
 
 // -- text -> images ----------------------------------------------------------------------------------------
 
-function imageCard(r) {
+function imageCard(r, weak) {
   const img = el("img", { alt: r.id, loading: "lazy" });
   showImage(img, r.uri);
-  const thumb = el("div", { class: "thumb" }, [img, ...(r.grounding ? overlay(r.grounding) : [])]);
-  return el("figure", { class: "card", "data-id": r.id, "data-rank": String(r.rank) }, [
+  const words = groundedWords(r.grounding);
+  const thumb = el("div", { class: "thumb" }, [img, ...overlay(words)]);
+  const score = el("div", { class: "score", text: `#${r.rank} score ${r.score.toFixed(3)}` });
+  if (weak) score.appendChild(el("span", { class: "badge", text: "weak match" }));
+  return el("figure", { class: weak ? "card weak" : "card", "data-id": r.id, "data-rank": String(r.rank) }, [
     thumb,
     el("figcaption", { class: "meta" }, [
-      el("div", { class: "score", text: `#${r.rank} score ${r.score.toFixed(3)}` }),
+      score,
       el("div", { class: "parts", text: `global ${r.global_score.toFixed(3)} · local ${r.local_score.toFixed(3)}` }),
       el("div", { class: "id", text: r.id }),
-      ...(r.grounding ? [legend(r.grounding, thumb)] : []),
+      ...(words.length ? [legend(words, thumb)] : []),
     ]),
   ]);
 }
 
-async function searchText() {
+async function searchText(showAll) {
+  // showAll: ask for every result, also those below the API's match threshold (min_score -1)
   const query = $("query").value.trim();
   if (!query) return;
   const explain = $("explain").checked;
@@ -149,27 +239,31 @@ async function searchText() {
   try {
     const res = await call("/search/text", {
       method: "POST", headers: authHeaders({ "Content-Type": "application/json" }),
-      body: JSON.stringify(Object.assign({ query, explain }, searchParams())),
+      body: JSON.stringify(Object.assign({ query, explain }, searchParams(), showAll ? { min_score: -1 } : {})),
     });
     releaseImages();
-    $("image-results").replaceChildren(...res.results.map(imageCard));
+    const s = strength(res, showAll ? textThreshold : null);
+    if (typeof res.min_score === "number" && res.min_score > -1) textThreshold = res.min_score;
+    $("image-results").replaceChildren(...res.results.map((r, i) => imageCard(r, s.weak[i])));
     $("image-results").classList.toggle("explained", explain);
+    matchNotice("text-notice", "images", s, res.results.length > 0, showAll ? null : () => searchText(true));
     const t = res.timings_ms;
     setStatus("text-status", `${res.results.length} images in ${t.total.toFixed(0)} ms ` +
       `(encode ${t.encode.toFixed(0)}, first stage ${t.coarse.toFixed(1)}, rerank ${t.rerank.toFixed(1)})` +
       (res.truncated ? " · query truncated" : "") +
-      (explain ? " · hover a box or a word to see what matched where" : ""));
+      (explain && res.results.length ? " · hover a box or a word to see what matched where" : ""));
   } catch (err) {
+    notice("text-notice", "");
     setStatus("text-status", err.message, true);
   }
 }
 
 $("text-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  searchText();
+  searchText(false);
 });
 $("explain").addEventListener("change", () => {
-  if ($("query").value.trim()) searchText();
+  if ($("query").value.trim()) searchText(false);
 });
 
 // -- image -> captions -------------------------------------------------------------------------------------
@@ -191,20 +285,28 @@ async function searchImage(file) {
   form.append("candidates", String(params.candidates));
   try {
     const res = await call("/search/image", { method: "POST", headers: authHeaders(), body: form });
-    $("caption-results").replaceChildren(...res.results.map((r) => {
-      const parts = [el("span", { class: "caption", text: r.caption }),
-                     el("span", { class: "score", text: `score ${r.score.toFixed(3)}` })];
+    const s = strength(res, null);
+    $("caption-results").replaceChildren(...res.results.map((r, i) => {
+      let mini;
       if (r.image_id) {
-        const img = el("img", { class: "mini", alt: r.image_id, title: r.image_id, loading: "lazy" });
-        showImage(img, imageUri(r.image_id));
-        parts.unshift(img);
+        mini = el("img", { class: "mini", alt: r.image_id, title: r.image_id, loading: "lazy" });
+        showImage(mini, imageUri(r.image_id));
+      } else {
+        mini = el("span", { class: "mini none", title: "a caption without an image" });
       }
-      return el("li", { "data-id": r.id }, parts);
+      const score = el("span", { class: "score", text: `score ${r.score.toFixed(3)}` });
+      if (s.weak[i]) score.appendChild(el("span", { class: "badge", text: "weak" }));
+      return el("li", { "data-id": r.id, class: s.weak[i] ? "weak" : "" }, [
+        el("div", { class: "row" }, [el("span", { class: "rank", text: `${r.rank}.` }), mini,
+                                     el("span", { class: "caption", text: r.caption }), score]),
+      ]);
     }));
+    matchNotice("image-notice", "captions", s, res.results.length > 0, null);
     setStatus("image-status", res.results.length
       ? `${res.results.length} captions in ${res.timings_ms.total.toFixed(0)} ms`
       : "no captions in this index");
   } catch (err) {
+    notice("image-notice", "");
     setStatus("image-status", err.message, true);
   }
 }

@@ -1,0 +1,214 @@
+"""The `alignsearch` command explains itself: fast help, every option documented with its default, and each
+wrong call answered with one line that says what to do, a non-zero exit, and nothing left behind or rewritten."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from service.cli import build_parser, main, parse
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "faiss", "fastapi", "uvicorn", "numpy", "PIL")
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "alignsearch"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, child in action.choices.items():
+                yield from _parsers(child, f"{name} {sub}")
+
+
+def _run(*argv: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = dict(os.environ if env is None else env, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "service.cli", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_help_imports_no_heavy_library():
+    code = ("import sys, service.cli as c; c.build_parser(); "
+            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
+
+
+@pytest.mark.parametrize("command", ["", "train", "eval", "index", "index build", "index delete", "serve", "demo",
+                                     "bench"])
+def test_help_answers_at_once(command):
+    best = float("inf")
+    for _ in range(3):  # the best of three: a busy machine slows one run, not what the command imports
+        start = time.perf_counter()
+        result = _run(*command.split(), "--help")
+        best = min(best, time.perf_counter() - start)
+        assert result.returncode == 0 and result.stdout.startswith("usage: alignsearch")
+    assert best < 1.0, f"`alignsearch {command} --help` took {best:.2f} s"  # about 0.12 s on an idle machine
+
+
+def test_every_option_has_help_text_and_shows_its_default():
+    for name, parser in _parsers(build_parser()):
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+                continue
+            label = "/".join(action.option_strings) or action.dest
+            assert action.help, f"{name} {label} has no help text"
+            if action.default not in (None, False):
+                shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+                helped = parser._get_formatter()._get_help_string(action)
+                assert "default" in helped, f"{name} {label}: its default {shown} is not shown"
+        assert "%(" not in text
+
+
+def test_index_build_on_a_folder_without_images_leaves_nothing(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "notes.txt").write_text("not a photo")
+    out = tmp_path / "index"
+    assert main(["index", "build", "--images", str(tmp_path / "photos"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no images in" in err and "nothing to index" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no index/, no index.partial/, no lock
+
+
+def test_index_build_where_every_image_is_unreadable_leaves_no_partial_folder(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"not a jpeg")
+    (photos / "b.png").write_bytes(b"")
+    out = tmp_path / "index"
+    assert main(["index", "build", "--images", str(photos), "--out", str(out), "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was indexed: all 2 items were skipped" in err and "a.jpg" in err
+    assert not out.exists() and not out.with_name("index.partial").exists()
+
+
+def test_index_commands_on_a_file_say_it_is_a_file(tmp_path, capsys):
+    path = tmp_path / "index.json"
+    path.write_text("{}")
+    for argv in (["index", "info", str(path)], ["index", "verify", str(path)],
+                 ["index", "delete", str(path), "--ids", "x"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is a file, not an index" in err and "not found" not in err, argv
+
+
+def test_index_info_on_a_missing_folder_says_how_to_build_one(tmp_path, capsys):
+    assert main(["index", "info", str(tmp_path / "nope")]) == 2
+    assert "alignsearch index build --images DIR" in capsys.readouterr().err
+
+
+def test_serve_names_its_default_index_and_how_to_build_one(tmp_path, monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k != "ALIGNSEARCH_INDEX"}
+    help_text = " ".join(_run("serve", "--help", env=env).stdout.split())
+    assert "(default: ./index, or $ALIGNSEARCH_INDEX when set)" in help_text
+    result = _run("serve", env=env, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("alignsearch serve: error: no index at index: build one with "
+                                    "`alignsearch index build")
+    assert "--index DIR" in result.stderr and "Traceback" not in result.stderr
+    env["ALIGNSEARCH_INDEX"] = str(tmp_path / "elsewhere")
+    assert f"no index at {tmp_path / 'elsewhere'}" in _run("serve", env=env, cwd=tmp_path).stderr
+
+
+def test_delete_of_unknown_ids_rewrites_nothing_and_fails(built, tmp_path, capsys):
+    index = tmp_path / "index"
+    shutil.copytree(built, index)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in index.rglob("*") if p.is_file()}
+    assert main(["index", "delete", str(index), "--ids", "no-such-id", "neither/this.jpg"]) == 1
+    err = capsys.readouterr().err
+    assert "no-such-id" in err and "neither/this.jpg" in err and "not changed" in err
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in index.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # no update folder left beside it either
+
+
+def test_delete_of_known_and_unknown_ids_names_the_unknown(built, tmp_path, capsys):
+    from indexer.index import Index
+
+    index = tmp_path / "index"
+    shutil.copytree(built, index)
+    image_id = Index(index).conn.execute("SELECT id FROM images ORDER BY row LIMIT 1").fetchone()[0]
+    assert main(["index", "delete", str(index), "--ids", image_id, "no-such-id"]) == 0
+    captured = capsys.readouterr()
+    assert '"images_deleted": 1' in captured.out and "no-such-id" in captured.err
+
+
+def test_bench_with_a_missing_dataset_fails_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    import models.factory
+
+    monkeypatch.setattr(models.factory, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["bench", "--dataset", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "out")]) == 2
+    assert "--dataset" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_bench_results_name_the_command_that_was_run(monkeypatch):
+    import bench.cli
+
+    assert parse(["bench", "--quick", "--tag", "my run"]).command_line == "alignsearch bench --quick --tag 'my run'"
+    seen = []
+    monkeypatch.setattr(bench.cli, "run", lambda args: seen.append(args.command_line) or 0)
+    assert bench.cli.main(["--quick"]) == 0
+    assert seen == ["python -m bench --quick"]
+
+
+def _listening() -> tuple[socket.socket, int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock, sock.getsockname()[1]
+
+
+def test_a_busy_port_is_found_before_the_model_loads(built, monkeypatch, capsys):
+    import indexer.search
+    import service.demo
+
+    monkeypatch.setattr(indexer.search.Searcher, "open", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(service.demo, "prepare", lambda *a, **k: pytest.fail("the demo index was built"))
+    busy, port = _listening()
+    with busy:
+        assert main(["serve", "--index", str(built), "--port", str(port)]) == 2
+        assert f"port {port} on 127.0.0.1 is already in use" in capsys.readouterr().err
+        assert main(["demo", "--port", str(port)]) == 2
+        assert "already in use" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_is_one_line(monkeypatch, capsys):
+    import indexer.cli
+
+    monkeypatch.delenv("ALIGNSEARCH_DEBUG", raising=False)
+    monkeypatch.setattr(indexer.cli, "run_info", lambda args: {}["boom"])
+    assert main(["index", "info", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error: KeyError" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_serve_says_what_it_serves_in_one_line(built, tmp_path):
+    from indexer.index import Index
+
+    counts = Index(built).manifest["counts"]
+    busy, port = _listening()
+    busy.close()
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--index", str(built), "--port", str(port),
+                             "--device", "cpu", "--log-level", "warning"], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline()  # blocks until the model is loaded (or the server fails)
+        assert first.rstrip("\n") == (f"alignsearch: serving {counts['images']} images / {counts['captions']} "
+                                      f"captions from {built} on http://127.0.0.1:{port}/ (Ctrl-C stops it)")
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=30)[0]
+    assert "Loading weights" not in first + rest and "Traceback" not in rest
+    assert not re.search(r"\{'captions'", first + rest)
