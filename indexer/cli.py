@@ -93,7 +93,7 @@ def run_build(args: argparse.Namespace) -> int:
 def run_add(args: argparse.Namespace) -> int:
     from models.factory import load_model
 
-    from .build import add
+    from .update import add
     from .layout import read_manifest
 
     manifest = read_manifest(args.index)
@@ -103,7 +103,7 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_delete(args: argparse.Namespace) -> int:
-    from .build import delete
+    from .update import delete
 
     report = delete(args.index, args.ids)
     print(json.dumps(report, indent=2))
