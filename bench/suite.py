@@ -76,7 +76,7 @@ def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Pa
         score = _exhaustive_scorer(index, searcher.scoring)
         row["exhaustive_search_ms"] = median_ms(lambda: score(enc_one), max(3, repeats // 5))
         row["speedup_two_stage_vs_exhaustive"] = round(row["exhaustive_search_ms"] / row["two_stage_search_ms"], 1)
-        del score
+        score = None  # frees the decoded collection before the next size
         # 2. end to end with encoding: global-only vs two-stage
         def global_only() -> None:
             enc = model.encode_texts([query])

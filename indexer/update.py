@@ -19,7 +19,6 @@ from .caption_ids import caption_items
 from .index import check_model, open_collection
 from .reader import list_images, read_captions
 from .stores import global_backend, local_backend
-from .writer import read_shards
 
 
 def transaction(index_dir: Path, change: Callable[[Path, dict], dict]) -> dict:

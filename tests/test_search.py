@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import N_IMAGES, build_index
+from conftest import N_IMAGES, build_index, sample_files
 from indexer.index import Index, verify
 from indexer.search import Searcher
 from models import load_model
@@ -127,7 +127,7 @@ def test_get_image_and_hit_metadata(searcher):
 def test_ties_are_broken_by_row_id(photos, model, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    real = sorted(p for p in photos[0].iterdir() if p.suffix == ".jpg" and p.name[0].isdigit())
+    real = sample_files(photos[0])
     for name in ("c.jpg", "a.jpg", "b.jpg"):
         shutil.copy(real[0], images / name)  # three identical photos: identical scores
     shutil.copy(real[1], images / "other.jpg")
