@@ -222,8 +222,8 @@ class FaissGlobalStore:
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids`` (reconstructed: lossy for PQ types)."""
         ivf = _ivf(self.cpu_index)
-        if ivf is not None:
-            ivf.make_direct_map()
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # ids are row ids, not 0..n-1 after deletes
         return self.cpu_index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
     def describe(self) -> dict[str, Any]:

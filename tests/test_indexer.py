@@ -94,7 +94,7 @@ def test_search_equals_exhaustive_when_k_covers_the_collection(built, model):
 def test_caption_finds_its_image_and_image_finds_its_captions(built, model):
     searcher = Searcher(Index(built), model)
     index = searcher.index
-    caption = index.conn.execute("SELECT text, image_id FROM captions WHERE image_id IS NOT NULL LIMIT 1").fetchone()
+    caption = index.conn.execute("SELECT text, image_id FROM captions WHERE image_id = 'rocket.jpg'").fetchone()
     hits = searcher.search_text([caption["text"]], k=5, candidates=10, explain=True)[0].hits
     assert caption["image_id"] in [h.id for h in hits]
     grounding = hits[0].grounding
@@ -114,10 +114,10 @@ def test_add_then_delete_round_trips(built, photos, tmp_path, model):
     shutil.copytree(built, index_dir)
     extra = tmp_path / "more"
     extra.mkdir()
-    new_name = "mirrored-astronaut.png"  # a new photo: the astronaut, mirrored, with the astronaut's captions
-    astronaut = next(p for p in sample_files(photos[0]) if p.name == "astronaut.png")
-    ImageOps.mirror(Image.open(astronaut)).save(extra / new_name)
-    texts = [r["caption"] for r in demo_captions() if r["image"] == "astronaut.png"]
+    new_name = "mirrored-rocket.png"  # a new photo: the rocket, mirrored, with the rocket's captions
+    rocket = next(p for p in sample_files(photos[0]) if p.name == "rocket.jpg")
+    ImageOps.mirror(Image.open(rocket)).save(extra / new_name)
+    texts = [r["caption"] for r in demo_captions() if r["image"] == "rocket.jpg"]
     caps = tmp_path / "more.jsonl"
     caps.write_text("".join(json.dumps({"image": new_name, "caption": t}) + "\n" for t in texts))
     assert main(["index", "add", str(index_dir), "--images", str(extra), "--captions", str(caps), "--quiet"]) == 0

@@ -121,7 +121,7 @@ def test_get_image_and_hit_metadata(searcher):
     assert hit.metadata["width"] == row["width"] and hit.uri == row["path"]
     assert searcher.get_image("no-such-image.jpg") is None
     caption = searcher.search_image([load_image(row["file"])], k=1, candidates=5)[0].hits[0]
-    assert caption.metadata.get("source") in ("flickr8k", "user")
+    assert caption.metadata.get("source") in ("demo", "user")
 
 
 def test_ties_are_broken_by_row_id(photos, model, tmp_path):
