@@ -2,6 +2,10 @@
 
 Everything is streamed shard by shard from the memory-mapped shard files (only the global store is held in
 memory); training samples are seeded, so a resumed build assembles exactly what an uninterrupted one does.
+A global store that needs training (IVF) is trained once, on a sample, and every shard is added to it. Adding
+is done here in one process; a distributed assembly would fill one clone of the trained store per shard and
+merge their inverted lists as faiss's ``contrib.ondisk.merge_ondisk`` does (not built yet: adding is cheap
+next to encoding at the sizes this project serves).
 """
 
 from __future__ import annotations
