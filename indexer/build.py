@@ -17,7 +17,6 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +25,7 @@ from models.model import AlignModel
 from . import layout
 from .assemble import assemble_index
 from .caption_ids import caption_items
-from .distributor import Distributor, LocalDistributor
+from .distributor import Distributor, LocalDistributor, Mapper
 from .encode import encode_task
 from .local_store import DEFAULT_CODEC
 from .plan import caption_tasks, image_tasks
@@ -70,7 +69,10 @@ def encode_all(model: AlignModel, options: BuildOptions, files: list[str], work:
     makes from the ids of the images indexed; returns the finished shards of both collections (memory-mapped).
     Shards already finished under ``work`` are kept."""
     distributor = options.distributor or LocalDistributor(options.progress)
-    mapper = lambda: partial(_encode, model, options.batch_size, options.workers)  # noqa: E731
+
+    def mapper() -> Mapper:  # a distributed distributor builds one per worker
+        return lambda task, progress: encode_task(model, task, options.batch_size, options.workers, progress)
+
     distributor.run(image_tasks(files, str(options.images.resolve()), str(root.resolve()), options.shard_size),
                     work, mapper)
     shards = {"images": read_shards(work, "images")}
@@ -78,10 +80,6 @@ def encode_all(model: AlignModel, options: BuildOptions, files: list[str], work:
     distributor.run(caption_tasks(items, skipped, options.shard_size), work, mapper)
     shards["captions"] = read_shards(work, "captions")
     return shards
-
-
-def _encode(model: AlignModel, batch_size: int, workers: int, task: Any, progress: Any) -> Shard:
-    return encode_task(model, task, batch_size, workers, progress)
 
 
 def build(model: AlignModel, options: BuildOptions) -> dict[str, Any]:
