@@ -14,7 +14,8 @@ from indexer import layout
 from indexer.index import Index
 from indexer.search import Searcher
 from models import BackboneConfig, HeadConfig, ModelConfig, create_model, load_model, save_model
-from models.identity import file_sha256
+from models.identity import RULE, file_sha256
+from service.cli import main
 
 
 @pytest.fixture()
@@ -63,7 +64,7 @@ def test_a_changed_backbone_is_refused_at_open_in_one_line(tiny_model, photos, t
     assert "\n" not in str(err.value) and "backbone" in str(err.value)
 
 
-def test_an_index_of_the_previous_fingerprint_rule_opens_with_the_same_model_files(tiny_model, photos, tmp_path):
+def test_an_index_of_the_previous_fingerprint_rule_opens_and_migrates_on_update(tiny_model, photos, tmp_path):
     folder, _ = tiny_model
     out = tmp_path / "idx"
     assert build_index(*photos, out, "--model", str(folder), "--device", "cpu") == 0
@@ -73,6 +74,13 @@ def test_an_index_of_the_previous_fingerprint_rule_opens_with_the_same_model_fil
     manifest["model"]["fingerprint"] = model.legacy_fingerprint  # what the rule-1 build recorded
     (out / layout.MANIFEST).write_text(json.dumps(manifest))
     Searcher(Index(out), model)
+    migrated = tmp_path / "migrated"
+    shutil.copytree(out, migrated)
+    (tmp_path / "none").mkdir()
+    assert main(["index", "add", str(migrated), "--images", str(tmp_path / "none"), "--model", str(folder),
+                 "--device", "cpu", "--quiet"]) == 0  # the next update records the current rule
+    assert Index(migrated).manifest["model"]["fingerprint"] == model.fingerprint
+    assert Index(migrated).manifest["model"]["fingerprint_rule"] == RULE
     manifest["model"]["fingerprint"] = "0123456789abcdef"
     (out / layout.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(layout.IndexError_, match="fingerprint"):
