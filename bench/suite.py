@@ -17,8 +17,8 @@ import torch
 
 from indexer.index import Index
 from indexer.search import Searcher
-from models import alignment
 from models.model import AlignModel
+from models.scoring import ScoringConfig
 
 from .synthetic import write_synthetic_index
 
@@ -38,27 +38,25 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     return round(statistics.median(times), 3)
 
 
-def _exhaustive_scorer(index: Index, model: AlignModel, chunk: int = 2048):
-    """TERAN-style exhaustive scoring: every item's regions held decoded in RAM (float16), scored in chunks."""
+def _exhaustive_scorer(index: Index, scoring: ScoringConfig, chunk: int = 2048):
+    """TERAN-style exhaustive scoring: every item's regions held decoded in RAM (float16) with their masks,
+    scored in chunks by the same scorer as the Searcher's rerank."""
     store = index.images.store
     n = len(store)
-    regions = store.lengths().max()
-    decoded = torch.empty((n, regions, store.dim), dtype=torch.float16)
+    regions = int(store.lengths().max())
+    decoded = torch.zeros((n, regions, store.dim), dtype=torch.float16)
+    masks = torch.zeros((n, regions), dtype=torch.bool)
     for start in range(0, n, chunk):
         rows = np.arange(start, min(n, start + chunk))
-        local, _ = store.gather(rows)
-        decoded[start : start + len(rows)] = local.half()
-    mask = torch.ones(chunk, regions, dtype=torch.bool)
-    global_vectors = torch.from_numpy(index.images.index.index.reconstruct_n(0, n))
-    cfg = model.config
+        local, mask = store.gather(rows)
+        decoded[start : start + len(rows), : local.shape[1]] = local.half()
+        masks[start : start + len(rows), : mask.shape[1]] = mask
+    global_vectors = torch.from_numpy(index.images.index.vectors(np.arange(n)))
 
     def score(enc) -> torch.Tensor:
-        out = []
-        for start in range(0, n, chunk):
-            block = decoded[start : start + chunk].float()
-            out.append(alignment.local_scores(enc.local, enc.mask, block, mask[: len(block)], cfg.alignment, cfg.lse_lambda))
-        fused = alignment.fuse(enc.global_emb @ global_vectors.T, torch.cat(out, dim=1), cfg.local_weight)
-        return fused.topk(10, dim=1)
+        local = torch.cat([scoring.local(enc.local, enc.mask, decoded[start : start + chunk].float(),
+                                         masks[start : start + chunk]) for start in range(0, n, chunk)], dim=1)
+        return scoring.fuse(enc.global_emb @ global_vectors.T, local).topk(10, dim=1)
 
     return score
 
@@ -75,10 +73,10 @@ def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Pa
         row: dict[str, Any] = {"n": n, "regions": 49, "dim": model.embed_dim, "candidates": candidates}
         # 1. two-stage vs exhaustive (query already encoded: the search itself)
         row["two_stage_search_ms"] = median_ms(lambda: searcher.search_text_encoded(enc_one, 10, candidates), repeats)
-        score = _exhaustive_scorer(index, model)
+        score = _exhaustive_scorer(index, searcher.scoring)
         row["exhaustive_search_ms"] = median_ms(lambda: score(enc_one), max(3, repeats // 5))
         row["speedup_two_stage_vs_exhaustive"] = round(row["exhaustive_search_ms"] / row["two_stage_search_ms"], 1)
-        del score
+        score = None  # frees the decoded collection before the next size
         # 2. end to end with encoding: global-only vs two-stage
         def global_only() -> None:
             enc = model.encode_texts([query])
@@ -89,8 +87,9 @@ def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Pa
         row["two_stage_over_global_only"] = round(row["two_stage_e2e_ms"] / row["global_only_e2e_ms"], 3)
         # 4. rerank bandwidth against a plain copy of the same bytes
         rows = searcher.coarse(enc_one.global_emb.numpy(), index.images, candidates)[0][0]
-        codes = index.images.store.codes
-        bytes_gathered = int(sum(index.images.store.item_codes(r).nbytes for r in rows))
+        store = index.images.store
+        codes = store.codes
+        bytes_gathered = int(store.lengths()[rows].sum()) * store.code_size
         rerank_ms = median_ms(lambda: searcher.rerank_scores(enc_one, 0, index.images, rows, True), repeats)
         source = np.ascontiguousarray(codes[: bytes_gathered // codes.shape[1]])
         target = np.empty_like(source)

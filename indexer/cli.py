@@ -132,7 +132,7 @@ def run_build(args: argparse.Namespace) -> int:
 def run_add(args: argparse.Namespace) -> int:
     from models.factory import load_model
 
-    from .build import add
+    from .update import add
     from .layout import read_manifest
 
     manifest = read_manifest(require_index(args.index))
@@ -143,7 +143,7 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_delete(args: argparse.Namespace) -> int:
-    from .build import delete
+    from .update import delete
 
     report = delete(require_index(args.index), args.ids)
     unknown = report["not_found"]

@@ -1,4 +1,5 @@
-"""Global vectors in FAISS: choosing the index type, building it, and using a GPU when there is one.
+"""Global vectors in FAISS (the ``faiss`` global store backend): choosing the index type, building it, and
+using a GPU when there is one.
 
 The index type follows the FAISS wiki's guidelines (as autofaiss does): exact ``Flat`` for small collections,
 ``HNSW32,Flat`` in the middle while the vectors fit in memory, ``IVF{nlist},Flat`` for large ones, and
@@ -11,12 +12,12 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import faiss
 import numpy as np
 
-from .layout import atomic_path
+from .layout import GLOBAL_FILE, atomic_path
 
 FLAT_MAX = 50_000
 HNSW_MAX = 1_000_000
@@ -107,15 +108,6 @@ def training_size(factory: str, n: int) -> int:
     return min(n, max(per_list, 65_536))
 
 
-def build_global_index(vectors: np.ndarray, ids: np.ndarray, factory: str) -> faiss.Index:
-    """Train (when the type needs it) and fill an inner-product index with ``ids``."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = new_index(vectors.shape[1], factory, vectors)
-    if len(vectors):
-        index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
-    return index
-
-
 def default_search_params(index: faiss.Index) -> str:
     """Search-time settings for a built index: IVF probes ~1/16 of its lists (at least 16), HNSW explores 128
     candidates (FAISS raises both to what a query's k needs). Empty for exact indexes."""
@@ -135,28 +127,21 @@ def set_search_params(index: faiss.Index, params: str) -> None:
         faiss.ParameterSpace().set_index_parameters(index, params)
 
 
-def empty_like(index: faiss.Index) -> faiss.Index:
-    """A copy of ``index`` with its vectors removed (keeps training)."""
-    clone = faiss.clone_index(index)
-    clone.reset()
-    return clone
-
-
 def write(index: faiss.Index, path: Path) -> None:
     """Write ``index`` to ``path`` atomically (temp file, then rename)."""
     with atomic_path(Path(path)) as tmp:
         faiss.write_index(index, str(tmp))
 
 
-def read(path: Path, use_gpu: bool = True, search_params: str | None = None) -> faiss.Index:
+def read(path: Path, search_params: str | None = None) -> faiss.Index:
     """Read an index (memory-mapped when possible) with its search settings (``search_params``, else
-    :func:`default_search_params`); moved to the GPU when one is present."""
+    :func:`default_search_params`)."""
     try:
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:
         index = faiss.read_index(str(path))
     set_search_params(index, default_search_params(index) if search_params is None else search_params)
-    return to_gpu(index) if use_gpu else index
+    return index
 
 
 GPU_MAX_K = 2048  # FAISS's GPU indexes return at most this many neighbours per query
@@ -187,3 +172,102 @@ def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
         return int(index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
     except RuntimeError:
         return 0
+
+
+class FaissGlobalStore:
+    """The global store of one collection as a FAISS index (``global.faiss``); ids are row ids.
+
+    Searches run on a GPU copy when faiss-gpu sees a GPU, and on the CPU original for k beyond what GPU
+    indexes return. Removal is real for flat and IVF indexes; HNSW cannot remove, so its removed ids stay in
+    the index and the search skips them (tombstones in the metadata)."""
+
+    backend = "faiss"
+
+    def __init__(self, index: faiss.Index, factory: str, use_gpu: bool = False) -> None:
+        self.cpu_index = index
+        self.factory = factory
+        self.index = to_gpu(index) if use_gpu else index
+
+    @property
+    def real_deletes(self) -> bool:
+        """Whether :meth:`remove` takes items out of the index (else only the metadata tombstones them)."""
+        inner = faiss.downcast_index(self.cpu_index.index) if hasattr(self.cpu_index, "index") else self.cpu_index
+        return not isinstance(faiss.downcast_index(inner), faiss.IndexHNSW)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each n x k; ids -1 where fewer than k items exist."""
+        index = self.cpu_index if k > GPU_MAX_K else self.index
+        return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        if len(ids):
+            self.cpu_index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                        np.ascontiguousarray(ids, dtype=np.int64))
+            self.index = self.cpu_index if self.index is self.cpu_index else to_gpu(self.cpu_index)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove ``ids`` where the type can; returns how many were removed (0 for HNSW)."""
+        removed = remove_ids(self.cpu_index, ids)
+        if removed and self.index is not self.cpu_index:
+            self.index = to_gpu(self.cpu_index)
+        return removed
+
+    def count(self) -> int:
+        """Vectors held, removed-but-unremovable (HNSW) ones included."""
+        return int(self.cpu_index.ntotal)
+
+    def ids(self) -> np.ndarray | None:
+        return stored_ids(self.cpu_index)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``ids`` (reconstructed: lossy for PQ types)."""
+        ivf = _ivf(self.cpu_index)
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # ids are row ids, not 0..n-1 after deletes
+        return self.cpu_index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest entry: backend, factory string, FAISS type, search settings."""
+        return {"backend": self.backend, "factory": self.factory, "type": describe(self.cpu_index),
+                "search_params": default_search_params(self.cpu_index)}
+
+    def save(self, folder: Path) -> None:
+        write(self.cpu_index, Path(folder) / GLOBAL_FILE)
+
+
+class FaissBackend:
+    """Creates and opens :class:`FaissGlobalStore`; specs are FAISS index-factory strings."""
+
+    name = "faiss"
+    files = (GLOBAL_FILE,)
+
+    @staticmethod
+    def validate(spec: str, dim: int) -> None:
+        validate_factory(spec, dim)
+
+    @staticmethod
+    def choose(n: int, dim: int, memory_budget_bytes: float) -> str:
+        return choose_factory(n, dim, memory_budget_bytes)
+
+    @staticmethod
+    def training_size(spec: str, n: int) -> int:
+        return training_size(spec, n)
+
+    @staticmethod
+    def create(dim: int, spec: str, sample: np.ndarray | Callable[[], np.ndarray]) -> FaissGlobalStore:
+        return FaissGlobalStore(new_index(dim, spec, sample), spec)
+
+    @staticmethod
+    def open(folder: Path, entry: dict[str, Any], use_gpu: bool = False, writable: bool = False
+             ) -> FaissGlobalStore:
+        """The store saved in ``folder`` with the search settings of its manifest ``entry``; memory-mapped
+        read-only unless ``writable`` (an update changes it, then saves it under a new file)."""
+        path = Path(folder) / GLOBAL_FILE
+        if writable:
+            index = faiss.read_index(str(path))
+        else:
+            index = read(path, search_params=entry.get("search_params"))
+        return FaissGlobalStore(index, entry.get("factory", ""), use_gpu=use_gpu)
+
+
+BACKEND = FaissBackend()

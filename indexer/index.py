@@ -1,4 +1,4 @@
-"""Opening an index for reading: manifest checks, FAISS and local stores, metadata, verify and info."""
+"""Opening an index for reading: manifest checks, the collections' stores, metadata, verify and info."""
 
 from __future__ import annotations
 
@@ -6,43 +6,58 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
+from models.identity import RULE
 from models.model import AlignModel
 
-from . import faiss_index, layout, metadata
-from .local_store import LocalStore
+from . import layout, metadata
+from .stores import GlobalStore, LocalStore, global_backend, local_backend
 
 
 def check_model(manifest: dict[str, Any], model: AlignModel) -> None:
-    """Refuse a model whose fingerprint differs from the one the index was built with."""
-    expected = manifest["model"]["fingerprint"]
-    if model.fingerprint != expected:
+    """Refuse a model whose vectors differ from the index's (see :mod:`models.identity`: a changed head,
+    config or backbone file), in one line naming both fingerprints.
+
+    Indexes written before fingerprint rule 2 recorded a fingerprint of the model's config and head
+    weights only; they are accepted when the model's files are byte for byte the ones they were built with
+    (``model.legacy_fingerprint``), and the next ``index add`` records the new fingerprint."""
+    entry = manifest["model"]
+    expected = entry["fingerprint"]
+    rule = entry.get("fingerprint_rule", 1)
+    got = model.fingerprint if rule == RULE else getattr(model, "legacy_fingerprint", None)
+    if got != expected:
         raise layout.IndexError_(
             f"model fingerprint {model.fingerprint} ({getattr(model, 'source', '?')}) does not match the index's "
-            f"{expected} ({manifest['model'].get('source')}): rebuild the index or load the model it was built with"
-        )
+            f"{expected} ({entry.get('source')}; the model's weights, config or backbone files changed): "
+            "rebuild the index or load the model it was built with")
 
 
 @dataclass
 class Collection:
-    """One side of the index: the global FAISS index, the local store, and the tombstoned rows."""
+    """One side of the index: the global store, the local store, and the tombstoned rows."""
 
     name: str
-    index: faiss.Index
+    index: GlobalStore
     store: LocalStore
     deleted: set[int]
-    cpu_index: faiss.Index | None = None  # the CPU original when ``index`` is a GPU copy
 
     @property
     def live(self) -> int:
         return len(self.store) - len(self.deleted)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS search (scores, ids), on the GPU copy unless ``k`` is beyond what GPU indexes return."""
-        index = self.cpu_index if self.cpu_index is not None and k > faiss_index.GPU_MAX_K else self.index
-        return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        """First-stage search of the global store: (scores, row ids), each n x k."""
+        return self.index.search(queries, k)
+
+
+def open_collection(folder: Path, name: str, manifest: dict[str, Any], conn: Any, use_gpu: bool = False,
+                    writable: bool = False) -> Collection:
+    """The collection ``name`` of the index in ``folder`` through the backends its manifest names."""
+    entry = manifest["collections"][name]
+    index = global_backend(entry.get("backend")).open(folder / name, entry, use_gpu=use_gpu, writable=writable)
+    store = local_backend(entry.get("local_backend")).open(folder / name)
+    return Collection(name, index, store, metadata.deleted_rows(conn, name))
 
 
 class Index:
@@ -61,14 +76,8 @@ class Index:
             if problems:
                 raise layout.IndexError_(f"{self.folder}: files do not match the manifest: {'; '.join(problems)}")
         self.conn = metadata.connect(self.folder / layout.METADATA, read_only=True)
-        self.collections: dict[str, Collection] = {}
-        for name in layout.COLLECTIONS:
-            cpu = faiss_index.read(self.folder / name / layout.GLOBAL_FILE, use_gpu=False,
-                                   search_params=self.manifest["collections"][name].get("search_params"))
-            index = faiss_index.to_gpu(cpu) if use_gpu else cpu
-            self.collections[name] = Collection(name, index, LocalStore.open(self.folder / name),
-                                                metadata.deleted_rows(self.conn, name),
-                                                cpu_index=cpu if index is not cpu else None)
+        self.collections = {name: open_collection(self.folder, name, self.manifest, self.conn, use_gpu)
+                            for name in layout.COLLECTIONS}
 
     @property
     def images(self) -> Collection:
@@ -90,23 +99,22 @@ class Index:
         return dict(row) if row else None
 
     def info(self) -> dict[str, Any]:
-        """Counts, bytes per item, model and FAISS types."""
+        """Counts, bytes per item, model, store backends and FAISS types."""
         files = self.manifest["files"]
         out: dict[str, Any] = {"folder": str(self.folder), "model": {k: self.manifest["model"][k]
                                                                       for k in ("fingerprint", "source", "dim")},
                                "counts": self.manifest["counts"], "local_codec": self.manifest["local_codec"]}
         for name, col in self.collections.items():
             n = max(len(col.store), 1)
-            size = lambda f: files.get(f"{name}/{f}", {}).get("bytes", 0)  # noqa: E731
+            entry = self.manifest["collections"][name]
+            global_bytes = sum(files.get(f"{name}/{f}", {}).get("bytes", 0)
+                               for f in global_backend(entry.get("backend")).files)
             out[name] = {
-                "faiss": self.manifest["collections"][name]["factory"],
-                "faiss_type": self.manifest["collections"][name]["type"],
+                "backend": col.index.backend, "local_backend": col.store.backend,
+                "faiss": entry["factory"], "faiss_type": entry["type"],
                 "items": len(col.store), "live": col.live,
-                "local_vectors": int(col.store.offsets[-1]),
-                "bytes_per_item": {
-                    "global": round(size(layout.GLOBAL_FILE) / n, 1),
-                    "local": round((size(layout.CODES_FILE) + size(layout.OFFSETS_FILE)) / n, 1),
-                },
+                "local_vectors": col.store.total_vectors,
+                "bytes_per_item": {"global": round(global_bytes / n, 1), "local": round(col.store.nbytes / n, 1)},
             }
         out["metadata_bytes"] = files[layout.METADATA]["bytes"]
         items = sum(len(col.store) for col in self.collections.values())
@@ -127,17 +135,14 @@ def verify(folder: str | Path) -> list[str]:
         live = metadata.count(index.conn, name, live_only=True)
         if len(col.store) != total:
             problems.append(f"{name}: local store has {len(col.store)} items, SQLite {total}")
-        if col.index.ntotal not in (live, total):
-            problems.append(f"{name}: FAISS has {col.index.ntotal} vectors, SQLite {live} live / {total}")
-        elif (ids := faiss_index.stored_ids(col.index)) is not None:
+        if col.index.count() not in (live, total):
+            problems.append(f"{name}: the global store has {col.index.count()} vectors, SQLite {live} live / {total}")
+        elif (ids := col.index.ids()) is not None:
             rows = np.array(sorted(r[0] for r in index.conn.execute(
                 f"SELECT row FROM {name}" + (" WHERE deleted = 0" if len(ids) == live else ""))), dtype=np.int64)
             if not np.array_equal(ids, rows):
-                problems.append(f"{name}: FAISS ids are not SQLite's row ids")
+                problems.append(f"{name}: global store ids are not SQLite's row ids")
         if manifest["counts"][name] != live:
             problems.append(f"{name}: manifest counts {manifest['counts'][name]}, SQLite {live} live")
-        if int(col.store.offsets[-1]) != len(col.store.codes):
-            problems.append(f"{name}: offsets end at {col.store.offsets[-1]} but there are {len(col.store.codes)} codes")
-        if np.any(np.diff(col.store.offsets) < 0):
-            problems.append(f"{name}: offsets are not increasing")
+        problems += [f"{name}: {p}" for p in col.store.check()]
     return problems

@@ -2,8 +2,9 @@
 
 An index is one folder::
 
-    manifest.json            format version, model, dimension, counts, FAISS factory strings and search
-                             settings, sha256 of every data file; written last
+    manifest.json            format version, model, dimension, counts, each collection's store backends
+                             (``faiss``, ``faiss-codec``), FAISS factory strings and search settings,
+                             sha256 of every data file; written last
     metadata.sqlite          items, captions, tombstones, user columns
     images/global.faiss      global vectors (inner product on L2-normalised vectors), FAISS ids = row ids
     images/codec.faiss       the standalone FAISS codec of the per-region vectors (SQfp16 by default)
@@ -54,11 +55,14 @@ def sha256_file(path: Path) -> str:
 
 
 def data_files(folder: Path) -> list[str]:
-    """Every data file of an index, relative to its folder (the manifest and reports excluded)."""
-    files = [METADATA]
+    """Every data file of an index, relative to its folder: the metadata and whatever the collections' store
+    backends wrote in their folders (hidden temp files, the manifest and reports excluded)."""
+    files = [METADATA] if (folder / METADATA).is_file() else []
     for name in COLLECTIONS:
-        files += [f"{name}/{f}" for f in (GLOBAL_FILE, CODEC_FILE, CODES_FILE, OFFSETS_FILE)]
-    return [f for f in files if (folder / f).is_file()]
+        if (folder / name).is_dir():
+            files += sorted(p.relative_to(folder).as_posix() for p in (folder / name).rglob("*")
+                            if p.is_file() and not p.name.startswith("."))
+    return files
 
 
 def write_manifest(folder: Path, fields: dict[str, Any], reuse: dict[str, dict] | None = None) -> dict[str, Any]:

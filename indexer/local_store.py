@@ -98,6 +98,7 @@ class LocalStore:
     codec: faiss.Index
     codes: np.ndarray
     offsets: np.ndarray
+    backend = "faiss-codec"
 
     def __post_init__(self) -> None:
         codec = faiss.downcast_index(self.codec)
@@ -125,11 +126,31 @@ class LocalStore:
     def dim(self) -> int:
         return self.codec.d
 
+    @property
+    def code_size(self) -> int:
+        """Bytes per local vector."""
+        return int(self.codec.sa_code_size())
+
+    @property
+    def total_vectors(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the items take (codes and offsets; the codec itself not counted)."""
+        return int(self.codes.nbytes + self.offsets.nbytes)
+
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def item_codes(self, row: int) -> np.ndarray:
-        return self.codes[self.offsets[row] : self.offsets[row + 1]]
+    def check(self) -> list[str]:
+        """Inconsistencies between the offsets and the codes."""
+        problems = []
+        if int(self.offsets[-1]) != len(self.codes):
+            problems.append(f"offsets end at {self.offsets[-1]} but there are {len(self.codes)} codes")
+        if np.any(np.diff(self.offsets) < 0):
+            problems.append("offsets are not increasing")
+        return problems
 
     def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode the vectors of ``rows`` in one call: (K x T x D float32, K x T bool mask)."""
@@ -148,3 +169,31 @@ class LocalStore:
         out = torch.zeros((len(rows), width, self.dim), dtype=torch.float32)
         out[mask] = self.decode(codes)
         return out, mask
+
+
+class CodecBackend:
+    """Writes and opens :class:`LocalStore`; specs are FAISS standalone-codec factory strings."""
+
+    name = "faiss-codec"
+    files = (CODEC_FILE, CODES_FILE, OFFSETS_FILE)
+
+    @staticmethod
+    def validate(spec: str, dim: int) -> None:
+        make_codec(dim, spec, np.zeros((0, dim), np.float32), train=False)
+
+    @staticmethod
+    def make_codec(dim: int, spec: str, sample: np.ndarray) -> faiss.Index:
+        """Trained on ``sample``; left untrained when it is empty (nothing to store yet)."""
+        return make_codec(dim, spec, sample, train=len(sample) > 0)
+
+    @staticmethod
+    def write(folder: Path, codec: faiss.Index, parts: Iterable[np.ndarray], lengths: np.ndarray,
+              previous: LocalStore | None = None) -> None:
+        write_store_streaming(folder, codec, parts, lengths, previous=previous)
+
+    @staticmethod
+    def open(folder: Path) -> LocalStore:
+        return LocalStore.open(folder)
+
+
+BACKEND = CodecBackend()

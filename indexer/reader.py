@@ -1,17 +1,18 @@
-"""Reading inputs: image files (decoded in worker threads, batches prefetched) and caption files."""
+"""Reading inputs: image files (decoded in worker threads, batches prefetched); caption files are read by
+:mod:`models.captions`, the same reader training uses."""
 
 from __future__ import annotations
 
-import csv
-import json
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from models.data import DatasetError, load_dataset
+from models.captions import CaptionRow, read_caption_rows
 from models.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_image
+
+__all__ = ["CaptionRow", "Decoded", "decode_batches", "list_images", "read_captions"]
 
 
 def list_images(folder: Path) -> list[str]:
@@ -43,13 +44,6 @@ def _decode(folder: Path, rel: str, prepare: Callable) -> Decoded:
         return Decoded(rel, error=str(exc) or type(exc).__name__)
 
 
-def decoded_batches(folder: Path, files: Sequence[str], batch_size: int, workers: int,
-                    prepare: Callable, prefetch: int = 2) -> Iterator[list[Decoded]]:
-    """Decode ``files`` in ``workers`` threads, ``prefetch`` batches ahead of the consumer."""
-    batches = (list(files[start : start + batch_size]) for start in range(0, len(files), batch_size))
-    return decode_batches(folder, batches, workers, prepare, prefetch)
-
-
 def decode_batches(folder: Path, batches: Iterable[Sequence[str]], workers: int, prepare: Callable,
                    prefetch: int = 2) -> Iterator[list[Decoded]]:
     """Decode each batch of relative paths in ``workers`` threads, keeping ``prefetch`` batches in flight
@@ -71,42 +65,6 @@ def decode_batches(folder: Path, batches: Iterable[Sequence[str]], workers: int,
             yield [f.result() for f in batch]
 
 
-@dataclass
-class CaptionRow:
-    text: str
-    image: str | None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def read_captions(path: Path) -> list[CaptionRow]:
-    """Captions from an ``image,caption`` CSV (other columns kept as metadata), JSON lines
-    (``caption`` required, ``image`` optional), or a Karpathy JSON. Empty captions are kept (and skipped with a
-    report by the build)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or "caption" not in reader.fieldnames:
-                raise DatasetError(f"{path}: a caption CSV needs a 'caption' column (and 'image')")
-            return [
-                CaptionRow((row.get("caption") or "").strip(), (row.get("image") or "").strip() or None,
-                           {k: v for k, v in row.items() if k not in ("image", "caption") and k is not None})
-                for row in reader
-            ]
-    if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                text = str(obj["caption"]).strip()
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DatasetError(f"{path}:{n}: expected a JSON object with 'caption'") from exc
-            rows.append(CaptionRow(text, obj.get("image") or None,
-                                   {k: v for k, v in obj.items() if k not in ("image", "caption")}))
-        return rows
-    return [CaptionRow(c, r.filename, {"split": r.split}) for r in load_dataset(path) for c in r.captions]
+    """Captions to index (empty ones kept: the build skips them with a reason)."""
+    return read_caption_rows(path)

@@ -1,7 +1,7 @@
 """The search pipeline, the one place a score is computed: encode -> coarse (FAISS) -> rerank (alignment).
 
 The service, ``alignsearch eval`` and the benchmarks all call :class:`Searcher`. Coarse: the top
-``candidates`` items by global inner product in FAISS (tombstones skipped). Rerank: the candidates' local
+``candidates`` items by global inner product in the global store (FAISS) (tombstones skipped). Rerank: the candidates' local
 vectors are gathered and decoded in one call, scored against the query with the model's region-word
 alignment, and mixed with the global score as TGDT does: ``S = S_global + w * S_local``.
 """
@@ -20,6 +20,7 @@ from PIL import Image
 from models import alignment
 from models.factory import load_model
 from models.model import AlignModel, EncoderOutput
+from models.scoring import ScoringConfig, rank
 
 from .index import Collection, Index, check_model
 
@@ -50,16 +51,21 @@ def _ms(start: float) -> float:
 
 
 class Searcher:
-    """Two-stage search over an :class:`Index` with the model it was built with."""
+    """Two-stage search over an :class:`Index` with the model it was built with.
 
-    def __init__(self, index: Index, model: AlignModel) -> None:
+    ``scoring`` (alignment, local weight, LSE lambda) defaults to the model's; every search method takes a
+    ``scoring`` that overrides it for that call (the index does not depend on it)."""
+
+    def __init__(self, index: Index, model: AlignModel, scoring: ScoringConfig | None = None) -> None:
         check_model(index.manifest, model)
         self.index = index
         self.model = model
+        self.scoring = scoring or model.config.scoring()
         self.grid = model.region_grid()
 
     @classmethod
-    def open(cls, index_dir: str | Path, model: str | AlignModel | None = None, device: str = "auto") -> "Searcher":
+    def open(cls, index_dir: str | Path, model: str | AlignModel | None = None, device: str = "auto",
+             scoring: ScoringConfig | None = None) -> "Searcher":
         """Open an index; ``model`` None loads the model named in its manifest."""
         index = Index(index_dir)
         if model is None:
@@ -67,32 +73,32 @@ class Searcher:
             model = source if source and Path(source).is_dir() else None
         if not isinstance(model, AlignModel):
             model = load_model(model, device=device)
-        return cls(index, model)
+        return cls(index, model, scoring)
 
     # -- public API -------------------------------------------------------------------------------------
-    def search_text(self, queries: list[str], k: int = 10, candidates: int = 100,
-                    explain: bool = False) -> list[SearchResult]:
+    def search_text(self, queries: list[str], k: int = 10, candidates: int = 100, explain: bool = False,
+                    scoring: ScoringConfig | None = None) -> list[SearchResult]:
         """Texts -> ranked images."""
         start = time.perf_counter()
         enc = self.model.encode_texts(queries)
-        return self._with_encode(self.search_text_encoded(enc, k, candidates, explain), _ms(start))
+        return self._with_encode(self.search_text_encoded(enc, k, candidates, explain, scoring), _ms(start))
 
-    def search_image(self, images: list[Image.Image], k: int = 10, candidates: int = 100,
-                     explain: bool = False) -> list[SearchResult]:
+    def search_image(self, images: list[Image.Image], k: int = 10, candidates: int = 100, explain: bool = False,
+                     scoring: ScoringConfig | None = None) -> list[SearchResult]:
         """Images -> ranked captions."""
         start = time.perf_counter()
         enc = self.model.encode_images(images)
-        return self._with_encode(self.search_image_encoded(enc, k, candidates, explain), _ms(start))
+        return self._with_encode(self.search_image_encoded(enc, k, candidates, explain, scoring), _ms(start))
 
-    def search_text_encoded(self, enc: EncoderOutput, k: int, candidates: int,
-                            explain: bool = False) -> list[SearchResult]:
+    def search_text_encoded(self, enc: EncoderOutput, k: int, candidates: int, explain: bool = False,
+                            scoring: ScoringConfig | None = None) -> list[SearchResult]:
         """Encoded text queries -> ranked images (words are the query side)."""
-        return self._search(enc, self.index.images, k, candidates, explain, query_is_text=True)
+        return self._search(enc, self.index.images, k, candidates, explain, True, scoring or self.scoring)
 
-    def search_image_encoded(self, enc: EncoderOutput, k: int, candidates: int,
-                             explain: bool = False) -> list[SearchResult]:
+    def search_image_encoded(self, enc: EncoderOutput, k: int, candidates: int, explain: bool = False,
+                             scoring: ScoringConfig | None = None) -> list[SearchResult]:
         """Encoded image queries -> ranked captions (words are the candidates' side)."""
-        return self._search(enc, self.index.captions, k, candidates, explain, query_is_text=False)
+        return self._search(enc, self.index.captions, k, candidates, explain, False, scoring or self.scoring)
 
     def get_image(self, image_id: str) -> dict[str, Any] | None:
         """Metadata of a live indexed image (with its absolute ``file``), or None."""
@@ -107,9 +113,11 @@ class Searcher:
         live = col.live
         if live == 0 or len(queries) == 0:
             return [np.zeros(0, np.int64)] * len(queries), [np.zeros(0, np.float32)] * len(queries)
-        # tombstones FAISS could not remove (HNSW) are still in it: fetch that many more, then drop them
-        stale = max(0, col.index.ntotal - live)
-        fetch = min(col.index.ntotal, candidates + stale)
+        # tombstones the global store could not remove (FAISS HNSW) are still in it: fetch that many more,
+        # then drop them
+        held = col.index.count()
+        stale = max(0, held - live)
+        fetch = min(held, candidates + stale)
         scores, rows = col.search(queries, fetch)
         deleted = np.fromiter(col.deleted, dtype=np.int64, count=len(col.deleted)) if stale else None
         out_rows, out_scores = [], []
@@ -119,20 +127,20 @@ class Searcher:
             out_scores.append(s[keep][:candidates])
         return out_rows, out_scores
 
-    def rerank_scores(self, enc: EncoderOutput, q: int, col: Collection, rows: np.ndarray,
-                      query_is_text: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rerank_scores(self, enc: EncoderOutput, q: int, col: Collection, rows: np.ndarray, query_is_text: bool,
+                      scoring: ScoringConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Local alignment scores of query ``q`` against ``rows``; also returns the decoded candidates."""
+        scoring = scoring or self.scoring
         local, mask = col.store.gather(rows)
-        cfg = self.model.config
         q_local, q_mask = enc.local[q : q + 1], enc.mask[q : q + 1]
         if query_is_text:
-            scores = alignment.local_scores(q_local, q_mask, local, mask, cfg.alignment, cfg.lse_lambda)[0]
+            scores = scoring.local(q_local, q_mask, local, mask)[0]
         else:
-            scores = alignment.local_scores(local, mask, q_local, q_mask, cfg.alignment, cfg.lse_lambda)[:, 0]
+            scores = scoring.local(local, mask, q_local, q_mask)[:, 0]
         return scores, local, mask
 
     def _search(self, enc: EncoderOutput, col: Collection, k: int, candidates: int, explain: bool,
-                query_is_text: bool) -> list[SearchResult]:
+                query_is_text: bool, scoring: ScoringConfig) -> list[SearchResult]:
         if k < 1 or candidates < 1:
             raise ValueError("k and candidates must be >= 1")
         candidates = max(candidates, k)
@@ -145,10 +153,10 @@ class Searcher:
             if len(rows) == 0:
                 results.append(SearchResult([], {"coarse": coarse_ms, "rerank": 0.0, "total": coarse_ms}))
                 continue
-            local_scores, local, mask = self.rerank_scores(enc, q, col, rows, query_is_text)
+            local_scores, local, mask = self.rerank_scores(enc, q, col, rows, query_is_text, scoring)
             g = torch.from_numpy(global_scores.astype(np.float32))
-            fused = alignment.fuse(g, local_scores, self.model.config.local_weight)
-            order = np.lexsort((rows, -fused.numpy()))[:k]  # score descending, then row id: deterministic
+            fused = scoring.fuse(g, local_scores)
+            order = rank(fused, rows, k)
             hits = self._hits(col.name, rows[order], fused[order], g[order], local_scores[order])
             if explain:
                 self._explain(enc, q, hits, local[order], mask[order], query_is_text)

@@ -6,7 +6,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .scoring import ScoringConfig
 
 IMAGE_BACKBONES = ("efficientnet", "hf-vision", "precomputed", "hf-clip")
 TEXT_BACKBONES = ("hf-text", "hf-clip")
@@ -75,6 +78,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def scoring(self) -> ScoringConfig:
+        """The default scoring settings (alignment, local weight, LSE lambda) this model was tuned with."""
+        from .scoring import ScoringConfig  # here: scoring needs torch, the config does not
+
+        return ScoringConfig.of(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":

@@ -1,17 +1,14 @@
-"""Caption datasets: Karpathy-format JSON, ``image,caption`` CSV, or JSON lines; plus the validation carve-out."""
+"""Training datasets: images with their captions (read by :mod:`models.captions`), and the validation carve-out."""
 
 from __future__ import annotations
 
-import csv
-import json
 import random
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .captions import DatasetError, read_caption_rows
 
-class DatasetError(ValueError):
-    """A dataset file that cannot be read as any supported format."""
+__all__ = ["DatasetError", "ImageRecord", "TRAIN_SPLITS", "load_dataset", "select_split"]
 
 
 @dataclass
@@ -25,64 +22,15 @@ TRAIN_SPLITS = ("train", "restval")
 
 
 def load_dataset(path: str | Path) -> list[ImageRecord]:
-    """Read ``path`` (Karpathy JSON, ``image,caption`` CSV, or JSON lines with ``image`` and ``caption``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"dataset file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _from_pairs(_read_csv(path), path)
-    if suffix in (".jsonl", ".ndjson"):
-        return _from_pairs(_read_jsonl(path), path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: malformed JSON ({exc})") from exc
-    return _from_karpathy(data, path)
-
-
-def _from_karpathy(data: object, path: Path) -> list[ImageRecord]:
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DatasetError(f"{path}: expected a Karpathy-format object with an 'images' list")
-    records = []
-    for i, item in enumerate(data["images"]):
-        try:
-            captions = [str(s["raw"]).strip() for s in item["sentences"]]
-            records.append(ImageRecord(str(item["filename"]), str(item.get("split", "train")), captions))
-        except (KeyError, TypeError) as exc:
-            raise DatasetError(f"{path}: images[{i}] lacks filename or sentences[].raw ({exc})") from exc
-    return records
-
-
-def _read_csv(path: Path) -> list[tuple[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
-            raise DatasetError(f"{path}: a caption CSV needs the header 'image,caption'")
-        return [(row["image"] or "", row["caption"] or "") for row in reader]
-
-
-def _read_jsonl(path: Path) -> list[tuple[str, str]]:
-    pairs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            pairs.append((str(row.get("image") or ""), str(row["caption"])))
-        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-            raise DatasetError(f"{path}:{n}: expected a JSON object with 'caption' (and 'image')") from exc
-    return pairs
-
-
-def _from_pairs(pairs: list[tuple[str, str]], path: Path) -> list[ImageRecord]:
-    grouped: OrderedDict[str, ImageRecord] = OrderedDict()
-    for image, caption in pairs:
-        if not image.strip():
-            continue
-        grouped.setdefault(image, ImageRecord(image)).captions.append(caption.strip())
+    """Images with their captions, in file order, from any caption file :func:`~models.captions.read_caption_rows`
+    reads; captions without an image are left out (a Karpathy file's split is kept, else ``train``)."""
+    grouped: dict[str, ImageRecord] = {}
+    for row in read_caption_rows(path):
+        if row.image is not None:
+            record = grouped.setdefault(row.image, ImageRecord(row.image, str(row.extra.get("split", "train"))))
+            record.captions.append(row.text)
     if not grouped:
-        raise DatasetError(f"{path}: no image,caption rows")
+        raise DatasetError(f"{path}: no captions with an image")
     return list(grouped.values())
 
 

@@ -1,22 +1,19 @@
 """A model on disk is a folder: ``config.json`` + ``model.safetensors`` (heads only; backbones come from
-their packages or ``from_pretrained``). Nothing is unpickled on load."""
+their packages or ``from_pretrained``). Nothing is unpickled on load. Identity: :mod:`models.identity`."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .identity import CONFIG_FILE, WEIGHTS_FILE, legacy_fingerprint, model_fingerprint
 from .model import AlignModel, resolve_device
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "create_model", "load_model", "model_fingerprint", "save_model"]
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 DEFAULT_MODEL = "default"
 
@@ -37,20 +34,6 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
 def create_model(config: ModelConfig) -> AlignModel:
     """Build a model from its config: backbones loaded, heads freshly initialised."""
     return AlignModel(config)
-
-
-def model_fingerprint(folder: str | os.PathLike) -> str:
-    """sha256 over the canonical config and the weights bytes: identifies a model."""
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    digest.update(json.dumps(config, sort_keys=True).encode())
-    weights = folder / WEIGHTS_FILE
-    if weights.is_file():
-        with open(weights, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def save_model(model: AlignModel, folder: str | os.PathLike) -> str:
@@ -99,9 +82,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     elif model.joint is None:
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} for the trainable heads")
     model.fingerprint = model_fingerprint(folder)
+    model.legacy_fingerprint = legacy_fingerprint(folder)  # what indexes built before fingerprint rule 2 recorded
     model.source = str(folder)
     return model.to(resolve_device(device)).eval()
-
-
-def default_device() -> torch.device:
-    return resolve_device("auto")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import zlib
 import json
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,6 @@ from tqdm import tqdm
 from .backbones import TokenFeatures
 from .model import AlignModel, _pad_tokens
 from .preprocess import ImageDecodeError, augmented_view, load_image
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

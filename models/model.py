@@ -128,11 +128,6 @@ class AlignModel(nn.Module):
         """False when the image side expects precomputed region features."""
         return self.joint is not None or not isinstance(self.image_backbone, PrecomputedBackbone)
 
-    @property
-    def max_text_tokens(self) -> int:
-        tokenizer = self.joint.tokenizer if self.joint is not None else self.text_backbone.tokenizer
-        return tokenizer.max_length
-
     def region_grid(self) -> tuple[int, int] | None:
         """(rows, cols) when image regions are grid cells (row-major), else None (boxes or unknown)."""
         if self.joint is not None:

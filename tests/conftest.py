@@ -1,16 +1,21 @@
-"""Shared fixtures: tiny Hugging Face models built and saved by the tests, and the shared data set."""
+"""Shared fixtures: tiny Hugging Face models built and saved by the tests; a small captioned photo set that
+every machine has (scikit-image's sample photos with the demo's captions); and the shared Flickr data set,
+for the slow tests only (they skip without it)."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from service.demo import DEMO_CAPTIONS, SAMPLE_PHOTOS
+
 REPO = Path(__file__).resolve().parents[1]
-N_IMAGES = 16
+N_IMAGES = len(SAMPLE_PHOTOS)
 DATASET_DIR = Path(os.environ.get("ALIGNSEARCH_DATASET", REPO.parent / "shared" / "datasets" / "flickr8k-800"))
 
 
@@ -73,30 +78,49 @@ def tiny_clip(tmp_path_factory) -> str:
     return str(folder)
 
 
+def _sample_dir() -> Path:
+    """Where scikit-image keeps the sample photos its wheel ships (the dev extra installs it)."""
+    skimage = pytest.importorskip("skimage", reason="the fixture photos come with scikit-image (pip install -e '.[dev]')")
+    return Path(skimage.__file__).resolve().parent / "data"
+
+
+def demo_captions() -> list[dict]:
+    """The captions written for the sample photos (``service/demo_captions.jsonl``) that name a photo."""
+    rows = [json.loads(line) for line in DEMO_CAPTIONS.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("image")]
+
+
+N_CAPTIONS = len(demo_captions())
+
+
+def sample_files(images: Path) -> list[Path]:
+    """The real photos of the ``photos`` fixture (the broken files excluded), sorted by name."""
+    return sorted((p for p in images.rglob("*") if p.name in SAMPLE_PHOTOS), key=lambda p: p.name)
+
+
 @pytest.fixture(scope="session")
-def photos(tmp_path_factory, dataset_dir) -> tuple[Path, Path]:
-    """16 shared photos + 3 broken files, and a captions CSV (5 per photo, one empty, one standalone)."""
+def photos(tmp_path_factory) -> tuple[Path, Path]:
+    """The 16 sample photos of scikit-image (every fourth in ``sub/``) + 3 broken files, and a captions CSV:
+    the demo captions (1-2 per photo, with a ``source`` column), one empty caption and one standalone."""
+    source = _sample_dir()
     root = tmp_path_factory.mktemp("photos")
     images = root / "images"
     (images / "sub").mkdir(parents=True)
-    with open(dataset_dir / "captions.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    names = sorted({r["image"] for r in rows})[:N_IMAGES]
-    for i, name in enumerate(names):
-        shutil.copy(dataset_dir / "images" / name, images / ("sub" if i % 4 == 0 else "") / name)
+    names = sorted(SAMPLE_PHOTOS)
+    rel = {n: (f"sub/{n}" if i % 4 == 0 else n) for i, n in enumerate(names)}
+    for name in names:
+        shutil.copy(source / name, images / rel[name])
     (images / "garbage.jpg").write_bytes(b"this is not an image")
     (images / "empty.png").write_bytes(b"")
-    data = (dataset_dir / "images" / names[0]).read_bytes()
+    data = (source / "rocket.jpg").read_bytes()
     (images / "truncated.jpg").write_bytes(data[: len(data) // 3])
-    rel = {n: (f"sub/{n}" if i % 4 == 0 else n) for i, n in enumerate(names)}
     captions = root / "captions.csv"
     with open(captions, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "caption", "source"])
-        for r in rows:
-            if r["image"] in rel:
-                writer.writerow([rel[r["image"]], r["caption"], "flickr8k"])
-        writer.writerow([rel[names[1]], "   ", "flickr8k"])
+        for r in demo_captions():
+            writer.writerow([rel[r["image"]], r["caption"], "demo"])
+        writer.writerow([rel[names[1]], "   ", "demo"])
         writer.writerow(["", "a lone caption about a red boat", "user"])
     return images, captions
 
@@ -111,8 +135,6 @@ def built(tmp_path_factory, photos) -> Path:
     out = tmp_path_factory.mktemp("idx") / "index"
     assert build_index(*photos, out) == 0
     return out
-
-
 
 
 def _cli_main(argv: list[str]) -> int:

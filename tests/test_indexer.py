@@ -3,7 +3,6 @@ bad inputs, and two-stage search equal to the exhaustive computation when K cove
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from indexer.search import Searcher
 from models import load_model
 from service.cli import main
 
-from conftest import N_IMAGES, build_index as _build
+from conftest import N_CAPTIONS, N_IMAGES, build_index as _build, demo_captions, sample_files
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,7 @@ def test_build_counts_and_skips_bad_items(built, capsys):
     assert main(["index", "info", str(built)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["counts"]["images"] == N_IMAGES
-    assert info["counts"]["captions"] == N_IMAGES * 5 + 1  # the empty caption skipped, the standalone kept
+    assert info["counts"]["captions"] == N_CAPTIONS + 1  # the empty caption skipped, the standalone kept
     assert info["images"]["faiss_type"] == "IndexFlat"
     assert info["images"]["bytes_per_item"]["local"] == pytest.approx(49 * 384 * 2 + 8, abs=20)  # SQfp16 + offset (+ .npy headers)
     report = json.loads((built / "build_report.json").read_text())
@@ -95,7 +94,7 @@ def test_search_equals_exhaustive_when_k_covers_the_collection(built, model):
 def test_caption_finds_its_image_and_image_finds_its_captions(built, model):
     searcher = Searcher(Index(built), model)
     index = searcher.index
-    caption = index.conn.execute("SELECT text, image_id FROM captions WHERE image_id IS NOT NULL LIMIT 1").fetchone()
+    caption = index.conn.execute("SELECT text, image_id FROM captions WHERE image_id = 'rocket.jpg'").fetchone()
     hits = searcher.search_text([caption["text"]], k=5, candidates=10, explain=True)[0].hits
     assert caption["image_id"] in [h.id for h in hits]
     grounding = hits[0].grounding
@@ -108,23 +107,24 @@ def test_caption_finds_its_image_and_image_finds_its_captions(built, model):
     assert all(h.caption for h in res.hits)
 
 
-def test_add_then_delete_round_trips(built, photos, tmp_path, model, dataset_dir):
+def test_add_then_delete_round_trips(built, photos, tmp_path, model):
+    from PIL import Image, ImageOps
+
     index_dir = tmp_path / "index"
     shutil.copytree(built, index_dir)
     extra = tmp_path / "more"
     extra.mkdir()
-    with open(dataset_dir / "captions.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    new_name = sorted({r["image"] for r in rows})[-1]
-    shutil.copy(dataset_dir / "images" / new_name, extra / new_name)
+    new_name = "mirrored-rocket.png"  # a new photo: the rocket, mirrored, with the rocket's captions
+    rocket = next(p for p in sample_files(photos[0]) if p.name == "rocket.jpg")
+    ImageOps.mirror(Image.open(rocket)).save(extra / new_name)
+    texts = [r["caption"] for r in demo_captions() if r["image"] == "rocket.jpg"]
     caps = tmp_path / "more.jsonl"
-    caps.write_text("".join(json.dumps({"image": new_name, "caption": r["caption"]}) + "\n"
-                            for r in rows if r["image"] == new_name))
+    caps.write_text("".join(json.dumps({"image": new_name, "caption": t}) + "\n" for t in texts))
     assert main(["index", "add", str(index_dir), "--images", str(extra), "--captions", str(caps), "--quiet"]) == 0
     assert verify(index_dir) == []
     searcher = Searcher(Index(index_dir), model)
     assert Path(searcher.get_image(new_name)["file"]) == (extra / new_name).resolve()  # added from another folder
-    query = next(r["caption"] for r in rows if r["image"] == new_name)
+    query = texts[0]
     assert new_name in [h.id for h in searcher.search_text([query], k=3, candidates=20)[0].hits]
 
     assert main(["index", "delete", str(index_dir), "--ids", new_name, f"{new_name}#0"]) == 0

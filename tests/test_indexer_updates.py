@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import N_IMAGES
+from conftest import N_CAPTIONS, N_IMAGES, sample_files
 from indexer import layout, local_store
 from indexer.index import Index, verify
 from indexer.search import Searcher
@@ -39,7 +39,7 @@ def index_copy(built, tmp_path) -> Path:
 
 def _photo(photos, n: int = 0) -> Path:
     """The n-th real photo of the fixture (the broken files are named otherwise)."""
-    return sorted(p for p in photos[0].iterdir() if p.suffix == ".jpg" and p.name[0].isdigit())[n]
+    return sample_files(photos[0])[n]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -97,6 +97,8 @@ def test_add_is_idempotent_and_never_reuses_ids(index_copy, photos, tmp_path, mo
              {"caption": "another lone caption"},
              {"image": _snapshot_first_image(index_copy), "caption": "one more caption for an old image"}]
     caps.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    old = _snapshot_first_image(index_copy)
+    had = Index(index_copy).conn.execute("SELECT COUNT(*) FROM captions WHERE image_id = ?", (old,)).fetchone()[0]
     lone = tmp_path / "lone.jsonl"  # a caption whose image is not indexed yet: standalone for now
     lone.write_text(json.dumps({"image": "later.jpg", "caption": "waiting for its picture"}) + "\n")
     assert main(["index", "add", str(index_copy), "--images", str(tmp_path / "empty"), "--captions", str(lone),
@@ -107,10 +109,9 @@ def test_add_is_idempotent_and_never_reuses_ids(index_copy, photos, tmp_path, mo
     assert main(["index", "add", str(index_copy), "--images", str(extra), "--captions", str(caps), "--quiet"]) == 0
     index = Index(index_copy)
     ids = [r[0] for r in index.conn.execute("SELECT id FROM captions")]
-    assert len(ids) == len(set(ids)) == N_IMAGES * 5 + 1 + 1 + 3
+    assert len(ids) == len(set(ids)) == N_CAPTIONS + 1 + 1 + 3
     assert "late.jpg#0" in ids
-    old = _snapshot_first_image(index_copy)
-    assert f"{old}#5" in ids  # the sixth caption of that image: the first five ids are taken
+    assert f"{old}#{had}" in ids  # the next caption number of that image: the first ones are taken
     waiting = index.conn.execute("SELECT image_id FROM captions WHERE text = 'waiting for its picture'").fetchone()
     assert waiting[0] is None
 
@@ -149,7 +150,7 @@ def test_trained_codecs_without_captions_then_add_captions(photos, tmp_path, mod
     capsys.readouterr()
     assert main(["index", "info", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["counts"]["captions"] == N_IMAGES * 5 + 1 and info["local_codec"] == codec
+    assert info["counts"]["captions"] == N_CAPTIONS + 1 and info["local_codec"] == codec
     code_size = 384 if codec == "SQ8" else 16
     assert info["images"]["bytes_per_item"]["local"] == pytest.approx(49 * code_size + 8, abs=30)
     searcher = Searcher(Index(out), model)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import N_IMAGES, build_index
+from conftest import N_IMAGES, build_index, sample_files
 from indexer.index import Index, verify
 from indexer.search import Searcher
 from models import load_model
@@ -121,13 +121,13 @@ def test_get_image_and_hit_metadata(searcher):
     assert hit.metadata["width"] == row["width"] and hit.uri == row["path"]
     assert searcher.get_image("no-such-image.jpg") is None
     caption = searcher.search_image([load_image(row["file"])], k=1, candidates=5)[0].hits[0]
-    assert caption.metadata.get("source") in ("flickr8k", "user")
+    assert caption.metadata.get("source") in ("demo", "user")
 
 
 def test_ties_are_broken_by_row_id(photos, model, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    real = sorted(p for p in photos[0].iterdir() if p.suffix == ".jpg" and p.name[0].isdigit())
+    real = sample_files(photos[0])
     for name in ("c.jpg", "a.jpg", "b.jpg"):
         shutil.copy(real[0], images / name)  # three identical photos: identical scores
     shutil.copy(real[1], images / "other.jpg")
@@ -156,7 +156,8 @@ def test_approximate_global_indexes_agree_with_flat(photos, built, model, tmp_pa
     assert verify(out) == []
     searcher = Searcher(Index(out), model)
     if factory.startswith("HNSW"):
-        assert searcher.index.images.index.ntotal == N_IMAGES  # HNSW cannot remove: tombstones only
+        assert searcher.index.images.index.count() == N_IMAGES  # HNSW cannot remove: tombstones only
+        assert not searcher.index.images.index.real_deletes
     for res in searcher.search_text(QUERIES, k=5, candidates=5):
         ids = [h.id for h in res.hits]
         assert not set(victims) & set(ids) and len(ids) == 5
@@ -186,9 +187,10 @@ def test_gpu_copy_is_used_up_to_its_k_limit(built, model, monkeypatch):
     monkeypatch.setattr(faiss_index, "to_gpu", FakeGpu)
     monkeypatch.setattr(faiss_index, "GPU_MAX_K", 8)
     index = Index(built)
-    assert isinstance(index.images.index, FakeGpu) and index.images.cpu_index is not None
+    store = index.images.index
+    assert isinstance(store.index, FakeGpu) and store.cpu_index is not store.index
     searcher, plain = Searcher(index, model), Searcher(Index(built, use_gpu=False), model)
     for k in (5, N_IMAGES):  # N_IMAGES > 8: the CPU original answers
         assert [h.id for h in searcher.search_text(QUERIES[:1], k=k, candidates=k)[0].hits] == \
                [h.id for h in plain.search_text(QUERIES[:1], k=k, candidates=k)[0].hits]
-    assert index.images.index.calls == [5]
+    assert store.index.calls == [5]

@@ -8,24 +8,28 @@ from pathlib import Path
 
 import pytest
 
+from conftest import demo_captions, sample_files
 from models import BackboneConfig, HeadConfig, ModelConfig, load_model
 from service.cli import main
 
 
 @pytest.fixture()
-def small_set(tmp_path, dataset_dir) -> tuple[Path, Path]:
-    """30 shared images (25 train, 5 test) plus one corrupt file, with a Karpathy JSON naming them."""
-    data = json.loads((dataset_dir / "dataset_flickr8k.json").read_text())
-    train = [i for i in data["images"] if i["split"] == "train"][:25]
-    test = [i for i in data["images"] if i["split"] == "test"][:5]
+def small_set(tmp_path, photos) -> tuple[Path, Path]:
+    """The 16 sample photos (12 train, 4 test) plus one corrupt file, with a Karpathy JSON of their captions."""
+    by_image: dict[str, list[str]] = {}
+    for row in demo_captions():
+        by_image.setdefault(row["image"], []).append(row["caption"])
     images = tmp_path / "images"
     images.mkdir()
-    for item in train + test:
-        shutil.copy(dataset_dir / "images" / item["filename"], images / item["filename"])
+    items = []
+    for n, path in enumerate(sample_files(photos[0])):
+        shutil.copy(path, images / path.name)
+        items.append({"filename": path.name, "split": "test" if n % 4 == 3 else "train",
+                      "sentences": [{"raw": c} for c in by_image[path.name]]})
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    broken = {"filename": "broken.jpg", "split": "train", "sentences": [{"raw": "nothing to see"}]}
+    items.append({"filename": "broken.jpg", "split": "train", "sentences": [{"raw": "nothing to see"}]})
     path = tmp_path / "data.json"
-    path.write_text(json.dumps({"images": train + [broken] + test}))
+    path.write_text(json.dumps({"images": items}))
     return path, images
 
 
@@ -66,7 +70,9 @@ def test_train_saves_best_model_skips_corrupt_image_and_resumes(tmp_path, small_
         assert set(row) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"}
         assert row["rsum"] == pytest.approx(sum(v for k, v in row.items() if k != "rsum"), abs=0.1)
         assert 0 <= row["i2t_r1"] <= row["i2t_r5"] <= row["i2t_r10"] <= 100
-    assert results["meta"]["images"] == 5 and results["meta"]["captions"] == 25
+    test = [i for i in json.loads(dataset.read_text())["images"] if i["split"] == "test"]
+    assert results["meta"]["images"] == len(test) == 4
+    assert results["meta"]["captions"] == sum(len(i["sentences"]) for i in test)
     assert "two-stage" in capsys.readouterr().out
 
 

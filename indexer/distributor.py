@@ -1,0 +1,45 @@
+"""Where shard tasks run (the distributor of the build): each unfinished task is encoded and its shard files
+written under the work folder, the contract between encoding and assembly (:mod:`indexer.writer`).
+
+:class:`LocalDistributor` runs them one after another in this process. A distributed one (Ray, Slurm, ...)
+implements the same ``run``: send each task (plain data, :class:`~indexer.plan.ShardTask`) to a worker that
+builds its own mapper with ``make_mapper`` (loads the model there) and writes the shard to shared storage;
+the finished-shard check makes a rerun skip what any worker finished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+from tqdm import tqdm
+
+from .encode import Progress
+from .plan import ShardTask
+from .writer import Shard, is_done, write_shard
+
+Mapper = Callable[[ShardTask, Progress], Shard]
+
+
+class Distributor(Protocol):
+    def run(self, tasks: Sequence[ShardTask], work: Path, make_mapper: Callable[[], Mapper]) -> None:
+        """Encode every task whose shard is not finished under ``work`` and write its shard there."""
+
+
+class LocalDistributor:
+    """Runs the tasks in this process, in order, with a progress bar per collection."""
+
+    def __init__(self, progress: bool = True) -> None:
+        self.progress = progress
+
+    def run(self, tasks: Sequence[ShardTask], work: Path, make_mapper: Callable[[], Mapper]) -> None:
+        todo = [t for t in tasks if not is_done(work, t.collection, t.number)]
+        if not todo:
+            return
+        mapper = make_mapper()
+        total = sum(len(t.items) for t in tasks)
+        unit = "img" if todo[0].collection == "images" else "cap"
+        with tqdm(total=total, initial=total - sum(len(t.items) for t in todo), desc=f"index {todo[0].collection}",
+                  unit=unit, disable=not self.progress, smoothing=0.1) as bar:
+            for task in todo:
+                write_shard(work, task.collection, task.number, mapper(task, bar.update))

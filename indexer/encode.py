@@ -1,0 +1,63 @@
+"""Encoding one shard task into a :class:`~indexer.writer.Shard`: a function of the model and the task only
+(the mapper of the build). Images are decoded in worker threads a few batches ahead of the encoder; captions
+are encoded in order of length (batches of similar lengths pad little), then put back in file order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from models.model import AlignModel, EncoderOutput
+
+from .plan import ShardTask
+from .reader import decode_batches
+from .writer import Shard, empty_shard, shard_from_output
+
+Progress = Callable[[int], None]  # called with the number of items just done
+
+
+def encode_task(model: AlignModel, task: ShardTask, batch_size: int = 32, workers: int = 4,
+                progress: Progress | None = None) -> Shard:
+    """The shard of ``task`` (items that fail to decode are listed in its ``skipped``)."""
+    encode = encode_images if task.collection == "images" else encode_captions
+    return encode(model, task, batch_size, workers, progress or (lambda n: None))
+
+
+def encode_images(model: AlignModel, task: ShardTask, batch_size: int, workers: int, progress: Progress) -> Shard:
+    folder, root = Path(task.folder or "."), Path(task.root or task.folder or ".")
+
+    def stored_path(rel: str) -> str:
+        full = folder / rel
+        return full.relative_to(root).as_posix() if full.is_relative_to(root) else str(full)
+
+    prepare = lambda image: model.preprocess_images([image])[0]  # noqa: E731  (runs in the worker threads)
+    batches = [task.items[i : i + batch_size] for i in range(0, len(task.items), batch_size)]
+    parts: list[EncoderOutput] = []
+    items: list[dict[str, Any]] = []
+    skipped = list(task.skipped)
+    for batch in decode_batches(folder, batches, workers, prepare):
+        good = [d for d in batch if d.error is None]
+        skipped += [{"item": d.rel, "reason": d.error} for d in batch if d.error is not None]
+        if good:
+            parts.append(model.encode_pixels(torch.stack([d.array for d in good])).cpu())
+            items += [{"id": d.rel, "path": stored_path(d.rel), "width": d.width, "height": d.height}
+                      for d in good]
+        progress(len(batch))
+    if not parts:
+        return empty_shard(model.embed_dim, skipped)
+    return shard_from_output(EncoderOutput.concat(parts), items, skipped)
+
+
+def encode_captions(model: AlignModel, task: ShardTask, batch_size: int, workers: int, progress: Progress) -> Shard:
+    items = task.items
+    if not items:
+        return empty_shard(model.embed_dim, list(task.skipped))
+    order = sorted(range(len(items)), key=lambda i: (len(items[i]["text"]), i))
+    out = model.encode_texts([items[i]["text"] for i in order], batch_size=max(batch_size, 64))
+    back = [0] * len(order)
+    for position, i in enumerate(order):
+        back[i] = position
+    progress(len(items))
+    return shard_from_output(out.select(back), items, list(task.skipped))

@@ -1,0 +1,128 @@
+"""Incremental updates of an index, each one transaction: copy (hard links), change, swap in atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from models.model import AlignModel
+
+from . import layout, metadata
+from .assemble import insert_metadata, model_fields, write_collection
+from .build import BuildOptions, encode_all
+from .caption_ids import caption_items
+from .index import check_model, open_collection
+from .reader import list_images, read_captions
+from .stores import global_backend, local_backend
+
+
+def transaction(index_dir: Path, change: Callable[[Path, dict], dict]) -> dict:
+    """Apply ``change`` to a copy of the index and swap it in atomically.
+
+    The copy hard-links the data files (SQLite, changed in place, is copied) and every changed file is written
+    to a temp name and renamed, so the live index is untouched until the swap, whatever happens before it;
+    checksums of files still shared with the live index are carried over."""
+    with layout.exclusive(index_dir):
+        layout.recover(index_dir)
+        manifest = layout.read_manifest(index_dir)
+        problems = layout.check_files(index_dir, manifest)
+        if problems:
+            raise layout.IndexError_(f"{index_dir} is corrupt, refusing to update it: {'; '.join(problems)}")
+        work = index_dir.with_name(f".{index_dir.name}.update")
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            layout.link_copy(index_dir, work)
+            previous = manifest["files"]
+            fields = change(work, json.loads(json.dumps(manifest)))
+            fields = {k: v for k, v in fields.items() if k not in ("files", "format_version", "updated")}
+            layout.write_manifest(work, fields, reuse={
+                name: entry for name, entry in previous.items()
+                if (work / name).is_file() and os.path.samefile(work / name, index_dir / name)})
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        layout.replace_folder(work, index_dir)
+        return fields
+
+
+def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, Any]:
+    """Add the images of ``options.images`` not yet in the index (by id) and ``options.captions``."""
+    manifest = layout.read_manifest(index_dir)
+    check_model(manifest, model)
+    report: dict[str, Any] = {}
+
+    def change(work: Path, manifest: dict) -> dict:
+        conn = metadata.connect(work / layout.METADATA)
+        existing = {r[0] for r in conn.execute("SELECT id FROM images")}
+        files = [f for f in list_images(options.images) if f not in existing]
+        rows = read_captions(options.captions) if options.captions else []
+        taken, present = set(), set()
+        for r in conn.execute("SELECT id, text, image_id, extra FROM captions WHERE deleted = 0"):
+            taken.add(r[0])
+            present.add((r[2] or json.loads(r[3]).get("image"), r[1]))
+        taken |= {r[0] for r in conn.execute("SELECT id FROM captions WHERE deleted = 1")}
+        tmp = work.with_name(work.name + ".shards")  # encoded new items (not resumable: an add is redone)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shards = encode_all(model, options, files, tmp, Path(manifest["images_root"]),
+                            lambda known: caption_items(rows, existing | known, taken, present))
+        for name in layout.COLLECTIONS:
+            first = int(conn.execute(f"SELECT COALESCE(MAX(row) + 1, 0) FROM {name}").fetchone()[0])
+            col = open_collection(work, name, manifest, conn, writable=True)
+            entry = manifest["collections"][name]
+            manifest["collections"][name] = write_collection(
+                work / name, shards[name], first, entry["factory"], col.store.codec, previous=(col.index, col.store),
+                backend=global_backend(entry.get("backend")), local=local_backend(entry.get("local_backend")))
+            insert_metadata(conn, name, first, shards[name])
+            manifest["counts"][name] = metadata.count(conn, name, live_only=True)
+        linked = metadata.link_captions(conn, [i["id"] for s in shards["images"] for i in s.items])
+        metadata.close_for_checksum(conn)
+        manifest["model"] = model_fields(model)  # an index of the previous fingerprint rule is migrated here
+        report.update(captions_linked=linked, images_added=sum(len(s.items) for s in shards["images"]),
+                      captions_added=sum(len(s.items) for s in shards["captions"]),
+                      skipped=[k for name in layout.COLLECTIONS for s in shards[name] for k in s.skipped])
+        shutil.rmtree(tmp)
+        return manifest
+
+    transaction(index_dir, change)
+    return report
+
+
+def delete(index_dir: Path, ids: list[str]) -> dict[str, Any]:
+    """Tombstone ``ids`` (images or captions) and remove them from the global stores that can remove.
+
+    Ids that are not live in the index are reported in ``not_found``; when none is, nothing is rewritten."""
+    layout.read_manifest(index_dir)  # a clear error for a folder that is not an index
+    conn = metadata.connect(Path(index_dir) / layout.METADATA, read_only=True)
+    try:
+        live = {r[0] for name in layout.COLLECTIONS
+                for r in conn.execute(f"SELECT id FROM {name} WHERE deleted = 0 AND id IN "
+                                      f"(SELECT value FROM json_each(?))", (json.dumps(ids),))}
+    finally:
+        conn.close()
+    report: dict[str, Any] = {"not_found": sorted(set(ids) - live)}
+    if not live:  # a no-op: leave the index (and its checksums) untouched
+        return {**report, "images_deleted": 0, "captions_deleted": 0}
+
+    def change(work: Path, manifest: dict) -> dict:
+        conn = metadata.connect(work / layout.METADATA)
+        known = {r[0] for name in layout.COLLECTIONS for r in conn.execute(f"SELECT id FROM {name} WHERE deleted = 0")}
+        report["not_found"] = sorted(set(ids) - known)
+        for name in layout.COLLECTIONS:
+            rows = metadata.tombstone(conn, name, ids)
+            if rows:
+                col = open_collection(work, name, manifest, conn, writable=True)
+                col.index.remove(np.array(rows))
+                col.index.save(work / name)
+            report[f"{name}_deleted"] = len(rows)
+            manifest["counts"][name] = metadata.count(conn, name, live_only=True)
+            manifest["counts"][f"{name}_deleted"] = metadata.count(conn, name, live_only=False) - manifest["counts"][name]
+        metadata.close_for_checksum(conn)
+        return manifest
+
+    transaction(index_dir, change)
+    return report
