@@ -20,6 +20,7 @@ from PIL import Image
 from models import alignment
 from models.factory import load_model
 from models.model import AlignModel, EncoderOutput
+from models.words import content_words
 
 from .index import Collection, Index, check_model
 
@@ -174,22 +175,29 @@ class Searcher:
 
     def _explain(self, enc: EncoderOutput, q: int, hits: list[Hit], local: torch.Tensor, mask: torch.Tensor,
                  query_is_text: bool) -> None:
-        """For each word, its best region (grid cell when regions are a grid) and the similarity.
+        """For each content word, its best region (grid cell when regions are a grid), similarity, confidence.
 
-        For caption hits the word vectors are the decoded ones that ranked them; only the word strings are
-        needed, from one tokenizer call for all hits."""
+        Whole words, not word pieces, and no stopwords or punctuation (:mod:`models.words`); a word's region
+        similarity is the mean over its pieces, its confidence a softmax over regions
+        (:func:`models.alignment.whole_word_groundings`). The score is not affected: every piece still counts
+        in it. For caption hits the word vectors are the decoded ones that ranked them; only the word strings
+        are needed, from one tokenizer call for all hits."""
         caption_words = None if query_is_text else self.model.tokenize([h.caption or "" for h in hits]).words
         for i, hit in enumerate(hits):
             if query_is_text:
-                words, w_local, w_mask = enc.words[q], enc.local[q], enc.mask[q]
+                pieces, w_local, w_mask = enc.words[q], enc.local[q], enc.mask[q]
                 r_local, r_mask = local[i], mask[i]
             else:
-                words, w_local, w_mask = caption_words[i], local[i], mask[i]
+                pieces, w_local, w_mask = caption_words[i], local[i], mask[i]
                 r_local, r_mask = enc.local[q], enc.mask[q]
-            regions, sims = alignment.word_groundings(w_local, w_mask, r_local, r_mask)
+            vectors = w_local[w_mask.bool()][: len(pieces)]
+            shown = [w for w in content_words(pieces) if max(w.pieces) < len(vectors)]
+            regions, sims, confidence = alignment.whole_word_groundings(
+                vectors, r_local, r_mask, [w.pieces for w in shown])
             hit.grounding = []
-            for word, region, sim in zip(words, regions.tolist(), sims.tolist()):
-                entry: dict[str, Any] = {"word": word, "region": region, "similarity": round(sim, 4)}
+            for word, region, sim, conf in zip(shown, regions.tolist(), sims.tolist(), confidence.tolist()):
+                entry: dict[str, Any] = {"word": word.text, "region": region, "similarity": round(sim, 4),
+                                         "confidence": round(conf, 4)}
                 if self.grid is not None:
                     entry["cell"] = [region // self.grid[1], region % self.grid[1]]
                     entry["grid"] = list(self.grid)

@@ -39,9 +39,14 @@ class ImageSearchJSON(SearchParams):
 
 
 class Grounding(BaseModel):
-    word: str
+    """Where one word of the text matched in the image: whole words only, no stopwords or punctuation."""
+
+    word: str = Field(description="a whole word (word pieces merged), lower case")
     region: int = Field(description="region index (row-major grid cell, or box index)")
-    similarity: float
+    similarity: float = Field(description="cosine similarity of the word (mean over its pieces) and the region")
+    confidence: float | None = Field(None, description="probability of this region under a softmax over the "
+                                     "image's regions (temperature 0.05): near 1 when one region stands out, "
+                                     "1/regions when none does")
     cell: list[int] | None = Field(None, description="[row, col] of the grid cell")
     grid: list[int] | None = Field(None, description="[rows, cols] of the region grid")
 
