@@ -44,6 +44,8 @@ class SearchResult:
     hits: list[Hit]
     timings_ms: dict[str, float] = field(default_factory=dict)
     truncated: bool = False
+    min_score: float | None = None  # the threshold :meth:`Searcher.apply_min_score` applied, if any
+    below_min_score: int = 0  # hits it left out
 
 
 def _ms(start: float) -> float:
@@ -94,6 +96,26 @@ class Searcher:
                              explain: bool = False) -> list[SearchResult]:
         """Encoded image queries -> ranked captions (words are the candidates' side)."""
         return self._search(enc, self.index.captions, k, candidates, explain, query_is_text=False)
+
+    @property
+    def default_min_score(self) -> float | None:
+        """The model's calibrated ``min_score`` (its folder's ``calibration.json``), or None."""
+        value = (getattr(self.model, "calibration", None) or {}).get("min_score")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def apply_min_score(self, result: SearchResult, min_score: float | None = None) -> SearchResult:
+        """Leave out the hits whose ``global_score`` is below ``min_score``: they match nothing in the query.
+
+        ``None`` applies :attr:`default_min_score` (chosen by ``python -m bench.min_score`` on training and
+        validation captions vs nonsense strings: 99% of nonsense queries have no hit above it); with no
+        default nothing is left out. The global score is the threshold's measure because it does not grow
+        with the query's length, as the local (sum over words) part of ``score`` does. Ranks are unchanged;
+        the result records the threshold and how many hits fell below it."""
+        threshold = self.default_min_score if min_score is None else float(min_score)
+        if threshold is None:
+            return result
+        kept = [h for h in result.hits if h.global_score >= threshold]
+        return SearchResult(kept, result.timings_ms, result.truncated, threshold, len(result.hits) - len(kept))
 
     def get_image(self, image_id: str) -> dict[str, Any] | None:
         """Metadata of a live indexed image (with its absolute ``file``), or None."""

@@ -17,6 +17,7 @@ from .model import AlignModel, resolve_device
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CALIBRATION_FILE = "calibration.json"  # measured on the model, not part of it: outside the fingerprint
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 DEFAULT_MODEL = "default"
 
@@ -100,7 +101,19 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} for the trainable heads")
     model.fingerprint = model_fingerprint(folder)
     model.source = str(folder)
+    model.calibration = load_calibration(folder)
     return model.to(resolve_device(device)).eval()
+
+
+def load_calibration(folder: str | os.PathLike) -> dict:
+    """The model folder's ``calibration.json`` (e.g. ``min_score``, from ``python -m bench.min_score --write``);
+    empty when absent or unreadable."""
+    path = Path(folder) / CALIBRATION_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def default_device() -> torch.device:

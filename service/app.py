@@ -212,13 +212,15 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
 
     @app.post("/search/text", response_model=schemas.TextSearchResponse, dependencies=[Depends(require_api_key)],
               summary="ranked images for a sentence")
-    async def search_text(req: schemas.TextSearchRequest, _: Searcher = Depends(get_searcher)):
+    async def search_text(req: schemas.TextSearchRequest, searcher: Searcher = Depends(get_searcher)):
         started = time.perf_counter()
-        result = await state.text_batcher.submit(TextQuery(req))
+        result = searcher.apply_min_score(await state.text_batcher.submit(TextQuery(req)), req.min_score)
         timings = _timings(result, started)
         state.metrics.observe_stages("/search/text", timings)
         return schemas.TextSearchResponse(query=req.query, truncated=result.truncated, timings_ms=timings,
-                                          results=[_image_result(i + 1, h) for i, h in enumerate(result.hits)])
+                                          results=[_image_result(i + 1, h) for i, h in enumerate(result.hits)],
+                                          min_score=result.min_score, below_min_score=result.below_min_score,
+                                          no_match=result.min_score is not None and not result.hits)
 
     @app.post("/search/image", response_model=schemas.ImageSearchResponse, dependencies=[Depends(require_api_key)],
               summary="ranked captions for an image (multipart field 'file', or JSON 'image_base64')")

@@ -24,6 +24,12 @@ class SearchParams(BaseModel):
 class TextSearchRequest(SearchParams):
     query: str = Field(..., max_length=10_000, description="the sentence to search images for")
     explain: bool = Field(False, description="add, per result, each query word's best-matching region")
+    min_score: float | None = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False,
+        description="leave out results whose global_score (cosine of the query and the image) is below this: "
+                    "they match nothing in the query. Default (null): the model's calibrated threshold, chosen "
+                    "so that 99% of nonsense queries return nothing on its training images (0.21 for the "
+                    "shipped model); -1 keeps every result")
 
     @field_validator("query")
     @classmethod
@@ -74,6 +80,9 @@ class TextSearchResponse(BaseModel):
     results: list[ImageResult]
     timings_ms: Timings
     truncated: bool = Field(False, description="the query was cut to the text model's token limit")
+    min_score: float | None = Field(None, description="the min_score applied (null: none)")
+    below_min_score: int = Field(0, description="results of the top k left out as below min_score")
+    no_match: bool = Field(False, description="no result clears min_score: nothing in the index matches the query")
 
 
 class CaptionResult(BaseModel):

@@ -4,6 +4,7 @@ tombstones), the encoded entry points the service uses, and opening with the man
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -193,3 +194,20 @@ def test_gpu_copy_is_used_up_to_its_k_limit(built, model, monkeypatch):
         assert [h.id for h in searcher.search_text(QUERIES[:1], k=k, candidates=k)[0].hits] == \
                [h.id for h in plain.search_text(QUERIES[:1], k=k, candidates=k)[0].hits]
     assert index.images.index.calls == [5]
+
+
+def test_min_score_leaves_out_what_matches_nothing(searcher, model):
+    assert searcher.default_min_score == model.calibration["min_score"]  # the shipped calibration.json
+    nonsense, real = searcher.search_text(["zzzz qqqq", QUERIES[0]], k=5, candidates=N_IMAGES)
+    assert len(nonsense.hits) == 5  # the search itself still ranks everything
+    cut = searcher.apply_min_score(nonsense)
+    assert cut.hits == [] and cut.below_min_score == 5 and cut.min_score == searcher.default_min_score
+    kept = searcher.apply_min_score(real)
+    assert kept.hits and kept.hits == [h for h in real.hits if h.global_score >= searcher.default_min_score]
+    assert kept.below_min_score == 5 - len(kept.hits)
+    everything = searcher.apply_min_score(nonsense, -1.0)
+    assert [h.id for h in everything.hits] == [h.id for h in nonsense.hits] and everything.below_min_score == 0
+    uncalibrated = copy.copy(model)  # as loaded from a model folder without calibration.json
+    uncalibrated.calibration = {}
+    bare = Searcher(searcher.index, uncalibrated)
+    assert bare.default_min_score is None and bare.apply_min_score(nonsense) is nonsense

@@ -72,7 +72,7 @@ def _caption_of_some_image(built):
 
 def test_text_search_returns_ranked_images(client, built):
     row = _caption_of_some_image(built)
-    res = client.search_text(row["text"], k=5, candidates=N_IMAGES)
+    res = client.search_text(row["text"], k=5, candidates=N_IMAGES, min_score=-1)  # -1: every result
     scores = [r["score"] for r in res["results"]]
     assert len(scores) == 5 and scores == sorted(scores, reverse=True)
     assert [r["rank"] for r in res["results"]] == [1, 2, 3, 4, 5]
@@ -89,6 +89,27 @@ def test_explain_grounds_each_word_in_a_grid_cell(client):
     assert [g["word"] for g in grounding] == ["dog", "runs", "grass"]  # whole words, stopwords left out
     assert all(1 / 49 <= g["confidence"] <= 1.0 for g in grounding)
     assert all(g["grid"] == [7, 7] and g["cell"] == [g["region"] // 7, g["region"] % 7] for g in grounding)
+
+
+def test_nonsense_matches_nothing_and_real_queries_keep_their_hits(client):
+    nonsense = client.search_text("zzzz qqqq", k=5, candidates=N_IMAGES)
+    assert nonsense["results"] == [] and nonsense["no_match"] is True
+    assert nonsense["below_min_score"] == 5 and 0 < nonsense["min_score"] < 1
+    real = client.search_text("a dog runs through the grass", k=5, candidates=N_IMAGES)
+    assert real["results"] and real["no_match"] is False and real["min_score"] == nonsense["min_score"]
+    assert all(r["global_score"] >= real["min_score"] for r in real["results"])
+    everything = client.search_text("zzzz qqqq", k=5, candidates=N_IMAGES, min_score=-1)
+    assert len(everything["results"]) == 5 and everything["no_match"] is False
+
+
+@pytest.mark.parametrize("bad", [1.5, -2, "high", None])
+def test_min_score_out_of_range_is_a_clear_4xx(server, bad):
+    body = {"query": "a dog", "min_score": bad}
+    r = httpx.post(f"{server}/search/text", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    if bad is None:  # null: the model's default
+        assert r.status_code == 200 and r.json()["min_score"] is not None
+    else:
+        assert r.status_code == 422 and "min_score" in r.text and "Traceback" not in r.text
 
 
 def test_image_search_finds_its_own_captions(client, built):
@@ -135,7 +156,7 @@ def test_bad_text_queries_are_422(server, body):
 
 def test_long_query_is_truncated_and_says_so(client):
     res = client.search_text("a dog " * 200, k=3)
-    assert res["truncated"] is True and len(res["results"]) == 3
+    assert res["truncated"] is True and len(res["results"]) + res["below_min_score"] == 3
 
 
 def _png(width: int, height: int) -> bytes:
@@ -198,7 +219,7 @@ def test_load_with_concurrent_clients_batches_and_has_no_errors(server):
                 for i in counter:
                     try:
                         res = await c.search_text(queries[i % len(queries)], k=5, candidates=16)
-                        assert len(res["results"]) == 5
+                        assert len(res["results"]) + res["below_min_score"] == 5
                         done += 1
                     except Exception:  # noqa: BLE001  (counted, reported below)
                         errors += 1
