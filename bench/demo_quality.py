@@ -143,6 +143,25 @@ def build_demo_index(model, work: Path) -> Path:
     return out
 
 
+def _nothing_matches(searcher, plain_results, expected, n_nonsense: int = 100) -> dict[str, Any]:
+    """The model's default ``min_score`` on the demo: nonsense strings (another seed than the one that chose
+    it) with nothing above it, plain queries whose right photo stays above it."""
+    from .min_score import nonsense_queries
+
+    threshold = searcher.default_min_score
+    if threshold is None:
+        return {"min_score": None}
+    n = searcher.index.images.live
+    nonsense = searcher.search_text(nonsense_queries(n_nonsense, seed=1), k=n, candidates=n)
+    empty = sum(not searcher.apply_min_score(r).hits for r in nonsense)
+    kept = sum(any(h.id in exp and h.global_score >= threshold for h in r.hits)
+               for r, exp in zip(plain_results, expected))
+    answered = sum(bool(searcher.apply_min_score(r).hits) for r in plain_results)
+    return {"min_score": threshold, "nonsense_with_no_result": round(100.0 * empty / len(nonsense), 2),
+            "plain_queries_with_a_result": round(100.0 * answered / len(plain_results), 2),
+            "plain_queries_right_photo_kept": round(100.0 * kept / len(plain_results), 2)}
+
+
 def evaluate(searcher) -> dict[str, Any]:
     """The demo figures for an open :class:`indexer.search.Searcher` over the demo index."""
     n = searcher.index.images.live
@@ -159,6 +178,7 @@ def evaluate(searcher) -> dict[str, Any]:
         for r, exp in zip(results, expected) for h in r.hits if h.id in exp
         for g in h.grounding or [] if g.get("cell") is not None
     ]
+    nothing = _nothing_matches(searcher, results[:n_plain], expected[:n_plain])
     plain = recall_at(ranked[:n_plain], expected[:n_plain])
     caps = recall_at(ranked[n_plain:], expected[n_plain:])
     strict = recall_at(ranked[n_plain:], [[image] for _, image in captions], ks=(1,))
@@ -168,6 +188,7 @@ def evaluate(searcher) -> dict[str, Any]:
         "captions": {"queries": len(captions), "right_first": caps["r1"], "r5": caps["r5"],
                      "right_first_strict": strict["r1"]},
         "pointing": pointing_game(trials, load_boxes()),
+        "min_score": nothing,
         "misses_at_1": {s: r[0] for s, r, e in zip(sentences, ranked, expected) if r and r[0] not in e},
     }
 
