@@ -37,6 +37,7 @@ class Hit:
     image_id: str | None
     metadata: dict[str, Any]
     grounding: list[dict[str, Any]] | None = None
+    match: bool | None = None  # global_score >= the min_score :meth:`Searcher.mark_matches` applied
 
 
 @dataclass
@@ -44,8 +45,12 @@ class SearchResult:
     hits: list[Hit]
     timings_ms: dict[str, float] = field(default_factory=dict)
     truncated: bool = False
-    min_score: float | None = None  # the threshold :meth:`Searcher.apply_min_score` applied, if any
-    below_min_score: int = 0  # hits it left out
+    min_score: float | None = None  # the threshold :meth:`Searcher.mark_matches` applied, if any
+
+    @property
+    def no_match(self) -> bool:
+        """A threshold applied and no hit clears it: nothing matches the query."""
+        return self.min_score is not None and not any(h.match for h in self.hits)
 
 
 def _ms(start: float) -> float:
@@ -103,19 +108,19 @@ class Searcher:
         value = (getattr(self.model, "calibration", None) or {}).get("min_score")
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    def apply_min_score(self, result: SearchResult, min_score: float | None = None) -> SearchResult:
-        """Leave out the hits whose ``global_score`` is below ``min_score``: they match nothing in the query.
+    def mark_matches(self, result: SearchResult, min_score: float | None = None) -> SearchResult:
+        """Tell strong hits from weak ones: ``hit.match`` is ``global_score >= min_score`` (in place).
 
         ``None`` applies :attr:`default_min_score` (chosen by ``python -m bench.min_score`` on training and
         validation captions vs nonsense strings: 99% of nonsense queries have no hit above it); with no
-        default nothing is left out. The global score is the threshold's measure because it does not grow
-        with the query's length, as the local (sum over words) part of ``score`` does. Ranks are unchanged;
-        the result records the threshold and how many hits fell below it."""
+        default, ``match`` stays None. The global score is the threshold's measure because it does not grow
+        with the query's length, as the local (sum over words) part of ``score`` does. Hits and ranks are
+        unchanged; ``result.min_score`` records the threshold and ``result.no_match`` says if none clears it."""
         threshold = self.default_min_score if min_score is None else float(min_score)
-        if threshold is None:
-            return result
-        kept = [h for h in result.hits if h.global_score >= threshold]
-        return SearchResult(kept, result.timings_ms, result.truncated, threshold, len(result.hits) - len(kept))
+        result.min_score = threshold
+        for hit in result.hits:
+            hit.match = None if threshold is None else hit.global_score >= threshold
+        return result
 
     def get_image(self, image_id: str) -> dict[str, Any] | None:
         """Metadata of a live indexed image (with its absolute ``file``), or None."""

@@ -26,10 +26,10 @@ class TextSearchRequest(SearchParams):
     explain: bool = Field(False, description="add, per result, each query word's best-matching region")
     min_score: float | None = Field(
         None, ge=-1.0, le=1.0, allow_inf_nan=False,
-        description="leave out results whose global_score (cosine of the query and the image) is below this: "
-                    "they match nothing in the query. Default (null): the model's calibrated threshold, chosen "
-                    "so that 99% of nonsense queries return nothing on its training images (0.21 for the "
-                    "shipped model); -1 keeps every result")
+        description="results whose global_score (cosine of the query and the image) is below this are weak "
+                    "matches (match: false): they match nothing in the query. Default (null): the model's "
+                    "calibrated threshold, chosen so that 99% of nonsense queries have no result above it on its "
+                    "training images (0.21 for the shipped model)")
 
     @field_validator("query")
     @classmethod
@@ -73,6 +73,8 @@ class ImageResult(BaseModel):
     uri: str
     metadata: dict
     grounding: list[Grounding] | None = None
+    match: bool | None = Field(None, description="global_score >= min_score: a strong match; false: a weak one "
+                               "(null when no min_score applies)")
 
 
 class TextSearchResponse(BaseModel):
@@ -80,8 +82,7 @@ class TextSearchResponse(BaseModel):
     results: list[ImageResult]
     timings_ms: Timings
     truncated: bool = Field(False, description="the query was cut to the text model's token limit")
-    min_score: float | None = Field(None, description="the min_score applied (null: none)")
-    below_min_score: int = Field(0, description="results of the top k left out as below min_score")
+    min_score: float | None = Field(None, description="the min_score applied (null: the model has none)")
     no_match: bool = Field(False, description="no result clears min_score: nothing in the index matches the query")
 
 

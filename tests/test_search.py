@@ -196,18 +196,22 @@ def test_gpu_copy_is_used_up_to_its_k_limit(built, model, monkeypatch):
     assert index.images.index.calls == [5]
 
 
-def test_min_score_leaves_out_what_matches_nothing(searcher, model):
-    assert searcher.default_min_score == model.calibration["min_score"]  # the shipped calibration.json
+def test_min_score_tells_weak_hits_from_strong_ones(searcher, model):
+    threshold = searcher.default_min_score
+    assert threshold == model.calibration["min_score"]  # the shipped calibration.json
     nonsense, real = searcher.search_text(["zzzz qqqq", QUERIES[0]], k=5, candidates=N_IMAGES)
-    assert len(nonsense.hits) == 5  # the search itself still ranks everything
-    cut = searcher.apply_min_score(nonsense)
-    assert cut.hits == [] and cut.below_min_score == 5 and cut.min_score == searcher.default_min_score
-    kept = searcher.apply_min_score(real)
-    assert kept.hits and kept.hits == [h for h in real.hits if h.global_score >= searcher.default_min_score]
-    assert kept.below_min_score == 5 - len(kept.hits)
-    everything = searcher.apply_min_score(nonsense, -1.0)
-    assert [h.id for h in everything.hits] == [h.id for h in nonsense.hits] and everything.below_min_score == 0
+    assert nonsense.min_score is None and not nonsense.no_match and all(h.match is None for h in nonsense.hits)
+    ids = [h.id for h in nonsense.hits]
+    marked = searcher.mark_matches(nonsense)
+    assert [h.id for h in marked.hits] == ids  # hits and ranks unchanged
+    assert marked.min_score == threshold and marked.no_match and not any(h.match for h in marked.hits)
+    real = searcher.mark_matches(real)
+    assert not real.no_match and any(h.match for h in real.hits)
+    assert all(h.match == (h.global_score >= threshold) for h in real.hits)
+    assert not searcher.mark_matches(nonsense, -1.0).no_match and all(h.match for h in nonsense.hits)
     uncalibrated = copy.copy(model)  # as loaded from a model folder without calibration.json
     uncalibrated.calibration = {}
     bare = Searcher(searcher.index, uncalibrated)
-    assert bare.default_min_score is None and bare.apply_min_score(nonsense) is nonsense
+    unmarked = bare.mark_matches(nonsense)
+    assert bare.default_min_score is None and unmarked.min_score is None and not unmarked.no_match
+    assert all(h.match is None for h in unmarked.hits)

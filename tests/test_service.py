@@ -72,7 +72,7 @@ def _caption_of_some_image(built):
 
 def test_text_search_returns_ranked_images(client, built):
     row = _caption_of_some_image(built)
-    res = client.search_text(row["text"], k=5, candidates=N_IMAGES, min_score=-1)  # -1: every result
+    res = client.search_text(row["text"], k=5, candidates=N_IMAGES)
     scores = [r["score"] for r in res["results"]]
     assert len(scores) == 5 and scores == sorted(scores, reverse=True)
     assert [r["rank"] for r in res["results"]] == [1, 2, 3, 4, 5]
@@ -93,13 +93,14 @@ def test_explain_grounds_each_word_in_a_grid_cell(client):
 
 def test_nonsense_matches_nothing_and_real_queries_keep_their_hits(client):
     nonsense = client.search_text("zzzz qqqq", k=5, candidates=N_IMAGES)
-    assert nonsense["results"] == [] and nonsense["no_match"] is True
-    assert nonsense["below_min_score"] == 5 and 0 < nonsense["min_score"] < 1
+    assert len(nonsense["results"]) == 5 and nonsense["no_match"] is True and 0 < nonsense["min_score"] < 1
+    assert all(r["match"] is False for r in nonsense["results"])
     real = client.search_text("a dog runs through the grass", k=5, candidates=N_IMAGES)
-    assert real["results"] and real["no_match"] is False and real["min_score"] == nonsense["min_score"]
-    assert all(r["global_score"] >= real["min_score"] for r in real["results"])
-    everything = client.search_text("zzzz qqqq", k=5, candidates=N_IMAGES, min_score=-1)
-    assert len(everything["results"]) == 5 and everything["no_match"] is False
+    assert real["no_match"] is False and real["min_score"] == nonsense["min_score"]
+    assert real["results"][0]["match"] is True
+    assert all(r["match"] == (r["global_score"] >= real["min_score"]) for r in real["results"])
+    lowered = client.search_text("zzzz qqqq", k=5, candidates=N_IMAGES, min_score=-1)
+    assert lowered["no_match"] is False and all(r["match"] for r in lowered["results"])
 
 
 @pytest.mark.parametrize("bad", [1.5, -2, "high", None])
@@ -156,7 +157,7 @@ def test_bad_text_queries_are_422(server, body):
 
 def test_long_query_is_truncated_and_says_so(client):
     res = client.search_text("a dog " * 200, k=3)
-    assert res["truncated"] is True and len(res["results"]) + res["below_min_score"] == 3
+    assert res["truncated"] is True and len(res["results"]) == 3
 
 
 def _png(width: int, height: int) -> bytes:
@@ -219,7 +220,7 @@ def test_load_with_concurrent_clients_batches_and_has_no_errors(server):
                 for i in counter:
                     try:
                         res = await c.search_text(queries[i % len(queries)], k=5, candidates=16)
-                        assert len(res["results"]) + res["below_min_score"] == 5
+                        assert len(res["results"]) == 5
                         done += 1
                     except Exception:  # noqa: BLE001  (counted, reported below)
                         errors += 1
