@@ -159,7 +159,7 @@ def _nothing_matches(searcher, plain_results, expected, n_nonsense: int = 100) -
     answered = sum(not searcher.mark_matches(r).no_match for r in plain_results)
     return {"min_score": threshold, "nonsense_with_no_match": round(100.0 * empty / len(nonsense), 2),
             "plain_queries_with_a_match": round(100.0 * answered / len(plain_results), 2),
-            "plain_queries_right_photo_kept": round(100.0 * kept / len(plain_results), 2)}
+            "plain_queries_right_photo_a_match": round(100.0 * kept / len(plain_results), 2)}
 
 
 def evaluate(searcher) -> dict[str, Any]:
@@ -211,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) > 1 or (argv and argv[0].startswith("-")):
         print("usage: python -m bench.demo_quality [MODEL]  (prints the demo figures as JSON)", file=sys.stderr)
         return 2
-    print(json.dumps(run(argv[0] if argv else None), indent=2))
+    try:
+        report = run(argv[0] if argv else None)
+    except (OSError, ValueError, ImportError) as exc:  # no such model, no scikit-image
+        print(f"bench.demo_quality: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import string
 import sys
@@ -27,8 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-DEFAULT_DATASET = Path(os.environ.get("ALIGNSEARCH_DATASET",
-                                      Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k-800"))
+from .cli import DEFAULT_DATASET
+
 QUANTILE = 0.99
 KEYBOARD = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 
@@ -120,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from models.factory import load_model
 
-    model = load_model(argv[0] if argv else None)
-    report = calibrate(model)
+    try:
+        model = load_model(argv[0] if argv else None)
+        report = calibrate(model)
+    except (OSError, ValueError) as exc:  # no model or data set there (DatasetError is a ValueError)
+        print(f"bench.min_score: error: {exc}", file=sys.stderr)
+        return 2
     if write:
         (Path(model.source) / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

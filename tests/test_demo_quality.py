@@ -82,3 +82,13 @@ def test_demo_captions_put_their_photo_first(demo_figures):
 @pytest.mark.xfail(strict=False, reason=NEW_MODEL)
 def test_pointing_game_on_the_labelled_demo_boxes(demo_figures):
     assert demo_figures["pointing"]["pointing_game"] >= 70.0, demo_figures["pointing"]["per_word"]
+
+
+def test_script_entries_answer_bad_input_in_one_line(capsys, tmp_path):
+    from bench import min_score
+
+    for main in (dq.main, min_score.main):
+        assert main(["--bogus"]) == 2
+        assert main([str(tmp_path / "no-model")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "no-model" in err and "Traceback" not in err
