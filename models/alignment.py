@@ -111,15 +111,6 @@ def fuse(global_scores: torch.Tensor, local: torch.Tensor, weight: float) -> tor
     return global_scores + weight * local
 
 
-def word_groundings(
-    words: torch.Tensor, word_mask: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For one text (Tw x D) and one image (Tr x D): each word's best region index and its similarity."""
-    sims = (words @ regions.T).masked_fill(~region_mask.bool()[None, :], NEG)
-    best, index = sims.max(dim=-1)
-    return index[word_mask.bool()], best[word_mask.bool()]
-
-
 # Temperature of the softmax over regions that turns a word's region similarities into a confidence.
 GROUNDING_TEMPERATURE = 0.05
 
@@ -150,6 +141,6 @@ def whole_word_groundings(
 
 __all__ = [
     "ALIGNMENT_FUNCTIONS", "GROUNDING_TEMPERATURE", "fuse", "local_scores", "token_similarities",
-    "whole_word_groundings", "word_groundings",
+    "whole_word_groundings",
     "mrsw", "mravgw", "mwsr", "symm", "chan_lse",
 ]

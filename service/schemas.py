@@ -49,7 +49,7 @@ class Grounding(BaseModel):
 
     word: str = Field(description="a whole word (word pieces merged), lower case")
     region: int = Field(description="region index (row-major grid cell, or box index)")
-    similarity: float = Field(description="cosine similarity of the word (mean over its pieces) and the region")
+    similarity: float = Field(description="the word's cosine similarity with the region (mean over its pieces)")
     confidence: float | None = Field(None, description="probability of this region under a softmax over the "
                                      "image's regions (temperature 0.05): near 1 when one region stands out, "
                                      "1/regions when none does")
