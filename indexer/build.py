@@ -27,7 +27,7 @@ from .assemble import assemble_index
 from .caption_ids import caption_items
 from .distributor import Distributor, LocalDistributor, Mapper
 from .encode import encode_task
-from .local_store import DEFAULT_CODEC
+from .layout import DEFAULT_CODEC
 from .plan import caption_tasks, image_tasks
 from .reader import CaptionRow, list_images, read_captions
 from .stores import DEFAULT_GLOBAL, DEFAULT_LOCAL, global_backend, local_backend

@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 import torch
 
-from .layout import CODEC_FILE, CODES_FILE, DEFAULT_CODEC, OFFSETS_FILE, atomic_path
+from .layout import CODEC_FILE, CODES_FILE, OFFSETS_FILE, atomic_path
 
 TRAIN_SAMPLE = 65_536
 COPY_CHUNK = 262_144  # vectors encoded / codes copied per step while writing a store

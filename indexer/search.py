@@ -21,6 +21,7 @@ from models import alignment
 from models.factory import load_model
 from models.model import AlignModel, EncoderOutput
 from models.scoring import ScoringConfig, rank
+from models.words import content_words
 
 from .index import Collection, Index, check_model
 
@@ -37,6 +38,7 @@ class Hit:
     image_id: str | None
     metadata: dict[str, Any]
     grounding: list[dict[str, Any]] | None = None
+    match: bool | None = None  # global_score >= the min_score :meth:`Searcher.mark_matches` applied
 
 
 @dataclass
@@ -44,6 +46,12 @@ class SearchResult:
     hits: list[Hit]
     timings_ms: dict[str, float] = field(default_factory=dict)
     truncated: bool = False
+    min_score: float | None = None  # the threshold :meth:`Searcher.mark_matches` applied, if any
+
+    @property
+    def no_match(self) -> bool:
+        """A threshold applied and no hit clears it: nothing matches the query."""
+        return self.min_score is not None and not any(h.match for h in self.hits)
 
 
 def _ms(start: float) -> float:
@@ -99,6 +107,26 @@ class Searcher:
                              scoring: ScoringConfig | None = None) -> list[SearchResult]:
         """Encoded image queries -> ranked captions (words are the candidates' side)."""
         return self._search(enc, self.index.captions, k, candidates, explain, False, scoring or self.scoring)
+
+    @property
+    def default_min_score(self) -> float | None:
+        """The model's calibrated ``min_score`` (its folder's ``calibration.json``), or None."""
+        value = (getattr(self.model, "calibration", None) or {}).get("min_score")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def mark_matches(self, result: SearchResult, min_score: float | None = None) -> SearchResult:
+        """Tell strong hits from weak ones: ``hit.match`` is ``global_score >= min_score`` (in place).
+
+        ``None`` applies :attr:`default_min_score` (chosen by ``python -m bench.min_score`` on training and
+        validation captions vs nonsense strings: 99% of nonsense queries have no hit above it); with no
+        default, ``match`` stays None. The global score is the threshold's measure because it does not grow
+        with the query's length, as the local (sum over words) part of ``score`` does. Hits and ranks are
+        unchanged; ``result.min_score`` records the threshold and ``result.no_match`` says if none clears it."""
+        threshold = self.default_min_score if min_score is None else float(min_score)
+        result.min_score = threshold
+        for hit in result.hits:
+            hit.match = None if threshold is None else hit.global_score >= threshold
+        return result
 
     def get_image(self, image_id: str) -> dict[str, Any] | None:
         """Metadata of a live indexed image (with its absolute ``file``), or None."""
@@ -182,22 +210,29 @@ class Searcher:
 
     def _explain(self, enc: EncoderOutput, q: int, hits: list[Hit], local: torch.Tensor, mask: torch.Tensor,
                  query_is_text: bool) -> None:
-        """For each word, its best region (grid cell when regions are a grid) and the similarity.
+        """For each content word, its best region (grid cell when regions are a grid), similarity, confidence.
 
-        For caption hits the word vectors are the decoded ones that ranked them; only the word strings are
-        needed, from one tokenizer call for all hits."""
+        Whole words, not word pieces, and no stopwords or punctuation (:mod:`models.words`); a word's region
+        similarity is the mean over its pieces, its confidence a softmax over regions
+        (:func:`models.alignment.whole_word_groundings`). The score is not affected: every piece still counts
+        in it. For caption hits the word vectors are the decoded ones that ranked them; only the word strings
+        are needed, from one tokenizer call for all hits."""
         caption_words = None if query_is_text else self.model.tokenize([h.caption or "" for h in hits]).words
         for i, hit in enumerate(hits):
             if query_is_text:
-                words, w_local, w_mask = enc.words[q], enc.local[q], enc.mask[q]
+                pieces, w_local, w_mask = enc.words[q], enc.local[q], enc.mask[q]
                 r_local, r_mask = local[i], mask[i]
             else:
-                words, w_local, w_mask = caption_words[i], local[i], mask[i]
+                pieces, w_local, w_mask = caption_words[i], local[i], mask[i]
                 r_local, r_mask = enc.local[q], enc.mask[q]
-            regions, sims = alignment.word_groundings(w_local, w_mask, r_local, r_mask)
+            vectors = w_local[w_mask.bool()][: len(pieces)]
+            shown = [w for w in content_words(pieces) if max(w.pieces) < len(vectors)]
+            regions, sims, confidence = alignment.whole_word_groundings(
+                vectors, r_local, r_mask, [w.pieces for w in shown])
             hit.grounding = []
-            for word, region, sim in zip(words, regions.tolist(), sims.tolist()):
-                entry: dict[str, Any] = {"word": word, "region": region, "similarity": round(sim, 4)}
+            for word, region, sim, conf in zip(shown, regions.tolist(), sims.tolist(), confidence.tolist()):
+                entry: dict[str, Any] = {"word": word.text, "region": region, "similarity": round(sim, 4),
+                                         "confidence": round(conf, 4)}
                 if self.grid is not None:
                     entry["cell"] = [region // self.grid[1], region % self.grid[1]]
                     entry["grid"] = list(self.grid)

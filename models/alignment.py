@@ -8,7 +8,7 @@ the Nt x Ni x Tw x Tr similarity block stays within ``max_block`` elements.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -111,16 +111,36 @@ def fuse(global_scores: torch.Tensor, local: torch.Tensor, weight: float) -> tor
     return global_scores + weight * local
 
 
-def word_groundings(
-    words: torch.Tensor, word_mask: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For one text (Tw x D) and one image (Tr x D): each word's best region index and its similarity."""
-    sims = (words @ regions.T).masked_fill(~region_mask.bool()[None, :], NEG)
-    best, index = sims.max(dim=-1)
-    return index[word_mask.bool()], best[word_mask.bool()]
+# Temperature of the softmax over regions that turns a word's region similarities into a confidence.
+GROUNDING_TEMPERATURE = 0.05
+
+
+def whole_word_groundings(
+    pieces: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor, groups: Sequence[Sequence[int]],
+    temperature: float = GROUNDING_TEMPERATURE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each whole word's best region, its similarity and a confidence, for one text and one image.
+
+    ``pieces`` (P x D) are the text's word-piece vectors, ``regions`` (Tr x D) the image's, ``groups`` the
+    piece positions of each word (see :func:`models.words.merge_pieces`). A word's similarity to a region is
+    the mean of its pieces' cosine similarities to it (a one-piece word keeps its own). The confidence is
+    the best region's probability under a softmax over the image's regions at ``temperature``: near 1 when
+    one region stands out, ``1 / Tr`` when all are alike. Returns (index, similarity, confidence), one
+    entry per group.
+    """
+    if not groups:
+        empty = torch.zeros(0)
+        return empty.long(), empty, empty
+    sims = pieces @ regions.to(pieces.dtype).T  # P x Tr
+    per_word = torch.stack([sims[list(g)].mean(0) for g in groups])  # W x Tr
+    per_word = per_word.masked_fill(~region_mask.bool()[None, :], NEG)
+    best, index = per_word.max(dim=-1)
+    confidence = torch.softmax(per_word / temperature, dim=-1).gather(1, index[:, None])[:, 0]
+    return index, best, confidence
 
 
 __all__ = [
-    "ALIGNMENT_FUNCTIONS", "fuse", "local_scores", "token_similarities", "word_groundings",
+    "ALIGNMENT_FUNCTIONS", "GROUNDING_TEMPERATURE", "fuse", "local_scores", "token_similarities",
+    "whole_word_groundings",
     "mrsw", "mravgw", "mwsr", "symm", "chan_lse",
 ]

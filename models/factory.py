@@ -3,6 +3,7 @@ their packages or ``from_pretrained``). Nothing is unpickled on load. Identity: 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from .identity import CONFIG_FILE, WEIGHTS_FILE, legacy_fingerprint, model_finge
 from .model import AlignModel, resolve_device
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "create_model", "load_model", "model_fingerprint", "save_model"]
+CALIBRATION_FILE = "calibration.json"  # measured on the model, not part of it: outside the fingerprint
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 DEFAULT_MODEL = "default"
 
@@ -84,4 +86,16 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     model.fingerprint = model_fingerprint(folder)
     model.legacy_fingerprint = legacy_fingerprint(folder)  # what indexes built before fingerprint rule 2 recorded
     model.source = str(folder)
+    model.calibration = load_calibration(folder)
     return model.to(resolve_device(device)).eval()
+
+
+def load_calibration(folder: str | os.PathLike) -> dict:
+    """The model folder's ``calibration.json`` (e.g. ``min_score``, from ``python -m bench.min_score --write``);
+    empty when absent or unreadable."""
+    path = Path(folder) / CALIBRATION_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

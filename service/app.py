@@ -126,7 +126,7 @@ def _timings(result: SearchResult, started: float) -> dict[str, float]:
 def _image_result(rank: int, hit: Hit) -> schemas.ImageResult:
     return schemas.ImageResult(rank=rank, id=hit.id, score=hit.score, global_score=hit.global_score,
                                local_score=hit.local_score, uri=f"/images/{quote(hit.id)}", metadata=hit.metadata,
-                               grounding=hit.grounding)
+                               grounding=hit.grounding, match=hit.match)
 
 
 def _caption_result(rank: int, hit: Hit) -> schemas.CaptionResult:
@@ -212,13 +212,14 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
 
     @app.post("/search/text", response_model=schemas.TextSearchResponse, dependencies=[Depends(require_api_key)],
               summary="ranked images for a sentence")
-    async def search_text(req: schemas.TextSearchRequest, _: Searcher = Depends(get_searcher)):
+    async def search_text(req: schemas.TextSearchRequest, searcher: Searcher = Depends(get_searcher)):
         started = time.perf_counter()
-        result = await state.text_batcher.submit(TextQuery(req))
+        result = searcher.mark_matches(await state.text_batcher.submit(TextQuery(req)), req.min_score)
         timings = _timings(result, started)
         state.metrics.observe_stages("/search/text", timings)
         return schemas.TextSearchResponse(query=req.query, truncated=result.truncated, timings_ms=timings,
-                                          results=[_image_result(i + 1, h) for i, h in enumerate(result.hits)])
+                                          results=[_image_result(i + 1, h) for i, h in enumerate(result.hits)],
+                                          min_score=result.min_score, no_match=result.no_match)
 
     @app.post("/search/image", response_model=schemas.ImageSearchResponse, dependencies=[Depends(require_api_key)],
               summary="ranked captions for an image (multipart field 'file', or JSON 'image_base64')")

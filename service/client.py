@@ -21,8 +21,9 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def _text_body(query: str, k: int, candidates: int, explain: bool) -> dict[str, Any]:
-    return {"query": query, "k": k, "candidates": candidates, "explain": explain}
+def _text_body(query: str, k: int, candidates: int, explain: bool, min_score: float | None = None) -> dict[str, Any]:
+    body = {"query": query, "k": k, "candidates": candidates, "explain": explain}
+    return body if min_score is None else {**body, "min_score": min_score}
 
 
 def _image_files(image: bytes | str | Path, k: int, candidates: int, explain: bool) -> dict[str, Any]:
@@ -56,8 +57,9 @@ class AlignSearchClient:
     def close(self) -> None:
         self.http.close()
 
-    def search_text(self, query: str, k: int = 10, candidates: int = 100, explain: bool = False) -> dict:
-        return _json(self.http.post("/search/text", json=_text_body(query, k, candidates, explain)))
+    def search_text(self, query: str, k: int = 10, candidates: int = 100, explain: bool = False,
+                    min_score: float | None = None) -> dict:
+        return _json(self.http.post("/search/text", json=_text_body(query, k, candidates, explain, min_score)))
 
     def search_image(self, image: bytes | str | Path, k: int = 10, candidates: int = 100,
                      explain: bool = False) -> dict:
@@ -92,8 +94,10 @@ class AsyncAlignSearchClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def search_text(self, query: str, k: int = 10, candidates: int = 100, explain: bool = False) -> dict:
-        return _json(await self.http.post("/search/text", json=_text_body(query, k, candidates, explain)))
+    async def search_text(self, query: str, k: int = 10, candidates: int = 100, explain: bool = False,
+                          min_score: float | None = None) -> dict:
+        return _json(await self.http.post("/search/text",
+                                          json=_text_body(query, k, candidates, explain, min_score)))
 
     async def search_image(self, image: bytes | str | Path, k: int = 10, candidates: int = 100,
                            explain: bool = False) -> dict:

@@ -24,6 +24,12 @@ class SearchParams(BaseModel):
 class TextSearchRequest(SearchParams):
     query: str = Field(..., max_length=10_000, description="the sentence to search images for")
     explain: bool = Field(False, description="add, per result, each query word's best-matching region")
+    min_score: float | None = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False,
+        description="results whose global_score (cosine of the query and the image) is below this are weak "
+                    "matches (match: false): they match nothing in the query. Default (null): the model's "
+                    "calibrated threshold, chosen so that 99% of nonsense queries have no result above it on its "
+                    "training images (0.21 for the shipped model)")
 
     @field_validator("query")
     @classmethod
@@ -39,9 +45,14 @@ class ImageSearchJSON(SearchParams):
 
 
 class Grounding(BaseModel):
-    word: str
+    """Where one word of the text matched in the image: whole words only, no stopwords or punctuation."""
+
+    word: str = Field(description="a whole word (word pieces merged), lower case")
     region: int = Field(description="region index (row-major grid cell, or box index)")
-    similarity: float
+    similarity: float = Field(description="the word's cosine similarity with the region (mean over its pieces)")
+    confidence: float | None = Field(None, description="probability of this region under a softmax over the "
+                                     "image's regions (temperature 0.05): near 1 when one region stands out, "
+                                     "1/regions when none does")
     cell: list[int] | None = Field(None, description="[row, col] of the grid cell")
     grid: list[int] | None = Field(None, description="[rows, cols] of the region grid")
 
@@ -62,6 +73,8 @@ class ImageResult(BaseModel):
     uri: str
     metadata: dict
     grounding: list[Grounding] | None = None
+    match: bool | None = Field(None, description="global_score >= min_score: a strong match; false: a weak one "
+                               "(null when no min_score applies)")
 
 
 class TextSearchResponse(BaseModel):
@@ -69,6 +82,8 @@ class TextSearchResponse(BaseModel):
     results: list[ImageResult]
     timings_ms: Timings
     truncated: bool = Field(False, description="the query was cut to the text model's token limit")
+    min_score: float | None = Field(None, description="the min_score applied (null: the model has none)")
+    no_match: bool = Field(False, description="no result clears min_score: nothing in the index matches the query")
 
 
 class CaptionResult(BaseModel):

@@ -90,7 +90,7 @@ def test_matrix_equals_one_query_at_a_time_and_chunking(method):
 
 
 def test_word_groundings_pick_best_region_per_word():
-    index, sims = alignment.word_groundings(WORDS[0], ALL[0], REGIONS[0], ALL_R[0])
+    index, sims, _ = alignment.whole_word_groundings(WORDS[0], REGIONS[0], ALL_R[0], [(0,), (1,)])
     assert index.tolist() == [1, 0]
     torch.testing.assert_close(sims, torch.tensor([1.0, 0.8]))
 

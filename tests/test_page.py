@@ -226,7 +226,8 @@ def test_search_page_states_and_layout(browser, page_server, built):  # browser 
     assert "images in" in page.inner_text("#text-status")
     _state(page, "1-text-results")
 
-    # 2. the overlay: each word the API grounded is drawn on its cell, in its chip's colour, named on hover
+    # 2. the overlay: each content word the API grounded (no stopwords) is drawn on its cell, in its chip's
+    # colour, named on hover
     page.fill("#query", "a dog runs through the grass")
     with page.expect_response("**/search/text") as answer:
         page.check("#explain")
@@ -236,6 +237,7 @@ def test_search_page_states_and_layout(browser, page_server, built):  # browser 
     first = cards.first
     shown = [g["word"] for g in grounding if g.get("cell")]
     assert _chip_words(first) == shown and {"dog", "grass"} <= set(shown)
+    assert not {"a", "through", "the"} & set(shown)  # whole content words only
     assert sorted(first.locator(".mark").evaluate_all("m => m.map(x => x.dataset.word)")) == sorted(shown)
     chip_hues = first.locator(".chip").evaluate_all("cs => cs.map(c => c.style.getPropertyValue('--hue'))")
     mark_hues = first.locator(".mark").evaluate_all(

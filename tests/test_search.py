@@ -4,6 +4,7 @@ tombstones), the encoded entry points the service uses, and opening with the man
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from indexer.index import Index, verify
 from indexer.search import Searcher
 from models import load_model
 from models.preprocess import load_image
+from models.words import content_words
 from service.cli import main
 
 TOL = 2e-3  # SQfp16 decoding of the local vectors moves fused scores by less than this
@@ -103,15 +105,15 @@ def test_explain_grounds_every_query_word_in_a_grid_cell(searcher, model):
     rows, cols = model.region_grid()
     for hit in res.hits:
         words = [g["word"] for g in hit.grounding]
-        assert words == model.encode_texts(["a black dog jumps"]).words[0]
+        assert words == ["black", "dog", "jumps"]  # whole words, no stopwords
         for g in hit.grounding:
             assert 0 <= g["region"] < rows * cols and g["cell"] == [g["region"] // cols, g["region"] % cols]
-            assert -1.0 <= g["similarity"] <= 1.0
+            assert -1.0 <= g["similarity"] <= 1.0 and 1 / (rows * cols) <= g["confidence"] <= 1.0
     res = searcher.search_image([load_image(searcher.index.images_root / res.hits[0].uri)], k=2, candidates=4,
                                 explain=True)[0]
     assert all(h.grounding and len(h.grounding) > 0 for h in res.hits)
-    for h in res.hits:  # caption hits: one entry per word piece of the caption
-        assert [g["word"] for g in h.grounding] == model.encode_texts([h.caption]).words[0]
+    for h in res.hits:  # caption hits: one entry per content word of the caption
+        assert [g["word"] for g in h.grounding] == [w.text for w in content_words(model.tokenize([h.caption]).words[0])]
 
 
 def test_get_image_and_hit_metadata(searcher):
@@ -194,3 +196,24 @@ def test_gpu_copy_is_used_up_to_its_k_limit(built, model, monkeypatch):
         assert [h.id for h in searcher.search_text(QUERIES[:1], k=k, candidates=k)[0].hits] == \
                [h.id for h in plain.search_text(QUERIES[:1], k=k, candidates=k)[0].hits]
     assert store.index.calls == [5]
+
+
+def test_min_score_tells_weak_hits_from_strong_ones(searcher, model):
+    threshold = searcher.default_min_score
+    assert threshold == model.calibration["min_score"]  # the shipped calibration.json
+    nonsense, real = searcher.search_text(["zzzz qqqq", QUERIES[0]], k=5, candidates=N_IMAGES)
+    assert nonsense.min_score is None and not nonsense.no_match and all(h.match is None for h in nonsense.hits)
+    ids = [h.id for h in nonsense.hits]
+    marked = searcher.mark_matches(nonsense)
+    assert [h.id for h in marked.hits] == ids  # hits and ranks unchanged
+    assert marked.min_score == threshold and marked.no_match and not any(h.match for h in marked.hits)
+    real = searcher.mark_matches(real)
+    assert not real.no_match and any(h.match for h in real.hits)
+    assert all(h.match == (h.global_score >= threshold) for h in real.hits)
+    assert not searcher.mark_matches(nonsense, -1.0).no_match and all(h.match for h in nonsense.hits)
+    uncalibrated = copy.copy(model)  # as loaded from a model folder without calibration.json
+    uncalibrated.calibration = {}
+    bare = Searcher(searcher.index, uncalibrated)
+    unmarked = bare.mark_matches(nonsense)
+    assert bare.default_min_score is None and unmarked.min_score is None and not unmarked.no_match
+    assert all(h.match is None for h in unmarked.hits)

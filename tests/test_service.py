@@ -86,8 +86,31 @@ def test_text_search_returns_ranked_images(client, built):
 def test_explain_grounds_each_word_in_a_grid_cell(client):
     res = client.search_text("a dog runs on the grass", k=2, candidates=10, explain=True)
     grounding = res["results"][0]["grounding"]
-    assert [g["word"] for g in grounding] == ["a", "dog", "runs", "on", "the", "grass"]
+    assert [g["word"] for g in grounding] == ["dog", "runs", "grass"]  # whole words, stopwords left out
+    assert all(1 / 49 <= g["confidence"] <= 1.0 for g in grounding)
     assert all(g["grid"] == [7, 7] and g["cell"] == [g["region"] // 7, g["region"] % 7] for g in grounding)
+
+
+def test_nonsense_matches_nothing_and_real_queries_keep_their_hits(client):
+    nonsense = client.search_text("zzzz qqqq", k=5, candidates=N_IMAGES)
+    assert len(nonsense["results"]) == 5 and nonsense["no_match"] is True and 0 < nonsense["min_score"] < 1
+    assert all(r["match"] is False for r in nonsense["results"])
+    real = client.search_text("a dog runs through the grass", k=5, candidates=N_IMAGES)
+    assert real["no_match"] is False and real["min_score"] == nonsense["min_score"]
+    assert real["results"][0]["match"] is True
+    assert all(r["match"] == (r["global_score"] >= real["min_score"]) for r in real["results"])
+    lowered = client.search_text("zzzz qqqq", k=5, candidates=N_IMAGES, min_score=-1)
+    assert lowered["no_match"] is False and all(r["match"] for r in lowered["results"])
+
+
+@pytest.mark.parametrize("bad", [1.5, -2, "high", None])
+def test_min_score_out_of_range_is_a_clear_4xx(server, bad):
+    body = {"query": "a dog", "min_score": bad}
+    r = httpx.post(f"{server}/search/text", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    if bad is None:  # null: the model's default
+        assert r.status_code == 200 and r.json()["min_score"] is not None
+    else:
+        assert r.status_code == 422 and "min_score" in r.text and "Traceback" not in r.text
 
 
 def test_image_search_finds_its_own_captions(client, built):

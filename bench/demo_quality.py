@@ -1,0 +1,224 @@
+"""Quality on the demo's 16 photos: plain queries (R@1, R@5), the demo captions as queries, the pointing game.
+
+``python -m bench.demo_quality [MODEL]`` indexes the demo photos (scikit-image's samples, see
+:mod:`service.demo`) with ``MODEL`` (default: the shipped default model) and prints the figures as JSON.
+The data, written from the photos before any model output was seen, are in ``bench/data``:
+``demo_queries.json`` (plain query -> the photo(s) that answer it; photos of the same scene, which answer
+each other's captions too) and ``demo_boxes.json`` (hand-labelled boxes of each photo's main objects, with
+the words that name them).
+
+The pointing game (Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016) counts, for
+every labelled object word of a query or caption and its right photo, whether the word's best grid cell in the
+search's explain output has its centre inside one of the word's boxes. ``chance`` is what a uniformly random
+cell would score on the same trials: big boxes (a texture filling the photo) are easy, and ``chance`` says
+how easy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+DATA = Path(__file__).resolve().parent / "data"
+QUERIES_FILE = DATA / "demo_queries.json"
+BOXES_FILE = DATA / "demo_boxes.json"
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One grounded word on one photo: the cell the explain output chose for it."""
+
+    image: str
+    word: str
+    cell: tuple[int, int]
+    grid: tuple[int, int]
+    confidence: float | None = None
+
+
+def load_queries(path: Path = QUERIES_FILE) -> dict[str, list[str]]:
+    """Plain query -> the demo photo names that answer it."""
+    return json.loads(path.read_text(encoding="utf-8"))["queries"]
+
+
+def load_same_scene(path: Path = QUERIES_FILE) -> dict[str, set[str]]:
+    """Photo name -> the photos of the same scene (itself included): either answers a caption of one."""
+    out: dict[str, set[str]] = {}
+    for group in json.loads(path.read_text(encoding="utf-8")).get("same_scene", []):
+        for image in group:
+            out[image] = set(group)
+    return out
+
+
+def load_boxes(path: Path = BOXES_FILE) -> dict[str, dict[str, list[Box]]]:
+    """Photo name -> word -> its boxes (relative x0, y0, x1, y1)."""
+    out: dict[str, dict[str, list[Box]]] = {}
+    for image, objects in json.loads(path.read_text(encoding="utf-8"))["images"].items():
+        words = out.setdefault(image, {})
+        for obj in objects:
+            for word in obj["words"]:
+                words.setdefault(word.lower(), []).append(tuple(obj["box"]))
+    return out
+
+
+def demo_captions() -> list[tuple[str, str]]:
+    """(caption, photo name) for every demo caption that belongs to a photo."""
+    from service.demo import DEMO_CAPTIONS
+
+    rows = [json.loads(line) for line in DEMO_CAPTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [(r["caption"], r["image"]) for r in rows if r.get("image")]
+
+
+def recall_at(ranked: Sequence[Sequence[str]], expected: Sequence[Iterable[str]],
+              ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Percent of queries with an expected item in their top k, for each k: ``{"r1": .., "r5": ..}``."""
+    if len(ranked) != len(expected):
+        raise ValueError("one ranking per query")
+    if not ranked:
+        return {f"r{k}": 0.0 for k in ks}
+    sets = [set(e) for e in expected]
+    return {f"r{k}": round(100.0 * sum(bool(set(r[:k]) & e) for r, e in zip(ranked, sets)) / len(ranked), 2)
+            for k in ks}
+
+
+def _centre_in(cell: tuple[int, int], grid: tuple[int, int], boxes: Sequence[Box]) -> bool:
+    y, x = (cell[0] + 0.5) / grid[0], (cell[1] + 0.5) / grid[1]
+    return any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in boxes)
+
+
+def pointing_game(trials: Iterable[Trial], boxes: dict[str, dict[str, list[Box]]]) -> dict[str, Any]:
+    """Pointing game over the trials whose word is labelled on their photo (others are ignored).
+
+    Returns ``pointing_game`` (percent of hits), ``chance`` (percent a uniformly random cell would hit,
+    averaged over the same trials), ``trials``, ``hits``, the mean confidence of hits and of misses, and per
+    word ``[hits, trials]``.
+    """
+    hits = total = 0
+    chance = 0.0
+    conf: dict[bool, list[float]] = {True: [], False: []}
+    per_word: dict[str, list[int]] = {}
+    for t in trials:
+        word_boxes = boxes.get(t.image, {}).get(t.word.lower())
+        if not word_boxes:
+            continue
+        rows, cols = t.grid
+        hit = _centre_in(t.cell, t.grid, word_boxes)
+        inside = sum(_centre_in((r, c), t.grid, word_boxes) for r in range(rows) for c in range(cols))
+        chance += inside / (rows * cols)
+        hits += hit
+        total += 1
+        if t.confidence is not None:
+            conf[hit].append(t.confidence)
+        tally = per_word.setdefault(t.word.lower(), [0, 0])
+        tally[0] += hit
+        tally[1] += 1
+
+    def mean(xs: list[float]) -> float | None:
+        return round(sum(xs) / len(xs), 4) if xs else None
+
+    return {
+        "pointing_game": round(100.0 * hits / total, 2) if total else 0.0,
+        "chance": round(100.0 * chance / total, 2) if total else 0.0,
+        "trials": total,
+        "hits": hits,
+        "mean_confidence_hit": mean(conf[True]),
+        "mean_confidence_miss": mean(conf[False]),
+        "per_word": dict(sorted(per_word.items())),
+    }
+
+
+def build_demo_index(model, work: Path) -> Path:
+    """Index the demo photos and captions with ``model`` under ``work``; returns the index folder."""
+    from indexer.build import BuildOptions, build
+    from service.demo import DEMO_CAPTIONS, sample_photos
+
+    photos = sample_photos(work / "photos")
+    out = work / "index"
+    build(model, BuildOptions(images=photos, out=out, captions=DEMO_CAPTIONS, progress=False))
+    return out
+
+
+def _nothing_matches(searcher, plain_results, expected, n_nonsense: int = 100) -> dict[str, Any]:
+    """The model's default ``min_score`` on the demo: nonsense strings (another seed than the one that chose
+    it) with no match, plain queries with a match, and plain queries whose right photo is a match."""
+    from .min_score import nonsense_queries
+
+    threshold = searcher.default_min_score
+    if threshold is None:
+        return {"min_score": None}
+    n = searcher.index.images.live
+    nonsense = searcher.search_text(nonsense_queries(n_nonsense, seed=1), k=n, candidates=n)
+    empty = sum(searcher.mark_matches(r).no_match for r in nonsense)
+    kept = sum(any(h.id in exp and h.global_score >= threshold for h in r.hits)
+               for r, exp in zip(plain_results, expected))
+    answered = sum(not searcher.mark_matches(r).no_match for r in plain_results)
+    return {"min_score": threshold, "nonsense_with_no_match": round(100.0 * empty / len(nonsense), 2),
+            "plain_queries_with_a_match": round(100.0 * answered / len(plain_results), 2),
+            "plain_queries_right_photo_a_match": round(100.0 * kept / len(plain_results), 2)}
+
+
+def evaluate(searcher) -> dict[str, Any]:
+    """The demo figures for an open :class:`indexer.search.Searcher` over the demo index."""
+    n = searcher.index.images.live
+    queries = load_queries()
+    captions = demo_captions()
+    same_scene = load_same_scene()
+    sentences = list(queries) + [c for c, _ in captions]
+    expected = list(queries.values()) + [sorted(same_scene.get(image, {image})) for _, image in captions]
+    results = searcher.search_text(sentences, k=n, candidates=n, explain=True)
+    ranked = [[h.id for h in r.hits] for r in results]
+    n_plain = len(queries)
+    trials = [
+        Trial(h.id, g["word"], tuple(g["cell"]), tuple(g["grid"]), g.get("confidence"))
+        for r, exp in zip(results, expected) for h in r.hits if h.id in exp
+        for g in h.grounding or [] if g.get("cell") is not None
+    ]
+    nothing = _nothing_matches(searcher, results[:n_plain], expected[:n_plain])
+    plain = recall_at(ranked[:n_plain], expected[:n_plain])
+    caps = recall_at(ranked[n_plain:], expected[n_plain:])
+    strict = recall_at(ranked[n_plain:], [[image] for _, image in captions], ks=(1,))
+    return {
+        "images": n,
+        "plain_queries": {"queries": n_plain, **plain},
+        "captions": {"queries": len(captions), "right_first": caps["r1"], "r5": caps["r5"],
+                     "right_first_strict": strict["r1"]},
+        "pointing": pointing_game(trials, load_boxes()),
+        "min_score": nothing,
+        "misses_at_1": {s: r[0] for s, r, e in zip(sentences, ranked, expected) if r and r[0] not in e},
+    }
+
+
+def run(model_name: str | None = None, device: str = "auto", work: Path | None = None) -> dict[str, Any]:
+    """Index the demo photos with the model (default: the shipped one) and evaluate them."""
+    from indexer.search import Searcher
+    from models.factory import load_model
+
+    model = load_model(model_name, device=device)
+    with tempfile.TemporaryDirectory(prefix="demo-quality-") as tmp:
+        index_dir = build_demo_index(model, Path(work or tmp))
+        report = evaluate(Searcher.open(index_dir, model))
+    report["model_fingerprint"] = model.fingerprint
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):
+        print("usage: python -m bench.demo_quality [MODEL]  (prints the demo figures as JSON)", file=sys.stderr)
+        return 2
+    try:
+        report = run(argv[0] if argv else None)
+    except (OSError, ValueError, ImportError) as exc:  # no such model, no scikit-image
+        print(f"bench.demo_quality: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
