@@ -57,7 +57,8 @@ def test_a_failed_update_leaves_the_index_untouched(index_copy, photos, tmp_path
 
     monkeypatch.setattr(layout, "write_manifest", boom)  # fails after every data file of the copy was rewritten
     assert main(["index", "add", str(index_copy), "--images", str(extra), "--quiet"]) == 2
-    assert main(["index", "delete", str(index_copy), "--ids", "caption-82"]) == 2
+    caption = Index(index_copy).conn.execute("SELECT id FROM captions ORDER BY row LIMIT 1").fetchone()[0]
+    assert main(["index", "delete", str(index_copy), "--ids", caption]) == 2
     monkeypatch.undo()
     assert _snapshot(index_copy) == before  # hard-linked files were replaced in the copy, never written through
     assert verify(index_copy) == []
@@ -134,8 +135,9 @@ def _snapshot_first_image(folder: Path) -> str:
 
 
 def test_one_writer_at_a_time(index_copy, photos, capsys):
+    caption = Index(index_copy).conn.execute("SELECT id FROM captions ORDER BY row LIMIT 1").fetchone()[0]
     with layout.exclusive(index_copy):
-        assert main(["index", "delete", str(index_copy), "--ids", "caption-82"]) == 2
+        assert main(["index", "delete", str(index_copy), "--ids", caption]) == 2
         assert "another build or update" in capsys.readouterr().err
         assert main(["index", "build", "--images", str(photos[0]), "--out", str(index_copy), "--quiet"]) == 2
     assert verify(index_copy) == []
