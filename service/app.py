@@ -80,11 +80,11 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
                               "reranked by region-word alignment.")
     app.state.alignsearch = state
     errors.install(app)
-    app.include_router(api)
-    app.include_router(public)
+    # the routers' routes themselves, not an include: ``app.routes`` then lists every route with its path on
+    # any FastAPI version (newer ones wrap an included router in an object without one)
+    app.router.routes.extend([*api.routes, *public.routes])
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Gate, settings=state.settings)
-    routes = [*api.routes, *public.routes, *(r for r in app.router.routes if isinstance(getattr(r, "path", None), str))]
-    app.add_middleware(RequestMetrics, metrics=state.metrics, routes=routes)  # added last: runs first
+    app.add_middleware(RequestMetrics, metrics=state.metrics, routes=list(app.routes))  # added last: runs first
     app.openapi = lambda: _openapi(app, state.settings)  # type: ignore[method-assign]
     return app
