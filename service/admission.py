@@ -51,24 +51,30 @@ class Lanes:
         await self.light.stop()
         await self.heavy.stop()
 
-    def check(self, candidates: int, k: int) -> None:
-        """Refuse (422) a request whose work is over ``max_work``."""
+    def lane(self, candidates: int, k: int) -> MicroBatcher:
+        """The lane this work goes to; 422 when the work is over ``max_work``, 503 when the lane is full (so a
+        caller can refuse before it spends anything, such as decoding an upload)."""
         cost = work(candidates, k)
         if cost > self.settings.max_work:
             raise HTTPException(422, f"candidates x max(k, 10) = {cost} exceeds the limit of "
                                      f"{self.settings.max_work}: ask for fewer candidates or results")
+        lane = self.heavy if cost > self.settings.heavy_work else self.light
+        if lane.max_queue is not None and lane.waiting >= lane.max_queue:
+            raise self._busy(lane)
+        return lane
+
+    def _busy(self, lane: MicroBatcher) -> HTTPException:
+        kind = "expensive " if lane is self.heavy else ""
+        return overloaded(f"the server is busy with {kind}{self.name} searches; retry shortly")
 
     async def run(self, item: Any, candidates: int, k: int) -> Any:
         """The result of ``item``, from the lane its work belongs to; 503 when the lane is full or the
         request passes the time limit."""
-        self.check(candidates, k)
-        heavy = work(candidates, k) > self.settings.heavy_work
-        lane = self.heavy if heavy else self.light
+        lane = self.lane(candidates, k)
         try:
             return await asyncio.wait_for(lane.submit(item), self.settings.request_timeout_s)
         except QueueFull:
-            kind = "expensive " if heavy else ""
-            raise overloaded(f"the server is busy with {kind}{self.name} searches; retry shortly") from None
+            raise self._busy(lane) from None
         except asyncio.TimeoutError:
             raise overloaded(f"the search took longer than {self.settings.request_timeout_s:g} s") from None
 

@@ -126,7 +126,7 @@ async def search_image(request: Request, state: AppState = Depends(get_state),
     started = time.perf_counter()
     data, params = await read_upload(request, state.settings.max_upload_bytes)
     lanes = _lanes(state, "image")
-    lanes.check(params.candidates, params.k)  # before the decode: a refused request costs nothing
+    lanes.lane(params.candidates, params.k)  # refused before the decode when over the limit or busy
     image = await state.decoder.decode(data)
     result = await lanes.run(ImageQuery(image, params), params.candidates, params.k)
     timings = _timings(result, started)

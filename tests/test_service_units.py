@@ -97,6 +97,9 @@ def test_lanes_refuse_when_full_or_late_and_keep_light_work_apart(monkeypatch):
         with pytest.raises(HTTPException) as full:
             await lanes.run("heavy 3", 1000, 20)
         refused_in = time.perf_counter() - started
+        with pytest.raises(HTTPException) as before_any_work:
+            lanes.lane(1000, 20)  # what an image search asks before it decodes the upload
+        assert before_any_work.value.status_code == 503
         light = await lanes.run("light", 100, 10)  # the heavy lane is stuck; the light one is not
         with pytest.raises(HTTPException) as too_big:
             await lanes.run("huge", 1000, 100)
@@ -151,3 +154,23 @@ def test_openapi_tells_the_truth(key):
         assert not secured and "securitySchemes" not in spec.get("components", {})
     assert "maxLength" in str(spec["components"]["schemas"]["TextSearchRequest"]["properties"]["query"])
     assert schemas.MAX_QUERY_CHARS == 2000
+
+
+def test_the_client_reports_retry_after_and_refused_metrics():
+    import httpx
+
+    from service.client import AlignSearchClient, AlignSearchError
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(401, json={"detail": "missing or wrong API key"})
+        return httpx.Response(503, json={"detail": "busy"}, headers={"Retry-After": "1"})
+
+    with AlignSearchClient("http://test") as client:
+        client.http = httpx.Client(base_url="http://test", transport=httpx.MockTransport(answer))
+        with pytest.raises(AlignSearchError) as busy:
+            client.search_text("a dog")
+        assert busy.value.status == 503 and busy.value.retry_after == 1.0
+        with pytest.raises(AlignSearchError) as refused:
+            client.metrics()
+        assert refused.value.status == 401 and refused.value.retry_after is None
