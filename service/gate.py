@@ -3,11 +3,14 @@
 Both run before any route reads the body: a request without the key is refused without reading a byte of
 it; a declared ``Content-Length`` over the limit is refused at once, and a body streamed without one is
 counted as it arrives and refused as soon as it passes the limit. Image searches may send up to
-``Settings.max_upload_body`` bytes; everything else (JSON queries) ``Settings.max_json_bytes``.
+``Settings.max_upload_body`` bytes; everything else (JSON queries) ``Settings.max_json_bytes``. A body whose
+next part does not arrive within ``Settings.body_timeout_s`` is answered 408 (a slow sender cannot hold a
+request open for ever).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Awaitable, Callable, MutableMapping
 
@@ -77,15 +80,21 @@ class Gate:
             if int(declared) > limit:
                 await reply(send, 413, f"request body of {int(declared)} bytes exceeds the {limit}-byte limit")
                 return
-        received = 0
+        received, complete = 0, False
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body, receive() only waits for a disconnect: no time limit
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.settings.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, "the request body arrived too slowly") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                complete = not message.get("more_body", False)
             return message
 
         started = False

@@ -30,6 +30,7 @@ IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"
 
 _DESCRIPTIONS = {
     400: "malformed request (bad base64, a malformed body or header)",
+    408: "the request body stopped arriving",
     401: "missing or wrong API key (`Authorization: Bearer KEY`)",
     404: "no such image",
     413: "body, image file or image dimensions over the server's limits",
@@ -107,7 +108,7 @@ api = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @api.post("/search/text", response_model=schemas.TextSearchResponse, summary="ranked images for a sentence",
-          responses=errors(401, 413, 422, 503))
+          responses=errors(401, 408, 413, 422, 503))
 async def search_text(req: schemas.TextSearchRequest, state: AppState = Depends(get_state),
                       _: Searcher = Depends(get_searcher)) -> schemas.TextSearchResponse:
     started = time.perf_counter()
@@ -120,7 +121,7 @@ async def search_text(req: schemas.TextSearchRequest, state: AppState = Depends(
 
 @api.post("/search/image", response_model=schemas.ImageSearchResponse,
           summary="ranked captions for an image (multipart field 'file', or JSON 'image_base64')",
-          responses=errors(400, 401, 413, 415, 422, 503), openapi_extra=_image_request_body())
+          responses=errors(400, 401, 408, 413, 415, 422, 503), openapi_extra=_image_request_body())
 async def search_image(request: Request, state: AppState = Depends(get_state),
                        _: Searcher = Depends(get_searcher)) -> schemas.ImageSearchResponse:
     started = time.perf_counter()

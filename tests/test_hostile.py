@@ -25,7 +25,8 @@ MARK = "QZXMARK"
 @pytest.fixture(scope="module")
 def server(built):
     with serve(built, "--max-upload-bytes", str(MAX_UPLOAD),
-               env={"ALIGNSEARCH_API_KEY": KEY, "ALIGNSEARCH_MAX_PIXELS": "1000000"}) as url:
+               env={"ALIGNSEARCH_API_KEY": KEY, "ALIGNSEARCH_MAX_PIXELS": "1000000",
+                    "ALIGNSEARCH_BODY_TIMEOUT_S": "1.5"}) as url:
         yield url
 
 
@@ -121,6 +122,14 @@ def test_the_key_is_checked_before_the_body_is_read(server):
     assert raw(server, head.format(auth="").encode()).startswith(b"HTTP/1.1 401")
     assert raw(server, head.format(auth="Authorization: Bearer wrong\r\n").encode()).startswith(b"HTTP/1.1 401")
     assert raw(server, head.format(auth=f"Authorization: Bearer {KEY}\r\n").encode()).startswith(b"HTTP/1.1 413")
+
+
+def test_a_body_that_stops_arriving_is_408(server):
+    head = (f"POST /search/text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Length: 100\r\n\r\n{{\"query\": ")
+    started = time.perf_counter()
+    assert raw(server, head.encode()).startswith(b"HTTP/1.1 408")
+    assert 1.0 < time.perf_counter() - started < 5
 
 
 def test_a_json_object_with_a_million_keys_is_cheap_to_refuse(server):
