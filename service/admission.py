@@ -12,7 +12,8 @@ after ``request_timeout_s`` gets 503 too (its work is dropped if it has not star
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import HTTPException
 

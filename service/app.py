@@ -8,8 +8,9 @@ handlers of :mod:`service.errors`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -54,7 +55,8 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = state.settings
         opened = searcher or await asyncio.to_thread(Searcher.open, s.index, s.model, s.device)
-        follower = IndexFollower(s.index, opened, s.reload_interval_s, on_swap=lambda _: state.metrics.reloads.inc())
+        follower = IndexFollower(opened.index.folder, opened, s.reload_interval_s,
+                                 on_swap=lambda _: state.metrics.reloads.inc())
         current = lambda: follower.searcher  # noqa: E731  (read once per batch, when the batch starts)
         state.lanes = {
             "text": Lanes("text", on_current(current, text_batch), s, state.metrics.batch_size.labels("text").observe),

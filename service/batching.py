@@ -9,7 +9,8 @@ that runs); one more is refused with :class:`QueueFull` at once instead of waiti
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")

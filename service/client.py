@@ -54,7 +54,7 @@ class AlignSearchClient:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         self.http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
 
-    def __enter__(self) -> "AlignSearchClient":
+    def __enter__(self) -> AlignSearchClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -91,7 +91,7 @@ class AsyncAlignSearchClient:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         self.http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout)
 
-    async def __aenter__(self) -> "AsyncAlignSearchClient":
+    async def __aenter__(self) -> AsyncAlignSearchClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -17,8 +17,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from indexer.index import Index
 from indexer.search import Searcher
@@ -75,7 +75,7 @@ class IndexFollower:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.check()
-            except Exception:  # noqa: BLE001  (the watcher must outlive any one failed check)
+            except Exception:  # the watcher must outlive any one failed check
                 log.exception("checking %s for a new index version failed", self.folder)
 
     async def check(self) -> bool:

@@ -4,7 +4,7 @@ index reloads; and the ASGI middleware that counts every request, refused ones i
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.routing import BaseRoute, Match

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 
-from indexer.search import SearchResult, Searcher
+from indexer.search import Searcher, SearchResult
 
 from . import schemas
 

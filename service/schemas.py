@@ -16,7 +16,7 @@ class SearchParams(BaseModel):
     candidates: int = Field(100, ge=1, le=MAX_CANDIDATES, description="first-stage candidates to rerank")
 
     @model_validator(mode="after")
-    def _candidates_cover_k(self) -> "SearchParams":
+    def _candidates_cover_k(self) -> SearchParams:
         if self.candidates < self.k:
             raise ValueError(f"candidates ({self.candidates}) must be >= k ({self.k})")
         return self

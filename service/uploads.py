@@ -18,6 +18,7 @@ import binascii
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from PIL import Image, ImageOps, UnidentifiedImageError
