@@ -34,7 +34,7 @@ class Settings:
     # image uploads, checked from the header before any pixel is decoded
     max_pixels: int = field(default_factory=lambda: _int("MAX_PIXELS", 40_000_000))
     max_image_side: int = field(default_factory=lambda: _int("MAX_IMAGE_SIDE", 12_000))
-    decode_workers: int = field(default_factory=lambda: _int("DECODE_WORKERS", 2))
+    decode_workers: int = field(default_factory=lambda: _int("DECODE_WORKERS", max(1, (os.cpu_count() or 2) // 2)))
     decode_timeout_s: float = field(default_factory=lambda: _float("DECODE_TIMEOUT_S", 10))
     # admission control of the search work
     max_queue: int = field(default_factory=lambda: _int("MAX_QUEUE", 64))

@@ -7,7 +7,9 @@ checked from the header, before a pixel is decoded, so a small file that would d
 1 x 39,000,000 PNG) costs nothing. Decodes run in their own thread pool (not the search workers'), at most
 ``workers`` at a time with ``queue`` more waiting; beyond that, or past the time limit, the answer is 503.
 A decode that passes its time limit cannot be stopped inside Pillow: its thread finishes in the background
-and keeps its pool slot until then, so the pool bound still holds.
+and keeps its pool slot until then, so the pool bound still holds. A decoded image is reduced to at most
+``KEEP_SIDE`` pixels a side in the pool (the encoders read 224-384 px; a large JPEG is decoded at a reduced
+scale to begin with), so an image waiting for its search batch holds a few MB, not a hundred.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ ALLOWED_NAMES = "JPEG, PNG, WebP, GIF or BMP"
 # A JSON image request has a handful of fields and a base64 string (which has no ':'); more colons than this
 # means a body built to be expensive to parse (say, a million keys), refused before parsing.
 MAX_JSON_COLONS = 64
+KEEP_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,14 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     if width * height > limits.max_pixels:
         raise HTTPException(413, f"image of {width}x{height} pixels exceeds the {limits.max_pixels} pixel limit")
     try:
+        if image.format == "JPEG":
+            image.draft("RGB", (KEEP_SIDE, KEEP_SIDE))  # DCT scaling: never below KEEP_SIDE
         image.load()  # the first frame of an animation
-        return ImageOps.exif_transpose(image).convert("RGB")
+        ImageOps.exif_transpose(image, in_place=True)  # no copy of the full-size pixels
+        if image.mode not in ("RGB", "RGBA", "L", "LA"):  # palette, CMYK, 1-bit: resized in RGB, not nearest
+            image = image.convert("RGB")
+        image.thumbnail((KEEP_SIDE, KEEP_SIDE))  # in place; a no-op for images that are already small
+        return image.convert("RGB")
     except Exception:  # noqa: BLE001  (truncated or corrupt data fails in many ways inside the decoders)
         raise HTTPException(415, f"the {image.format} image could not be decoded (truncated or corrupt)") from None
 

@@ -18,7 +18,7 @@ from service.app import create_app
 from service.auth import is_open, key_matches
 from service.errors import clean_errors
 from service.settings import Settings
-from service.uploads import Decoder, ImageLimits, decode_image
+from service.uploads import KEEP_SIDE, Decoder, ImageLimits, decode_image
 
 LIMITS = ImageLimits(max_pixels=1_000_000, max_side=2_000)
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\nshowpage\n"
@@ -39,8 +39,20 @@ def test_eps_is_refused_without_pillow_ever_opening_it(monkeypatch):
     assert err.value.status_code == 415 and opened == []
 
 
-def test_decode_checks_the_header_then_decodes_rgb():
-    assert decode_image(_png(), LIMITS).mode == "RGB"
+def test_decode_checks_the_header_then_decodes_rgb_at_most_keep_side():
+    small = decode_image(_png(), LIMITS)
+    assert small.mode == "RGB" and small.size == (32, 24)
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 400), "red").save(buf, format="JPEG")
+    assert decode_image(buf.getvalue(), LIMITS).size == (KEEP_SIDE, 256)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20), "red").save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue(), LIMITS).size == (20, 40)
+    buf = io.BytesIO()
+    Image.new("P", (30, 10)).save(buf, format="GIF")
+    assert decode_image(buf.getvalue(), LIMITS).mode == "RGB"
     for size, words in (((1, 2_001), "side limit"), ((1_500, 1_000), "pixel limit")):
         with pytest.raises(HTTPException) as err:
             decode_image(_png(size), LIMITS)
