@@ -181,14 +181,15 @@ async def healthz() -> dict[str, str]:
 
 
 @public.get("/readyz", response_model=schemas.Ready, response_model_exclude_none=True,
-            summary="index and model loaded (counts and model only with the API key, when one is set)",
+            summary="index and model loaded: counts for anyone (the page shows them), the index's name and the "
+                    "model's fingerprint only with the API key when one is set",
             responses={503: {"model": schemas.Ready, "description": "still loading"}})
 async def readyz(state: AppState = Depends(get_state), authorized: bool = Depends(has_api_key)):
     if state.follower is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    if not authorized:
-        return schemas.Ready(status="ready")
     searcher = state.follower.searcher
     counts = searcher.index.manifest["counts"]
-    return schemas.Ready(status="ready", index=searcher.index.folder.name, model_fingerprint=searcher.model.fingerprint,
-                         images=counts["images"], captions=counts["captions"])
+    ready = schemas.Ready(status="ready", images=counts["images"], captions=counts["captions"])
+    if authorized:
+        ready.index, ready.model_fingerprint = searcher.index.folder.name, searcher.model.fingerprint
+    return ready

@@ -94,8 +94,8 @@ class ImageSearchResponse(BaseModel):
 
 class Ready(BaseModel):
     status: str
-    index: str | None = Field(None, description="the index folder's name (with the API key, if one is set)")
-    model_fingerprint: str | None = None
+    index: str | None = Field(None, description="the index folder's name (with the API key, when one is set)")
+    model_fingerprint: str | None = Field(None, description="(with the API key, when one is set)")
     images: int | None = None
     captions: int | None = None
 

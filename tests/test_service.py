@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import N_IMAGES
+from server import free_port as _free_port  # noqa: F401  (test_page imports it from here)
 from server import serve
 from service.client import AlignSearchClient, AlignSearchError, AsyncAlignSearchClient
 
@@ -137,7 +138,11 @@ def test_api_key_is_required_but_health_is_open(server, built):
     assert _status(server, json={"query": "dog"}, key=None).status_code == 401
     assert _status(server, json={"query": "dog"}, key="wrong").status_code == 401
     assert _status(server, "get", "/healthz", key=None).status_code == 200
-    assert _status(server, "get", "/readyz", key=None).json() == {"status": "ready"}  # details need the key
+    from indexer.index import Index
+
+    captions = Index(built).manifest["counts"]["captions"]
+    open_ready = _status(server, "get", "/readyz", key=None).json()  # the counts, for the page; not the index
+    assert open_ready == {"status": "ready", "images": N_IMAGES, "captions": captions}
     ready = _status(server, "get", "/readyz").json()
     assert ready["images"] == N_IMAGES and ready["status"] == "ready" and ready["index"] == built.name
     assert _status(server, "get", "/metrics", key=None).status_code == 401
