@@ -65,8 +65,11 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
         }
         state.decoder = Decoder(ImageLimits(s.max_pixels, s.max_image_side), s.decode_workers, DECODE_QUEUE,
                                 s.decode_timeout_s)
-        for lanes in state.lanes.values():
+        for name, lanes in state.lanes.items():
             await lanes.start()
+            for lane_name, lane in (("light", lanes.light), ("heavy", lanes.heavy)):
+                state.metrics.waiting.labels(f"{name}-{lane_name}").set_function(lambda lane=lane: lane.waiting)
+        state.metrics.decoding.set_function(lambda: state.decoder.busy)
         state.follower = follower
         await follower.start()
         try:

@@ -1,12 +1,12 @@
 """Prometheus metrics: requests and latencies per route template, time per pipeline stage, batch sizes,
-index reloads; and the ASGI middleware that counts every request, refused ones included."""
+index reloads, queue depths; and the ASGI middleware that counts every request, refused ones included."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.routing import BaseRoute, Match
 
 from .gate import ASGIApp, Message, Receive, Scope, Send
@@ -29,6 +29,10 @@ class Metrics:
         self.batch_size = Histogram("alignsearch_batch_size", "queries encoded per forward pass", ["kind"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.reloads = Counter("alignsearch_index_reloads", "new index versions swapped in", registry=self.registry)
+        self.waiting = Gauge("alignsearch_queue_waiting", "search requests waiting for a batch, per lane", ["lane"],
+                             registry=self.registry)
+        self.decoding = Gauge("alignsearch_decodes_busy", "image decodes running or waiting for the decode pool",
+                              registry=self.registry)
 
     def observe_stages(self, endpoint: str, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():

@@ -219,6 +219,7 @@ def test_metrics_label_every_route_by_its_template(server):
                              ("/images/{image_id:path}", 404), ("unmatched", 404)):
         assert f'alignsearch_requests_total{{endpoint="{template}",status="{status}"}}' in text, template
     assert 'endpoint="unmatched",status="200"' not in text
+    assert 'alignsearch_queue_waiting{lane="text-heavy"} 0.0' in text and "alignsearch_decodes_busy 0.0" in text
 
 
 def test_readyz_details_need_the_key_and_never_show_a_path(server, built):
