@@ -47,8 +47,10 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Bytes of an allowed format -> RGB image (EXIF orientation applied); HTTPException 413/415 otherwise."""
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except UnidentifiedImageError:
         raise HTTPException(415, f"the upload is not a {ALLOWED_NAMES} image") from None
+    except Image.DecompressionBombError:  # Pillow's own bound, far above ours
+        raise HTTPException(413, f"the image exceeds the {limits.max_pixels} pixel limit") from None
     except Exception:  # noqa: BLE001  (Pillow's header parsers raise many kinds)
         raise HTTPException(415, f"the upload's {ALLOWED_NAMES} header is corrupt") from None
     width, height = image.size

@@ -36,10 +36,11 @@ def _png(width: int, height: int) -> bytes:
 
 
 def _png_header(width: int, height: int) -> bytes:
-    """A PNG that claims ``width`` x ``height`` in its header and has no pixels."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    """A PNG that claims ``width`` x ``height`` in its header and has no pixel data."""
+    chunks = ((b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)), (b"IDAT", zlib.compress(b"")),
+              (b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + b"".join(struct.pack(">I", len(data)) + kind + data
+                                           + struct.pack(">I", zlib.crc32(kind + data)) for kind, data in chunks)
 
 
 SMALL_PNG = _png(24, 16)

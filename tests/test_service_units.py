@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import struct
 import threading
 import time
+import zlib
 
 import pytest
 from fastapi import HTTPException
@@ -57,6 +59,13 @@ def test_decode_checks_the_header_then_decodes_rgb_at_most_keep_side():
         with pytest.raises(HTTPException) as err:
             decode_image(_png(size), LIMITS)
         assert err.value.status_code == 413 and words in err.value.detail
+    huge = b"\x89PNG\r\n\x1a\n" + b"".join(  # a 66-byte PNG claiming 20,000 x 20,000 pixels
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        for kind, data in ((b"IHDR", struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)),
+                           (b"IDAT", zlib.compress(b"")), (b"IEND", b"")))
+    with pytest.raises(HTTPException) as err:
+        decode_image(huge, ImageLimits(max_pixels=10**9, max_side=10**6))  # only Pillow's own bound is left
+    assert err.value.status_code == 413
     with pytest.raises(HTTPException) as err:
         decode_image(_png()[:60], LIMITS)  # a header, then nothing
     assert err.value.status_code == 415 and "BytesIO" not in err.value.detail
