@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -52,9 +53,25 @@ def _caption_images(url: str, photo: Path) -> list[str | None]:
     return [r["image_id"] for r in response.json()["results"]]
 
 
+class Searching(threading.Thread):
+    """Searches without a pause until stopped, keeping every status: swaps must never show through."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.statuses, self.stop = url, [], threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self.stop.is_set() and len(self.statuses) < 2000:
+                body = {"query": "a dog runs on the grass", "k": 5, "candidates": 16}
+                self.statuses.append(client.post("/search/text", json=body).status_code)
+
+
 def test_a_live_server_sees_a_delete_and_an_add_within_seconds(index_copy, photos, tmp_path):
     image_id, photo, caption = _captioned_image(index_copy)
     with serve(index_copy, env={"ALIGNSEARCH_RELOAD_INTERVAL_S": "0.5"}) as url:
+        searching = Searching(url)
+        searching.start()
         assert _images(url) == N_IMAGES
         assert httpx.get(f"{url}/images/{image_id}").status_code == 200
         assert image_id in _caption_images(url, photo)
@@ -79,7 +96,10 @@ def test_a_live_server_sees_a_delete_and_an_add_within_seconds(index_copy, photo
         assert "late.jpg" in [r["id"] for r in found]  # the same photo, back under its new id
         metrics = httpx.get(url + "/metrics").text
         assert "alignsearch_index_reloads_total 2.0" in metrics
+        searching.stop.set()
+        searching.join(60)
     assert seen_in < 5
+    assert len(searching.statuses) > 10 and set(searching.statuses) == {200}  # no request saw a half state
 
 
 def test_without_the_watcher_an_admin_reload_swaps(index_copy):
