@@ -2,25 +2,34 @@
 
 Requests queue up; a worker takes the first, waits at most ``max_wait_ms`` for more (up to ``max_batch``),
 and runs the batch in a thread so the event loop stays free. While a batch runs, new requests queue and form
-the next one, so under load batches grow by themselves and at low load a request waits at most the bound.
+the next one, so under load batches grow by themselves and at low load a request waits at most the bound. At most ``max_queue`` requests wait (beyond the batch
+that runs); one more is refused with :class:`QueueFull` at once instead of waiting behind all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+class QueueFull(RuntimeError):
+    """The batcher already has ``max_queue`` requests waiting."""
+
+
 class MicroBatcher(Generic[T, R]):
     def __init__(self, process: Callable[[list[T]], list[R]], max_batch: int = 16, max_wait_ms: float = 5.0,
-                 observe: Callable[[int], None] | None = None) -> None:
+                 observe: Callable[[int], None] | None = None, max_queue: int | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
         self.process = process
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self.max_wait = max_wait_ms / 1000.0
         self.observe = observe
         self.batches = 0
@@ -42,9 +51,12 @@ class MicroBatcher(Generic[T, R]):
                 pass
 
     async def submit(self, item: T) -> R:
-        """Queue ``item``; returns its result once its batch has run (or raises the batch's error)."""
+        """Queue ``item``; returns its result once its batch has run (or raises the batch's error).
+        Raises :class:`QueueFull` at once when ``max_queue`` requests are already waiting."""
         if self._queue is None:
             raise RuntimeError("batcher not started")
+        if self.max_queue is not None and self._queue.qsize() >= self.max_queue:
+            raise QueueFull(f"{self._queue.qsize()} requests are already waiting")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future))
         return await future
@@ -88,6 +100,11 @@ class MicroBatcher(Generic[T, R]):
             for (_, fut), result in zip(live, results):
                 if not fut.done():
                     fut.set_result(result)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet in a batch."""
+        return self._queue.qsize() if self._queue is not None else 0
 
     def stats(self) -> dict[str, float]:
         return {"batches": self.batches, "items": self.items, "largest": self.largest,

@@ -9,12 +9,14 @@ import httpx
 
 
 class AlignSearchError(RuntimeError):
-    """A 4xx/5xx answer; ``status`` and the server's ``detail``."""
+    """A 4xx/5xx answer; ``status``, the server's ``detail``, and ``retry_after`` (seconds) on a 503 that
+    says when to come back (the server is busy)."""
 
-    def __init__(self, status: int, detail: Any) -> None:
+    def __init__(self, status: int, detail: Any, retry_after: float | None = None) -> None:
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.detail = detail
+        self.retry_after = retry_after
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -32,14 +34,19 @@ def _image_files(image: bytes | str | Path, k: int, candidates: int, explain: bo
             "data": {"k": str(k), "candidates": str(candidates), "explain": str(explain).lower()}}
 
 
-def _json(response: httpx.Response) -> Any:
+def _raise_for_status(response: httpx.Response) -> httpx.Response:
     if response.status_code >= 400:
         try:
             detail = response.json().get("detail")
         except ValueError:
             detail = response.text
-        raise AlignSearchError(response.status_code, detail)
-    return response.json()
+        retry = response.headers.get("retry-after", "")
+        raise AlignSearchError(response.status_code, detail, float(retry) if retry.isdigit() else None)
+    return response
+
+
+def _json(response: httpx.Response) -> Any:
+    return _raise_for_status(response).json()
 
 
 class AlignSearchClient:
@@ -48,7 +55,7 @@ class AlignSearchClient:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         self.http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
 
-    def __enter__(self) -> "AlignSearchClient":
+    def __enter__(self) -> AlignSearchClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -67,16 +74,17 @@ class AlignSearchClient:
 
     def image(self, image_id_or_uri: str) -> bytes:
         path = image_id_or_uri if image_id_or_uri.startswith("/images/") else f"/images/{image_id_or_uri}"
-        response = self.http.get(path)
-        if response.status_code >= 400:
-            _json(response)
-        return response.content
+        return _raise_for_status(self.http.get(path)).content
 
     def ready(self) -> dict:
         return _json(self.http.get("/readyz"))
 
+    def reload(self) -> dict:
+        """Ask the server to swap to its index folder's newest version now (``POST /admin/reload``)."""
+        return _json(self.http.post("/admin/reload"))
+
     def metrics(self) -> str:
-        return self.http.get("/metrics").text
+        return _raise_for_status(self.http.get("/metrics")).text
 
 
 class AsyncAlignSearchClient:
@@ -85,7 +93,7 @@ class AsyncAlignSearchClient:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         self.http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout)
 
-    async def __aenter__(self) -> "AsyncAlignSearchClient":
+    async def __aenter__(self) -> AsyncAlignSearchClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -107,4 +115,4 @@ class AsyncAlignSearchClient:
         return _json(await self.http.get("/readyz"))
 
     async def metrics(self) -> str:
-        return (await self.http.get("/metrics")).text
+        return _raise_for_status(await self.http.get("/metrics")).text

@@ -1,10 +1,18 @@
-"""Prometheus metrics: requests and latencies per endpoint, time per pipeline stage, batch sizes."""
+"""Prometheus metrics: requests and latencies per route template, time per pipeline stage, batch sizes,
+index reloads, queue depths; and the ASGI middleware that counts every request, refused ones included."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import time
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import BaseRoute, Match
+
+from .gate import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+UNMATCHED = "unmatched"  # any path no route matches: one label, so random paths cannot grow the series
 
 
 class Metrics:
@@ -20,6 +28,11 @@ class Metrics:
                                buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("alignsearch_batch_size", "queries encoded per forward pass", ["kind"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.reloads = Counter("alignsearch_index_reloads", "new index versions swapped in", registry=self.registry)
+        self.waiting = Gauge("alignsearch_queue_waiting", "search requests waiting for a batch, per lane", ["lane"],
+                             registry=self.registry)
+        self.decoding = Gauge("alignsearch_decodes_busy", "image decodes running or waiting for the decode pool",
+                              registry=self.registry)
 
     def observe_stages(self, endpoint: str, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
@@ -27,3 +40,42 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    """The template of the first of ``routes`` that ``scope`` matches (``/images/{image_id:path}``, ``/docs``,
+    ``/static``), or ``unmatched``. Matched here, not read from routing, so requests refused before routing
+    (by the gate) are counted under their route too."""
+    for route in routes:
+        if route.matches(scope)[0] != Match.NONE:
+            return getattr(route, "path", UNMATCHED)
+    return UNMATCHED
+
+
+class RequestMetrics:
+    """ASGI middleware (outermost): counts each request by route template and status, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        endpoint = route_template(self.routes, scope)  # before routing, which rewrites the scope's paths
+        status = 500
+
+        async def recording(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)

@@ -6,23 +6,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_K = 100
 MAX_CANDIDATES = 1000
+MAX_QUERY_CHARS = 2000  # far beyond what the text model reads (it truncates, and says so)
 
 
 class SearchParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     k: int = Field(10, ge=1, le=MAX_K, description="results to return")
     candidates: int = Field(100, ge=1, le=MAX_CANDIDATES, description="first-stage candidates to rerank")
 
     @model_validator(mode="after")
-    def _candidates_cover_k(self) -> "SearchParams":
+    def _candidates_cover_k(self) -> SearchParams:
         if self.candidates < self.k:
             raise ValueError(f"candidates ({self.candidates}) must be >= k ({self.k})")
         return self
 
 
 class TextSearchRequest(SearchParams):
-    query: str = Field(..., max_length=10_000, description="the sentence to search images for")
+    query: str = Field(..., max_length=MAX_QUERY_CHARS, description="the sentence to search images for")
     explain: bool = Field(False, description="add, per result, each query word's best-matching region")
     min_score: float | None = Field(
         None, ge=-1.0, le=1.0, allow_inf_nan=False,
@@ -39,9 +40,12 @@ class TextSearchRequest(SearchParams):
         return value.strip()
 
 
-class ImageSearchJSON(SearchParams):
+class ImageSearchFields(SearchParams):
+    explain: bool = Field(False, description="add, per result, each caption word's best-matching region")
+
+
+class ImageSearchJSON(ImageSearchFields):
     image_base64: str = Field(..., min_length=1, description="the image file's bytes, base64-encoded")
-    explain: bool = False
 
 
 class Grounding(BaseModel):
@@ -105,7 +109,14 @@ class ImageSearchResponse(BaseModel):
 
 class Ready(BaseModel):
     status: str
-    index: str
-    model_fingerprint: str
+    index: str | None = Field(None, description="the index folder's name (with the API key, when one is set)")
+    model_fingerprint: str | None = Field(None, description="(with the API key, when one is set)")
+    images: int | None = None
+    captions: int | None = None
+
+
+class Reloaded(BaseModel):
+    swapped: bool = Field(description="a new version of the index was opened and is now served")
     images: int
     captions: int
+    error: str | None = Field(None, description="why the newest version on disk could not be opened, if so")

@@ -11,13 +11,41 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"ALIGNSEARCH_{name}", default)
 
 
+def _int(name: str, default: int) -> int:
+    return int(_env(name, str(default)))
+
+
+def _float(name: str, default: float) -> float:
+    return float(_env(name, str(default)))
+
+
 @dataclass
 class Settings:
     index: Path = field(default_factory=lambda: Path(_env("INDEX", "index")))
     model: str | None = field(default_factory=lambda: _env("MODEL"))
     device: str = field(default_factory=lambda: _env("DEVICE", "auto"))
     api_key: str | None = field(default_factory=lambda: _env("API_KEY"))
-    max_batch: int = field(default_factory=lambda: int(_env("MAX_BATCH", "16")))
-    batch_wait_ms: float = field(default_factory=lambda: float(_env("BATCH_WAIT_MS", "5")))
-    max_upload_bytes: int = field(default_factory=lambda: int(_env("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024))))
-    max_pixels: int = field(default_factory=lambda: int(_env("MAX_PIXELS", str(40_000_000))))
+    max_batch: int = field(default_factory=lambda: _int("MAX_BATCH", 16))
+    batch_wait_ms: float = field(default_factory=lambda: _float("BATCH_WAIT_MS", 5))
+    # request bodies: an image upload, and everything else (JSON queries)
+    max_upload_bytes: int = field(default_factory=lambda: _int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024))
+    max_json_bytes: int = field(default_factory=lambda: _int("MAX_JSON_BYTES", 64 * 1024))
+    body_timeout_s: float = field(default_factory=lambda: _float("BODY_TIMEOUT_S", 30))
+    # image uploads, checked from the header before any pixel is decoded
+    max_pixels: int = field(default_factory=lambda: _int("MAX_PIXELS", 40_000_000))
+    max_image_side: int = field(default_factory=lambda: _int("MAX_IMAGE_SIDE", 12_000))
+    decode_workers: int = field(default_factory=lambda: _int("DECODE_WORKERS", max(1, (os.cpu_count() or 2) // 2)))
+    decode_timeout_s: float = field(default_factory=lambda: _float("DECODE_TIMEOUT_S", 10))
+    # admission control of the search work
+    max_queue: int = field(default_factory=lambda: _int("MAX_QUEUE", 64))
+    max_heavy_queue: int = field(default_factory=lambda: _int("MAX_HEAVY_QUEUE", 4))
+    heavy_work: int = field(default_factory=lambda: _int("HEAVY_WORK", 2_000))
+    max_work: int = field(default_factory=lambda: _int("MAX_WORK", 20_000))
+    request_timeout_s: float = field(default_factory=lambda: _float("REQUEST_TIMEOUT_S", 30))
+    # following the index on disk (0 disables the watcher; POST /admin/reload still works)
+    reload_interval_s: float = field(default_factory=lambda: _float("RELOAD_INTERVAL_S", 1.0))
+
+    @property
+    def max_upload_body(self) -> int:
+        """Largest request body for an image search: the image, base64-expanded, plus the form fields."""
+        return self.max_upload_bytes * 4 // 3 + 64 * 1024

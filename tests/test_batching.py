@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from service.batching import MicroBatcher
+from service.batching import MicroBatcher, QueueFull
 
 
 def test_concurrent_submissions_share_batches_and_keep_order():
@@ -67,3 +67,34 @@ def test_a_failing_batch_raises_in_every_caller_and_the_worker_survives():
 def test_invalid_batch_size():
     with pytest.raises(ValueError):
         MicroBatcher(lambda x: x, max_batch=0)
+
+
+def test_a_full_queue_refuses_at_once_and_the_waiting_ones_still_run():
+    release = None
+
+    def process(items):
+        release.wait(5)
+        return items
+
+    async def run():
+        nonlocal release
+        import threading
+
+        release = threading.Event()
+        batcher = MicroBatcher(process, max_batch=1, max_wait_ms=1, max_queue=2)
+        await batcher.start()
+        running = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.05)  # item 0 is in its batch; the queue is empty
+        waiting = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        with pytest.raises(QueueFull):
+            await batcher.submit(3)
+        refused_in = time.perf_counter() - started
+        release.set()
+        results = await asyncio.gather(running, *waiting)
+        await batcher.stop()
+        return results, refused_in
+
+    results, refused_in = asyncio.run(run())
+    assert results == [0, 1, 2] and refused_in < 0.05

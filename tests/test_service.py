@@ -7,54 +7,26 @@ import base64
 import io
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
 from conftest import N_IMAGES
+from server import free_port as _free_port  # noqa: F401  (test_page imports it from here)
+from server import serve
 from service.client import AlignSearchClient, AlignSearchError, AsyncAlignSearchClient
 
-REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 MAX_UPLOAD = 2_000_000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(built):
-    port = _free_port()
-    env = dict(os.environ, ALIGNSEARCH_MAX_PIXELS="1000000", ALIGNSEARCH_API_KEY=KEY)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--index", str(built), "--port", str(port),
-         "--device", "cpu", "--max-upload-bytes", str(MAX_UPLOAD), "--batch-wait-ms", "10", "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server did not become ready in 120 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    with serve(built, "--max-upload-bytes", str(MAX_UPLOAD), "--batch-wait-ms", "10",
+               env={"ALIGNSEARCH_MAX_PIXELS": "1000000", "ALIGNSEARCH_API_KEY": KEY}) as url:
+        yield url
 
 
 @pytest.fixture()
@@ -169,7 +141,7 @@ def _png(width: int, height: int) -> bytes:
 def test_bad_uploads_get_clear_4xx(server):
     files = lambda data: {"files": {"file": ("x.jpg", data, "image/jpeg")}}  # noqa: E731
     cases = [
-        (files(b"this is not an image"), 415, "not a decodable image"),
+        (files(b"this is not an image"), 415, "not a JPEG, PNG, WebP, GIF or BMP image"),
         (files(b""), 400, "empty"),
         (files(os.urandom(MAX_UPLOAD + 10)), 413, "upload limit"),
         (files(_png(2000, 2000)), 413, "pixel limit"),  # a decompression bomb, scaled down: 4 Mpx > 1 Mpx limit
@@ -185,12 +157,18 @@ def test_bad_uploads_get_clear_4xx(server):
         assert message in str(response.json()["detail"])
 
 
-def test_api_key_is_required_but_health_is_open(server):
+def test_api_key_is_required_but_health_is_open(server, built):
     assert _status(server, json={"query": "dog"}, key=None).status_code == 401
     assert _status(server, json={"query": "dog"}, key="wrong").status_code == 401
     assert _status(server, "get", "/healthz", key=None).status_code == 200
-    ready = _status(server, "get", "/readyz", key=None).json()
-    assert ready["images"] == N_IMAGES and ready["status"] == "ready"
+    from indexer.index import Index
+
+    captions = Index(built).manifest["counts"]["captions"]
+    open_ready = _status(server, "get", "/readyz", key=None).json()  # the counts, for the page; not the index
+    assert open_ready == {"status": "ready", "images": N_IMAGES, "captions": captions}
+    ready = _status(server, "get", "/readyz").json()
+    assert ready["images"] == N_IMAGES and ready["status"] == "ready" and ready["index"] == built.name
+    assert _status(server, "get", "/metrics", key=None).status_code == 401
     assert "openapi" in _status(server, "get", "/openapi.json", key=None).json()
     with pytest.raises(AlignSearchError) as err:
         AlignSearchClient(server).search_text("dog")
@@ -230,7 +208,7 @@ def test_load_with_concurrent_clients_batches_and_has_no_errors(server):
             return errors, done, time.perf_counter() - start
 
     errors, done, seconds = asyncio.run(run())
-    metrics = httpx.get(server + "/metrics").text
+    metrics = _status(server, "get", "/metrics").text
     batches = _metric(metrics, "alignsearch_batch_size_count", kind="text")
     queued = _metric(metrics, "alignsearch_batch_size_sum", kind="text")
     singles = _metric(metrics, "alignsearch_batch_size_bucket", kind="text", le="1.0")

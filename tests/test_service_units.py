@@ -1,0 +1,197 @@
+"""The service's parts on their own: upload decoding, the decode pool, admission lanes, the gate's open
+paths, and an OpenAPI schema that tells the truth (no server, no index)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import threading
+import time
+import zlib
+
+import pytest
+from fastapi import HTTPException
+from PIL import EpsImagePlugin, Image
+
+from service import schemas
+from service.admission import Lanes, work
+from service.app import create_app
+from service.auth import is_open, key_matches
+from service.errors import clean_errors
+from service.settings import Settings
+from service.uploads import KEEP_SIDE, Decoder, ImageLimits, decode_image
+
+LIMITS = ImageLimits(max_pixels=1_000_000, max_side=2_000)
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\nshowpage\n"
+
+
+def _png(size=(32, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, "white").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_eps_is_refused_without_pillow_ever_opening_it(monkeypatch):
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(1))
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: opened.append(2))
+    with pytest.raises(HTTPException) as err:
+        decode_image(EPS, LIMITS)
+    assert err.value.status_code == 415 and opened == []
+
+
+def test_decode_checks_the_header_then_decodes_rgb_at_most_keep_side():
+    small = decode_image(_png(), LIMITS)
+    assert small.mode == "RGB" and small.size == (32, 24)
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 400), "red").save(buf, format="JPEG")
+    assert decode_image(buf.getvalue(), LIMITS).size == (KEEP_SIDE, 256)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20), "red").save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue(), LIMITS).size == (20, 40)
+    buf = io.BytesIO()
+    Image.new("P", (30, 10)).save(buf, format="GIF")
+    assert decode_image(buf.getvalue(), LIMITS).mode == "RGB"
+    for size, words in (((1, 2_001), "side limit"), ((1_500, 1_000), "pixel limit")):
+        with pytest.raises(HTTPException) as err:
+            decode_image(_png(size), LIMITS)
+        assert err.value.status_code == 413 and words in err.value.detail
+    huge = b"\x89PNG\r\n\x1a\n" + b"".join(  # a 66-byte PNG claiming 20,000 x 20,000 pixels
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        for kind, data in ((b"IHDR", struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)),
+                           (b"IDAT", zlib.compress(b"")), (b"IEND", b"")))
+    with pytest.raises(HTTPException) as err:
+        decode_image(huge, ImageLimits(max_pixels=10**9, max_side=10**6))  # only Pillow's own bound is left
+    assert err.value.status_code == 413
+    with pytest.raises(HTTPException) as err:
+        decode_image(_png()[:60], LIMITS)  # a header, then nothing
+    assert err.value.status_code == 415 and "BytesIO" not in err.value.detail
+
+
+def test_the_decode_pool_is_bounded_and_has_a_time_limit(monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr("service.uploads.decode_image", lambda data, limits: release.wait(5) and data)
+
+    async def run():
+        decoder = Decoder(LIMITS, workers=1, queue=1, timeout_s=0.2)
+        first = asyncio.ensure_future(decoder.decode(b"1"))
+        second = asyncio.ensure_future(decoder.decode(b"2"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(HTTPException) as full:
+            await decoder.decode(b"3")  # one running, one waiting: refused at once
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        busy_after_timeout = decoder.busy  # the threads still run: their slots are still taken
+        release.set()
+        await asyncio.sleep(0.1)
+        decoder.close()
+        return full.value, outcomes, busy_after_timeout, decoder.busy
+
+    full, outcomes, busy_after_timeout, busy_at_end = asyncio.run(run())
+    assert full.status_code == 503 and full.headers["Retry-After"] == "1"
+    assert all(isinstance(o, HTTPException) and o.status_code == 503 and "longer than" in o.detail for o in outcomes)
+    assert busy_after_timeout == 2 and busy_at_end == 0
+
+
+def test_lanes_refuse_when_full_or_late_and_keep_light_work_apart(monkeypatch):
+    settings = Settings(max_batch=4, batch_wait_ms=1, max_queue=1, max_heavy_queue=1, heavy_work=2_000,
+                        max_work=20_000, request_timeout_s=0.3)
+    release = threading.Event()
+    seen: list[list[str]] = []
+
+    def process(items):
+        seen.append(list(items))
+        if "slow" in items[0]:
+            release.wait(5)
+        return [f"done {i}" for i in items]
+
+    async def run():
+        lanes = Lanes("text", process, settings)
+        await lanes.start()
+        heavy = asyncio.ensure_future(lanes.run("slow heavy", 1000, 20))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(lanes.run("heavy 2", 1000, 20))
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        with pytest.raises(HTTPException) as full:
+            await lanes.run("heavy 3", 1000, 20)
+        refused_in = time.perf_counter() - started
+        with pytest.raises(HTTPException) as before_any_work:
+            lanes.lane(1000, 20)  # what an image search asks before it decodes the upload
+        assert before_any_work.value.status_code == 503
+        light = await lanes.run("light", 100, 10)  # the heavy lane is stuck; the light one is not
+        with pytest.raises(HTTPException) as too_big:
+            await lanes.run("huge", 1000, 100)
+        outcomes = await asyncio.gather(heavy, waiting, return_exceptions=True)
+        release.set()
+        await lanes.stop()
+        return full.value, refused_in, light, too_big.value, outcomes
+
+    full, refused_in, light, too_big, outcomes = asyncio.run(run())
+    assert full.status_code == 503 and full.headers["Retry-After"] and refused_in < 0.05
+    assert light == "done light"
+    assert too_big.status_code == 422 and str(work(1000, 100)) in too_big.detail
+    assert all(isinstance(o, HTTPException) and o.status_code == 503 and "longer than" in o.detail for o in outcomes)
+    assert work(1000, 1) == work(1000, 10) == 10_000
+
+
+def test_open_paths_and_key_check():
+    assert is_open("/readyz") and is_open("/static/app.js") and is_open("/docs")
+    assert not is_open("/metrics") and not is_open("/search/text") and not is_open("/admin/reload")
+    assert not is_open("/static") and not is_open("/images/x.jpg")
+    assert key_matches(None, None) and key_matches("k", b"Bearer k") and key_matches("k", "bearer  k ")
+    assert not key_matches("k", None) and not key_matches("k", b"Bearer K") and not key_matches("k", b"Basic k")
+
+
+def test_validation_errors_keep_only_known_names():
+    errors = [{"loc": ("body", "QZX-secret"), "msg": "Extra inputs are not permitted", "type": "extra_forbidden",
+               "input": "QZX"}, {"loc": ("body", "k"), "msg": "x" * 500, "type": "int_parsing", "input": "QZX"}]
+    cleaned = clean_errors(errors * 20)
+    assert len(cleaned) == 10 and "QZX" not in str(cleaned)
+    assert cleaned[0]["loc"] == ["body", "*"] and cleaned[1]["loc"] == ["body", "k"] and len(cleaned[1]["msg"]) == 200
+
+
+@pytest.mark.parametrize("key", [None, "secret"])
+def test_openapi_tells_the_truth(key):
+    spec = create_app(Settings(api_key=key)).openapi()
+    paths = spec["paths"]
+    image = paths["/search/image"]["post"]
+    assert set(image["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    form = image["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["properties"]["file"]["format"] == "binary" and "k" in form["properties"]
+    assert {"400", "401", "413", "415", "422", "503"} <= set(image["responses"])
+    assert {"401", "413", "422", "503"} <= set(paths["/search/text"]["post"]["responses"])
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    served = paths["/images/{image_id}"]["get"]["responses"]
+    assert "404" in served and set(served["200"]["content"]) >= {"image/jpeg", "image/png"}
+    assert "application/json" not in served["200"]["content"]
+    secured = [p for p, ops in paths.items() for op in ops.values() if op.get("security")]
+    if key:
+        assert spec["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+        assert set(secured) == {"/search/text", "/search/image", "/images/{image_id}", "/admin/reload", "/metrics"}
+    else:
+        assert not secured and "securitySchemes" not in spec.get("components", {})
+    assert "maxLength" in str(spec["components"]["schemas"]["TextSearchRequest"]["properties"]["query"])
+    assert schemas.MAX_QUERY_CHARS == 2000
+
+
+def test_the_client_reports_retry_after_and_refused_metrics():
+    import httpx
+
+    from service.client import AlignSearchClient, AlignSearchError
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(401, json={"detail": "missing or wrong API key"})
+        return httpx.Response(503, json={"detail": "busy"}, headers={"Retry-After": "1"})
+
+    with AlignSearchClient("http://test") as client:
+        client.http = httpx.Client(base_url="http://test", transport=httpx.MockTransport(answer))
+        with pytest.raises(AlignSearchError) as busy:
+            client.search_text("a dog")
+        assert busy.value.status == 503 and busy.value.retry_after == 1.0
+        with pytest.raises(AlignSearchError) as refused:
+            client.metrics()
+        assert refused.value.status == 401 and refused.value.retry_after is None
