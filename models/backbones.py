@@ -81,6 +81,15 @@ class ImageBackbone(nn.Module):
         """(rows, cols) of the region grid when regions are grid cells, else None."""
         return None
 
+    @property
+    def num_classes(self) -> int:
+        """Classes of the backbone's own classifier (0: it has none)."""
+        return 0
+
+    def class_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The backbone classifier's logits for features of its token width (... x C -> ... x classes)."""
+        raise TypeError(f"{type(self).__name__} has no classifier")
+
 
 class EfficientNetBackbone(ImageBackbone):
     """EfficientNet-Lite grid cells as regions: 7 x 7 at 224 px, more at larger sizes."""
@@ -105,6 +114,14 @@ class EfficientNetBackbone(ImageBackbone):
     def region_grid(self) -> tuple[int, int]:
         side = -(-self.image_size // 32)
         return side, side
+
+    @property
+    def num_classes(self) -> int:
+        return self.net._fc.out_features
+
+    def class_logits(self, features: torch.Tensor) -> torch.Tensor:
+        # Linear, so pooled features give the image's logits and each cell's feature gives that cell's.
+        return self.net._fc(features)
 
 
 def _image_norm_stats(folder: str, model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from .config import ALIGNMENTS, BackboneConfig, HeadConfig, ModelConfig
+from .config import ALIGNMENTS, BackboneConfig, HeadConfig, ModelConfig, PriorConfig
 
 DEFAULT_DATASET_HELP = "Karpathy-format JSON, or an image,caption CSV"
 
@@ -31,6 +31,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-head", choices=("locked", "transformer"), default=None,
                    help="locked (default): the text backbone's own space is the joint space (LiT-style); "
                         "transformer: a trainable head like the image side")
+    p.add_argument("--class-prior", choices=("none", "global", "global+local"), default=None,
+                   help="mix the image backbone's ImageNet class distribution, as class-name vectors in the text "
+                        "space (ConSE), into the global vector, or into the global and every region vector")
+    p.add_argument("--prior-top-k", type=int, default=None, help="classes kept per distribution (default 10)")
+    p.add_argument("--prior-temperature", type=float, default=None, help="softmax temperature (default 1.0)")
+    p.add_argument("--prior-prompts", default=None,
+                   help="'|'-separated name templates with one {} each (default 'a photo of a {}.')")
     p.add_argument("--alignment", choices=ALIGNMENTS, default=None,
                    help="region-word alignment score: TERAN's MrSw / MrAVGw / MwSr / Symm, or CHAN's hard "
                         "assignment with mean or log-sum-exp pooling (default: the config's)")
@@ -108,6 +115,18 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
         config.text_head = None
     elif args.text_head == "transformer" and config.text_head is None:
         config.text_head = HeadConfig(**vars(config.image_head)) if config.image_head else HeadConfig()
+    if args.class_prior == "none":
+        config.class_prior = None
+    elif args.class_prior:
+        config.class_prior = config.class_prior or PriorConfig()
+        config.class_prior.local = args.class_prior == "global+local"
+    if config.class_prior is not None:
+        if args.prior_top_k is not None:
+            config.class_prior.top_k = args.prior_top_k
+        if args.prior_temperature is not None:
+            config.class_prior.temperature = args.prior_temperature
+        if args.prior_prompts:
+            config.class_prior.prompts = args.prior_prompts.split("|")
     if args.alignment:
         config.alignment = args.alignment
     if args.local_weight is not None:

@@ -48,6 +48,25 @@ class HeadConfig:
 
 
 @dataclass
+class PriorConfig:
+    """ConSE class prior (``models/class_prior.py``): the image backbone's classifier -> class-name vectors."""
+
+    classes: str = "imagenet"
+    top_k: int = 10
+    temperature: float = 1.0
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    local: bool = True  # also a per-region prior from each grid cell's class distribution
+    weight_init: float = 0.43  # w in normalize(learned + w * prior); 0.43 ~ a 0.7 / 0.3 mix
+    learn_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.top_k < 0 or self.temperature <= 0 or self.weight_init <= 0:
+            raise ValueError("class prior: top_k >= 0, temperature > 0 and weight_init > 0 are required")
+        if not self.prompts or any(p.count("{}") != 1 for p in self.prompts):
+            raise ValueError("class prior: every prompt needs exactly one '{}' for the class name")
+
+
+@dataclass
 class ModelConfig:
     image_backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig("efficientnet", "lite0"))
     text_backbone: BackboneConfig = field(
@@ -56,6 +75,7 @@ class ModelConfig:
     embed_dim: int = 384
     image_head: HeadConfig | None = field(default_factory=HeadConfig)
     text_head: HeadConfig | None = None  # None: locked text tower (its own space is the joint space)
+    class_prior: PriorConfig | None = None  # None: no classifier prior
     alignment: str = "MrSw"
     local_weight: float = 0.2
     lse_lambda: float = 10.0
@@ -69,6 +89,8 @@ class ModelConfig:
             self.image_head = HeadConfig(**self.image_head)
         if isinstance(self.text_head, dict):
             self.text_head = HeadConfig(**self.text_head)
+        if isinstance(self.class_prior, dict):
+            self.class_prior = PriorConfig(**self.class_prior)
         if self.alignment not in ALIGNMENTS:
             raise ValueError(f"unknown alignment {self.alignment!r}; choose from {ALIGNMENTS}")
         if self.image_backbone.kind not in IMAGE_BACKBONES:

@@ -34,8 +34,11 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
 
 
 def create_model(config: ModelConfig) -> AlignModel:
-    """Build a model from its config: backbones loaded, heads freshly initialised."""
-    return AlignModel(config)
+    """Build a model from its config: backbones loaded, heads freshly initialised (class-name vectors encoded)."""
+    model = AlignModel(config)
+    if model.class_prior is not None:
+        model.class_prior.initialize(model.encode_class_names)
+    return model
 
 
 def save_model(model: AlignModel, folder: str | os.PathLike) -> str:
@@ -71,7 +74,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     config_file = folder / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} is not a model folder: no {CONFIG_FILE}")
-    model = create_model(ModelConfig.load(config_file))
+    model = AlignModel(ModelConfig.load(config_file))  # heads (and class-name vectors) come from the weights
     weights = folder / WEIGHTS_FILE
     if weights.is_file():
         state = load_file(str(weights))

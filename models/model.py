@@ -15,6 +15,7 @@ from .backbones import (
     EfficientNetBackbone, HFTextBackbone, HFVisionBackbone, ImageBackbone, PrecomputedBackbone, TokenFeatures,
     TokenizedText,
 )
+from .class_prior import ClassPrior
 from .clip_backbone import HFJointModel
 from .config import ModelConfig
 from .heads import LockedHead, TokenHead
@@ -95,6 +96,7 @@ class AlignModel(nn.Module):
         super().__init__()
         self.config = config
         self.joint: HFJointModel | None = None
+        self.class_prior: ClassPrior | None = None
         if "hf-clip" in (config.image_backbone.kind, config.text_backbone.kind):
             if config.image_backbone.kind != config.text_backbone.kind or (
                 config.image_backbone.name != config.text_backbone.name
@@ -117,6 +119,13 @@ class AlignModel(nn.Module):
             self.text_head = LockedHead()
         else:
             self.text_head = TokenHead(self.text_backbone.feature_dim, config.embed_dim, config.text_head)
+        if config.class_prior is not None:
+            if not self.image_backbone.num_classes:
+                raise ValueError(f"a class prior needs an image backbone with a classifier, "
+                                 f"not {config.image_backbone.kind!r}")
+            if config.text_head is not None:
+                raise ValueError("a class prior needs a locked text tower (text_head: null)")
+            self.class_prior = ClassPrior(config.class_prior, self.image_backbone.num_classes, config.embed_dim)
 
     # -- properties -----------------------------------------------------------------------------------
     @property
@@ -161,7 +170,29 @@ class AlignModel(nn.Module):
 
     def image_head_forward(self, feats: TokenFeatures) -> EncoderOutput:
         g, local = self.image_head(feats)
+        if self.class_prior is not None:
+            g, local = self.class_prior(g, local, feats.mask, self.image_backbone.class_logits(feats.pooled),
+                                        self.image_backbone.class_logits(feats.tokens))
         return EncoderOutput(g, local, feats.mask)
+
+    @torch.inference_mode()
+    def encode_class_names(self, texts: Sequence[str], prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompted class names -> (sentence vectors, mean of the name's own word vectors), in the text space.
+
+        ``prompt`` is the template that made ``texts`` (``"a photo of a {}."``): its words around the name are
+        left out of the word-level vector, so that vector sits where a query word for the class would."""
+        prefix, suffix = prompt.split("{}")
+        tok = self.text_backbone.tokenizer.tok
+        n_prefix, n_suffix = len(tok.tokenize(prefix)), len(tok.tokenize(suffix))
+        glob, local = [], []
+        for start in range(0, len(texts), 128):
+            out = self.encode_texts(texts[start : start + 128])
+            glob.append(out.global_emb)
+            for row in range(len(out)):
+                idx = out.mask[row].nonzero().squeeze(-1)
+                name = idx[n_prefix : len(idx) - n_suffix] if len(idx) > n_prefix + n_suffix else idx
+                local.append(out.local[row, name].mean(0))
+        return torch.cat(glob), torch.stack(local)
 
     def text_head_forward(self, feats: TokenFeatures) -> EncoderOutput:
         g, local = self.text_head(feats)
@@ -230,5 +261,5 @@ class AlignModel(nn.Module):
         return {
             k: v.detach().cpu().contiguous()
             for k, v in self.state_dict().items()
-            if k in trainable or k.startswith(("image_head.", "text_head."))
+            if k in trainable or k.startswith(("image_head.", "text_head.", "class_prior."))
         }
