@@ -30,7 +30,7 @@ class TextSearchRequest(SearchParams):
         description="results whose global_score (cosine of the query and the image) is below this are weak "
                     "matches (match: false): they match nothing in the query. Default (null): the model's "
                     "calibrated threshold, chosen so that 99% of nonsense queries have no result above it on its "
-                    "training images (0.21 for the shipped model)")
+                    "training images (0.22 for the shipped model)")
 
     @field_validator("query")
     @classmethod

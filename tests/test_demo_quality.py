@@ -7,7 +7,11 @@ import pytest
 from bench import demo_quality as dq
 from service.demo import SAMPLE_PHOTOS
 
-NEW_MODEL = "targets of issue 9; the shipped model misses them until the lead's retrained model lands"
+TARGET = ("issue 9's target; the shipped model (ConSE prior, plain queries R@1 56.7 / R@5 80.0, captions right "
+          "first 63.6, pointing game 59.6) does not reach it yet")
+# What the shipped model reaches (models/pretrained/default/README.md), less a margin for float noise: a
+# regression below these fails, whatever the targets above say.
+SHIPPED = {"plain_r1": 53.0, "plain_r5": 76.0, "captions_right_first": 59.0}
 
 
 def test_queries_and_boxes_cover_the_demo_photos():
@@ -66,22 +70,30 @@ def test_demo_figures_are_well_formed(demo_figures):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=NEW_MODEL)
+@pytest.mark.xfail(strict=False, reason=TARGET)
 def test_plain_queries_find_their_photo(demo_figures):
     plain = demo_figures["plain_queries"]
     assert plain["r1"] >= 80.0 and plain["r5"] == 100.0, demo_figures["misses_at_1"]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=NEW_MODEL)
+@pytest.mark.xfail(strict=False, reason=TARGET)
 def test_demo_captions_put_their_photo_first(demo_figures):
     assert demo_figures["captions"]["right_first"] >= 75.0, demo_figures["misses_at_1"]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=NEW_MODEL)
+@pytest.mark.xfail(strict=False, reason=TARGET)
 def test_pointing_game_on_the_labelled_demo_boxes(demo_figures):
     assert demo_figures["pointing"]["pointing_game"] >= 70.0, demo_figures["pointing"]["per_word"]
+
+
+@pytest.mark.slow
+def test_shipped_model_keeps_its_demo_figures(demo_figures):
+    assert demo_figures["plain_queries"]["r1"] >= SHIPPED["plain_r1"], demo_figures["misses_at_1"]
+    assert demo_figures["plain_queries"]["r5"] >= SHIPPED["plain_r5"], demo_figures["misses_at_1"]
+    assert demo_figures["captions"]["right_first"] >= SHIPPED["captions_right_first"], demo_figures["misses_at_1"]
+    assert demo_figures["min_score"]["nonsense_with_no_match"] >= 95.0  # "nothing matches" for nonsense
 
 
 def test_script_entries_answer_bad_input_in_one_line(capsys, tmp_path):
