@@ -93,9 +93,37 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise IndexError_(f"{path}: corrupt manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise IndexError_(f"{path}: corrupt manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexError_(f"{path}: index format {manifest.get('format_version')} is not {FORMAT_VERSION}")
+        raise IndexError_(f"{path}: index format {manifest.get('format_version')!r:.20} is not {FORMAT_VERSION}")
+    problem = _shape_problem(manifest)
+    if problem:
+        raise IndexError_(f"{path}: corrupt manifest ({problem})")
     return manifest
+
+
+# The manifest's fields that readers index into, and the JSON type each must have.
+_REQUIRED = {"files": dict, "counts": dict, "model": dict, "collections": dict, "images_root": str,
+             "local_codec": str}
+
+
+def _shape_problem(manifest: dict[str, Any]) -> str | None:
+    """What is structurally wrong with a parsed manifest (a field missing or of the wrong type), or None."""
+    for key, kind in _REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"{key!r} is {'missing' if key not in manifest else 'not a JSON ' + kind.__name__}"
+    for name, entry in manifest["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int)):
+            return "a 'files' entry has no sha256 and bytes"
+    if not isinstance(manifest["model"].get("fingerprint"), str):
+        return "'model' has no fingerprint"
+    if not all(isinstance(manifest["collections"].get(name), dict) for name in COLLECTIONS):
+        return f"'collections' lacks one of {', '.join(COLLECTIONS)}"
+    if not all(isinstance(v, int) for v in manifest["counts"].values()):
+        return "'counts' holds a value that is not a number"
+    return None
 
 
 def check_files(folder: Path, manifest: dict[str, Any]) -> list[str]:

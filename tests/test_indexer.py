@@ -66,6 +66,28 @@ def test_verify_names_a_flipped_byte_in_any_data_file(built, tmp_path, capsys):
             Index(copy)
 
 
+def _drop(key):
+    return lambda m: {k: v for k, v in m.items() if k != key}
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda m: {"format_version": 1}, lambda m: [], lambda m: [m], lambda m: "manifest", lambda m: None,
+    _drop("files"), _drop("collections"), lambda m: {**m, "files": []}, lambda m: {**m, "counts": "many"},
+    lambda m: {**m, "files": {"metadata.sqlite": "abc"}}, lambda m: {**m, "model": {}},
+    lambda m: {**m, "collections": {"images": {}}},
+], ids=["only-version", "empty-list", "list", "string", "null", "no-files", "no-collections", "files-list",
+        "counts-string", "file-entry-string", "model-empty", "one-collection"])
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_a_structurally_wrong_manifest_is_a_one_line_refusal(built, tmp_path, capsys, mangle, command):
+    manifest = json.loads((built / layout.MANIFEST).read_text())
+    (tmp_path / layout.MANIFEST).write_text(json.dumps(mangle(manifest)))
+    assert main(["index", command, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "corrupt manifest" in err and "internal error" not in err
+    with pytest.raises(layout.IndexError_, match="corrupt manifest"):
+        Index(tmp_path)
+
+
 def test_search_equals_exhaustive_when_k_covers_the_collection(built, model):
     searcher = Searcher(Index(built), model)
     queries = ["a dog runs through the grass", "children playing", "a man on a bike", "people in the snow"]
