@@ -113,7 +113,7 @@ def _shape_problem(manifest: dict[str, Any]) -> str | None:
     for key, kind in _REQUIRED.items():
         if not isinstance(manifest.get(key), kind):
             return f"{key!r} is {'missing' if key not in manifest else 'not a JSON ' + kind.__name__}"
-    for name, entry in manifest["files"].items():
+    for entry in manifest["files"].values():
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and isinstance(entry.get("bytes"), int)):
             return "a 'files' entry has no sha256 and bytes"
