@@ -240,3 +240,22 @@ def test_local_store_gather_decodes_like_sa_decode(tmp_path, codec):
         for i, r in enumerate(rows):
             np.testing.assert_array_equal(local[i][mask[i]].numpy(), reference[offsets[r] : offsets[r + 1]])
             assert int(mask[i].sum()) == lengths[r] and torch.all(local[i][~mask[i]] == 0)
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "OPQ4_16,IVF64,PQ4"])
+def test_ivf_returns_k_candidates_when_it_holds_k(factory):
+    from indexer.faiss_index import FaissGlobalStore, new_index, set_search_params
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((400, 16)).astype(np.float32)
+    faiss.normalize_L2(vectors)
+    index = new_index(16, factory, vectors)
+    index.add_with_ids(vectors, np.arange(400, dtype=np.int64) + 1000)
+    set_search_params(index, "nprobe=1")  # one list of 64 holds ~6 vectors: far fewer than k
+    store = FaissGlobalStore(index, factory)
+    scores, ids = store.search(vectors[:5], 300)
+    assert (ids >= 1000).all() and all(len(set(row)) == 300 for row in ids.tolist())
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # still best first
+    scores, ids = store.search(vectors[:2], 450)  # more than it holds: all 400, then -1
+    assert ((ids >= 0).sum(axis=1) == 400).all() and (ids[:, 400:] == -1).all()
+    assert faiss.extract_index_ivf(index).nprobe == 1  # the shared index's setting is left as it was
