@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,6 +97,7 @@ def build(model: AlignModel, options: BuildOptions) -> dict[str, Any]:
     if options.faiss_factory:
         global_backend(options.backend).validate(options.faiss_factory, model.embed_dim)
     local_backend(options.local_backend).validate(options.local_codec, model.embed_dim)  # before any encoding
+    options = replace(options, out=layout.real_path(options.out))  # through a symlink: the real index is rebuilt
     with layout.exclusive(options.out):
         return _build(model, options, files, caption_rows)
 

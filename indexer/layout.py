@@ -181,10 +181,17 @@ def link_copy(src: Path, dst: Path, copy: tuple[str, ...] = (METADATA,)) -> None
             shutil.copy2(path, target)
 
 
+def real_path(target: Path) -> Path:
+    """``target`` with its symlinks resolved (as far as it exists): an index named through a symlink is
+    locked, rewritten and swapped where it really is, and the symlink stays a symlink."""
+    return Path(os.path.realpath(target))
+
+
 @contextmanager
 def exclusive(target: Path) -> Iterator[None]:
-    """Hold ``.{target}.lock`` (beside the index) for a build or update: a second one fails at once."""
-    target = Path(target)
+    """Hold ``.{target}.lock`` (beside the index, symlinks resolved) for a build or update: a second one
+    fails at once, whichever path names the index."""
+    target = real_path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.with_name(f".{target.name}.lock")
     with open(lock, "a+") as fh:

@@ -26,7 +26,9 @@ def transaction(index_dir: Path, change: Callable[[Path, dict], dict]) -> dict:
 
     The copy hard-links the data files (SQLite, changed in place, is copied) and every changed file is written
     to a temp name and renamed, so the live index is untouched until the swap, whatever happens before it;
-    checksums of files still shared with the live index are carried over."""
+    checksums of files still shared with the live index are carried over. A symlink to the index is resolved
+    first: the real index is changed (under its one lock) and the symlink stays."""
+    index_dir = layout.real_path(index_dir)
     with layout.exclusive(index_dir):
         layout.recover(index_dir)
         manifest = layout.read_manifest(index_dir)

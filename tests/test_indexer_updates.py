@@ -143,6 +143,21 @@ def test_one_writer_at_a_time(index_copy, photos, capsys):
     assert verify(index_copy) == []
 
 
+def test_delete_through_a_symlink_changes_the_real_index_under_its_one_lock(index_copy, tmp_path, capsys):
+    link = tmp_path / "links" / "current"
+    link.parent.mkdir()
+    link.symlink_to(index_copy, target_is_directory=True)
+    caption = Index(index_copy).conn.execute("SELECT id FROM captions ORDER BY row LIMIT 1").fetchone()[0]
+    before = Index(index_copy).manifest["counts"]["captions"]
+    with layout.exclusive(index_copy):  # a writer of the real path blocks one that names the symlink
+        assert main(["index", "delete", str(link), "--ids", caption]) == 2
+        assert "another build or update" in capsys.readouterr().err
+    assert main(["index", "delete", str(link), "--ids", caption]) == 0
+    assert link.is_symlink() and link.resolve() == index_copy.resolve()
+    assert Index(index_copy).manifest["counts"]["captions"] == before - 1 and verify(index_copy) == []
+    assert not list(link.parent.glob(".current*"))  # no lock, copy or leftovers beside the symlink
+
+
 @pytest.mark.parametrize("codec", ["SQ8", "PQ16"])
 def test_trained_codecs_without_captions_then_add_captions(photos, tmp_path, model, codec, capsys):
     out = tmp_path / "idx"
