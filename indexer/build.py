@@ -98,13 +98,18 @@ def build(model: AlignModel, options: BuildOptions) -> dict[str, Any]:
         global_backend(options.backend).validate(options.faiss_factory, model.embed_dim)
     local_backend(options.local_backend).validate(options.local_codec, model.embed_dim)  # before any encoding
     options = replace(options, out=layout.real_path(options.out))  # through a symlink: the real index is rebuilt
-    with layout.exclusive(options.out):
+    with layout.exclusive(options.out), layout.disk_full_is_one_line(options.out, _work(options.out)):
         return _build(model, options, files, caption_rows)
+
+
+def _work(out: Path) -> Path:
+    """Where the build of ``out`` keeps its shards (resumable) and assembles the new index."""
+    return out.with_name(out.name + ".partial")
 
 
 def _build(model: AlignModel, options: BuildOptions, files: list[str], caption_rows: list[CaptionRow]
            ) -> dict[str, Any]:
-    work = options.out.with_name(options.out.name + ".partial")
+    work = _work(options.out)
     plan = {"model": model.fingerprint, "files": _digest(files), "captions": _digest([vars(r) for r in caption_rows]),
             "shard_size": options.shard_size, "images": str(options.images.resolve())}
     plan_file = work / "build.json"

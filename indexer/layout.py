@@ -21,9 +21,11 @@ step (:func:`replace_folder`). Builds and updates of one index take a lock besid
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -44,6 +46,39 @@ DEFAULT_CODEC = "SQfp16"  # FAISS codec of the local (per-region / per-word) vec
 
 class IndexError_(ValueError):
     """An index folder that is missing, corrupt, or does not fit the model."""
+
+
+class DiskFull(OSError):
+    """A build or update ran out of disk space; its partial files are gone and the previous index is kept."""
+
+
+# How a full disk reads where it has no errno: FAISS's writers (RuntimeError), SQLite, numpy's short write.
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` says the disk (or the user's quota) is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(t in text for t in _DISK_FULL_TEXT) or (isinstance(exc, OSError) and bool(_SHORT_WRITE.search(text)))
+
+
+@contextmanager
+def disk_full_is_one_line(target: Path, *leftovers: Path) -> Iterator[None]:
+    """Turn a full disk inside the block into :class:`DiskFull` with one line naming ``target``, after
+    removing ``leftovers`` (the partial work) so that the space they took is given back."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        raise DiskFull(f"no space left on the disk of {Path(target).parent} while writing {Path(target).name}: "
+                       f"the partial files were removed and the previous index (if any) is unchanged; free some "
+                       f"space and run it again") from None
 
 
 def sha256_file(path: Path) -> str:

@@ -37,17 +37,18 @@ def transaction(index_dir: Path, change: Callable[[Path, dict], dict]) -> dict:
             raise layout.IndexError_(f"{index_dir} is corrupt, refusing to update it: {'; '.join(problems)}")
         work = index_dir.with_name(f".{index_dir.name}.update")
         shutil.rmtree(work, ignore_errors=True)
-        try:
-            layout.link_copy(index_dir, work)
-            previous = manifest["files"]
-            fields = change(work, json.loads(json.dumps(manifest)))
-            fields = {k: v for k, v in fields.items() if k not in ("files", "format_version", "updated")}
-            layout.write_manifest(work, fields, reuse={
-                name: entry for name, entry in previous.items()
-                if (work / name).is_file() and os.path.samefile(work / name, index_dir / name)})
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+        with layout.disk_full_is_one_line(index_dir, work):
+            try:
+                layout.link_copy(index_dir, work)
+                previous = manifest["files"]
+                fields = change(work, json.loads(json.dumps(manifest)))
+                fields = {k: v for k, v in fields.items() if k not in ("files", "format_version", "updated")}
+                layout.write_manifest(work, fields, reuse={
+                    name: entry for name, entry in previous.items()
+                    if (work / name).is_file() and os.path.samefile(work / name, index_dir / name)})
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
         layout.replace_folder(work, index_dir)
         return fields
 
@@ -57,6 +58,7 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
     manifest = layout.read_manifest(index_dir)
     check_model(manifest, model)
     report: dict[str, Any] = {}
+    scratch: list[Path] = []  # removed whatever happens (a failed add is redone from the start)
 
     def change(work: Path, manifest: dict) -> dict:
         conn = metadata.connect(work / layout.METADATA)
@@ -70,6 +72,7 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
         taken |= {r[0] for r in conn.execute("SELECT id FROM captions WHERE deleted = 1")}
         tmp = work.with_name(work.name + ".shards")  # encoded new items (not resumable: an add is redone)
         shutil.rmtree(tmp, ignore_errors=True)
+        scratch.append(tmp)
         shards = encode_all(model, options, files, tmp, Path(manifest["images_root"]),
                             lambda known: caption_items(rows, existing | known, taken, present))
         for name in layout.COLLECTIONS:
@@ -87,10 +90,13 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
         report.update(captions_linked=linked, images_added=sum(len(s.items) for s in shards["images"]),
                       captions_added=sum(len(s.items) for s in shards["captions"]),
                       skipped=[k for name in layout.COLLECTIONS for s in shards[name] for k in s.skipped])
-        shutil.rmtree(tmp)
         return manifest
 
-    transaction(index_dir, change)
+    try:
+        transaction(index_dir, change)
+    finally:
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
     return report
 
 

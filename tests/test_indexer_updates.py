@@ -211,3 +211,54 @@ def test_add_with_another_model_is_refused_naming_both_fingerprints(index_copy, 
     with pytest.raises(ValueError, match=other):
         Searcher.open(index_copy, str(tmp_path / "other-model"), device="cpu")
     assert verify(index_copy) == []
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 1.5 MB tmpfs (mounting needs root: skipped elsewhere); unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_local_store_on_a_full_disk_is_an_oserror_not_sigbus(small_disk):
+    code = f"""
+import errno, faiss, numpy as np
+from pathlib import Path
+from indexer.local_store import make_codec, write_store
+codec = make_codec(8, "SQ8", np.zeros((0, 8), np.float32), train=False)
+codes = np.ones((4_000_000, 1), np.uint8)  # 4 MB of codes on a 1.5 MB disk
+try:
+    write_store(Path({str(small_disk)!r}) / "images", faiss.index_factory(8, "SQ8"), codes, np.array([len(codes)]))
+except OSError as exc:
+    print("ENOSPC" if exc.errno == errno.ENOSPC else exc)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ENOSPC", (result.returncode, result.stderr[-500:])
+    assert not [p for p in small_disk.rglob("*") if p.is_file()]  # the temp file went with the error
+
+
+def test_a_full_disk_is_one_line_keeps_the_old_index_and_leaves_nothing(built, photos, small_disk, capsys):
+    index = small_disk / "index"
+    shutil.copytree(built, index)
+    before = _snapshot(index)
+    for argv in (["index", "build", "--images", str(photos[0]), "--captions", str(photos[1]), "--out", str(index),
+                  "--quiet"],
+                 ["index", "add", str(index), "--images", str(photos[0].parent / "more"), "--quiet"]):
+        if argv[1] == "add":
+            more = photos[0].parent / "more"
+            more.mkdir(exist_ok=True)
+            for n, path in enumerate(sample_files(photos[0])):
+                shutil.copy(path, more / f"again-{n}{path.suffix}")
+        assert main(argv) == 2, argv[1]
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no space left on the disk" in err, err
+        assert _snapshot(index) == before and verify(index) == []
+        assert sorted(p.name for p in small_disk.iterdir()) == [".index.lock", "index"]  # no partial work left
