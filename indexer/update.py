@@ -100,9 +100,18 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
     return report
 
 
+def _captions_of(conn: Any, image_rows: list[int], exclude: set[str]) -> list[str]:
+    """Ids of the live captions of the images at ``image_rows``, less those in ``exclude``."""
+    found = conn.execute("SELECT c.id FROM captions c JOIN images i ON c.image_id = i.id WHERE c.deleted = 0 "
+                         "AND i.row IN (SELECT value FROM json_each(?)) ORDER BY c.row", (json.dumps(image_rows),))
+    return [r[0] for r in found if r[0] not in exclude]
+
+
 def delete(index_dir: Path, ids: list[str]) -> dict[str, Any]:
     """Tombstone ``ids`` (images or captions) and remove them from the global stores that can remove.
 
+    Deleting an image deletes its captions too (``captions_deleted_with_images`` says how many; they are
+    counted in ``captions_deleted``), so they no longer come back from a search, before or after a restart.
     Ids that are not live in the index are reported in ``not_found``; when none is, nothing is rewritten."""
     layout.read_manifest(index_dir)  # a clear error for a folder that is not an index
     conn = metadata.connect(Path(index_dir) / layout.METADATA, read_only=True)
@@ -112,7 +121,7 @@ def delete(index_dir: Path, ids: list[str]) -> dict[str, Any]:
                                       f"(SELECT value FROM json_each(?))", (json.dumps(ids),))}
     finally:
         conn.close()
-    report: dict[str, Any] = {"not_found": sorted(set(ids) - live)}
+    report: dict[str, Any] = {"not_found": sorted(set(ids) - live), "captions_deleted_with_images": 0}
     if not live:  # a no-op: leave the index (and its checksums) untouched
         return {**report, "images_deleted": 0, "captions_deleted": 0}
 
@@ -120,8 +129,13 @@ def delete(index_dir: Path, ids: list[str]) -> dict[str, Any]:
         conn = metadata.connect(work / layout.METADATA)
         known = {r[0] for name in layout.COLLECTIONS for r in conn.execute(f"SELECT id FROM {name} WHERE deleted = 0")}
         report["not_found"] = sorted(set(ids) - known)
-        for name in layout.COLLECTIONS:
-            rows = metadata.tombstone(conn, name, ids)
+        wanted = {"images": list(ids), "captions": list(ids)}
+        for name in layout.COLLECTIONS:  # images first: their captions go with them
+            rows = metadata.tombstone(conn, name, wanted[name])
+            if name == "images" and rows:
+                with_images = _captions_of(conn, rows, exclude=set(ids))
+                wanted["captions"] += with_images
+                report["captions_deleted_with_images"] = len(with_images)
             if rows:
                 col = open_collection(work, name, manifest, conn, writable=True)
                 col.index.remove(np.array(rows))

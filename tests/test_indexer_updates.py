@@ -213,6 +213,35 @@ def test_add_with_another_model_is_refused_naming_both_fingerprints(index_copy, 
     assert verify(index_copy) == []
 
 
+def test_deleting_an_image_deletes_its_captions_across_a_restart(index_copy, model, capsys):
+    from models.preprocess import load_image
+
+    index = Index(index_copy)
+    image_id, n = index.conn.execute("SELECT image_id, COUNT(*) FROM captions WHERE deleted = 0 AND image_id IS NOT "
+                                     "NULL GROUP BY image_id ORDER BY COUNT(*) DESC LIMIT 1").fetchone()
+    captions = {r[0] for r in index.conn.execute("SELECT id FROM captions WHERE image_id = ?", (image_id,))}
+    before = index.manifest["counts"]
+    photo = load_image(index.images_root / image_id)
+    assert main(["index", "delete", str(index_copy), "--ids", image_id]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert n >= 2 and report["images_deleted"] == 1
+    assert report["captions_deleted_with_images"] == report["captions_deleted"] == n
+    searcher = Searcher(Index(index_copy), model)  # a restart: nothing but the index on disk
+    assert searcher.index.manifest["counts"] == {**before, "images": before["images"] - 1, "images_deleted": 1,
+                                                 "captions": before["captions"] - n, "captions_deleted": n}
+    hits = searcher.search_image([photo], k=N_CAPTIONS, candidates=N_CAPTIONS)[0].hits
+    assert hits and not captions & {h.id for h in hits} and all(h.image_id != image_id for h in hits)
+    # a caption named with its image is deleted once, and counted as asked for
+    other, caption = searcher.index.conn.execute("SELECT image_id, id FROM captions WHERE deleted = 0 AND image_id "
+                                                 "IS NOT NULL ORDER BY row LIMIT 1").fetchone()
+    left = searcher.index.conn.execute("SELECT COUNT(*) FROM captions WHERE deleted = 0 AND image_id = ?",
+                                       (other,)).fetchone()[0]
+    assert main(["index", "delete", str(index_copy), "--ids", other, caption]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["captions_deleted"] == left and report["captions_deleted_with_images"] == left - 1
+    assert verify(index_copy) == []
+
+
 @pytest.fixture()
 def small_disk(tmp_path):
     """A 1.5 MB tmpfs (mounting needs root: skipped elsewhere); unmounted afterwards."""
