@@ -157,7 +157,7 @@ def test_add_then_delete_round_trips(built, photos, tmp_path, model):
     from models.preprocess import load_image
 
     cap_hits = searcher.search_image([load_image(extra / new_name)], k=200, candidates=200)[0].hits
-    assert f"{new_name}#0" not in [h.id for h in cap_hits] and f"{new_name}#1" in [h.id for h in cap_hits]
+    assert cap_hits and not any(h.id.startswith(f"{new_name}#") for h in cap_hits)  # its captions went with it
     assert searcher.get_image(new_name) is None
 
 
