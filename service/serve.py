@@ -49,12 +49,13 @@ def add_allow_open_option(p: argparse.ArgumentParser, default: bool) -> None:
                         "it such a server refuses to start (env ALIGNSEARCH_ALLOW_OPEN=1)")
 
 
-def is_loopback(host: str) -> bool:
-    """True when every address ``host`` names is a loopback address (127.0.0.0/8, ::1, ``localhost``)."""
+def is_loopback(host: str) -> bool | None:
+    """True when every address ``host`` names is a loopback address (127.0.0.0/8, ::1, ``localhost``); None
+    when it names none (:func:`bind` reports that)."""
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError):
-        return False
+        return None
     addresses = {info[4][0].split("%")[0] for info in infos}
     try:
         return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
@@ -65,7 +66,7 @@ def is_loopback(host: str) -> bool:
 def refuse_open(host: str, api_key: str | None, allow_open: bool) -> None:
     """Raise ``ValueError`` when ``host`` is reachable from other machines, no API key is set and the caller
     did not say ``--allow-open``: an open search API on a network is a choice, never a default."""
-    if api_key or allow_open or is_loopback(host):
+    if api_key or allow_open or is_loopback(host) is not False:
         return
     raise ValueError(f"--host {host} is reachable from other machines and no API key is set: set one with "
                      f"--api-key KEY (or $ALIGNSEARCH_API_KEY), or serve it open on purpose with --allow-open "

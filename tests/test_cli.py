@@ -201,6 +201,14 @@ def test_a_non_loopback_host_needs_a_key_or_consent(host):
     refuse_open(host, None, True)
 
 
+def test_a_host_that_is_no_address_is_left_to_bind_to_report(capsys):
+    from service.serve import bind, refuse_open
+
+    refuse_open("no-such-host.invalid", None, False)
+    with pytest.raises(OSError, match="not an address of this machine"):
+        bind("no-such-host.invalid", 0)
+
+
 def test_serve_refuses_0_0_0_0_without_a_key_before_anything_loads(built, monkeypatch, capsys):
     import indexer.search
 
