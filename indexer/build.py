@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,13 +97,19 @@ def build(model: AlignModel, options: BuildOptions) -> dict[str, Any]:
     if options.faiss_factory:
         global_backend(options.backend).validate(options.faiss_factory, model.embed_dim)
     local_backend(options.local_backend).validate(options.local_codec, model.embed_dim)  # before any encoding
-    with layout.exclusive(options.out):
+    options = replace(options, out=layout.real_path(options.out))  # through a symlink: the real index is rebuilt
+    with layout.exclusive(options.out), layout.disk_full_is_one_line(options.out, _work(options.out)):
         return _build(model, options, files, caption_rows)
+
+
+def _work(out: Path) -> Path:
+    """Where the build of ``out`` keeps its shards (resumable) and assembles the new index."""
+    return out.with_name(out.name + ".partial")
 
 
 def _build(model: AlignModel, options: BuildOptions, files: list[str], caption_rows: list[CaptionRow]
            ) -> dict[str, Any]:
-    work = options.out.with_name(options.out.name + ".partial")
+    work = _work(options.out)
     plan = {"model": model.fingerprint, "files": _digest(files), "captions": _digest([vars(r) for r in caption_rows]),
             "shard_size": options.shard_size, "images": str(options.images.resolve())}
     plan_file = work / "build.json"

@@ -29,7 +29,8 @@ def _score_matrix(results, n_rows: int, n_cols: int, column_of: dict[str, int], 
     scores = torch.full((n_rows, n_cols), float("-inf"))
     for q, res in enumerate(results):
         for hit in res.hits:
-            scores[q, column_of[hit.id]] = hit.global_score if use_global else hit.score
+            if hit.id in column_of:  # a caption left out of the evaluation (its image was skipped) is no item
+                scores[q, column_of[hit.id]] = hit.global_score if use_global else hit.score
     return scores
 
 
@@ -52,8 +53,11 @@ def evaluate_split(model: AlignModel, dataset: Path, images_dir: Path, split: st
         searcher = Searcher(Index(Path(tmp) / "index"), model)
         index = searcher.index
         image_ids = [r["id"] for r in index.conn.execute("SELECT id FROM images ORDER BY row")]
-        cap_rows = index.conn.execute("SELECT id, text, image_id FROM captions ORDER BY row").fetchall()
         image_col = {i: n for n, i in enumerate(image_ids)}
+        all_captions = index.conn.execute("SELECT id, text, image_id FROM captions ORDER BY row").fetchall()
+        # captions whose image could not be indexed have no ground truth: they are left out (and reported)
+        cap_rows = [r for r in all_captions if r["image_id"] in image_col]
+        dropped = len(all_captions) - len(cap_rows)
         caption_col = {r["id"]: n for n, r in enumerate(cap_rows)}
         text_to_image = torch.tensor([image_col[r["image_id"]] for r in cap_rows])
         n_img, n_cap = len(image_ids), len(cap_rows)
@@ -74,7 +78,7 @@ def evaluate_split(model: AlignModel, dataset: Path, images_dir: Path, split: st
                 out += searcher.search_image(batch, k=k, candidates=k)
             return out
 
-        full_t2i, full_i2t = t2i(n_img), i2t(n_cap)
+        full_t2i, full_i2t = t2i(n_img), i2t(len(all_captions))  # every item, dropped ones too
         cut_t2i, cut_i2t = t2i(min(candidates, n_img)), i2t(min(candidates, n_cap))
 
         def metrics(t2i_res, i2t_res, use_global: bool) -> dict[str, float]:
@@ -88,6 +92,9 @@ def evaluate_split(model: AlignModel, dataset: Path, images_dir: Path, split: st
             "two-stage": metrics(cut_t2i, cut_i2t, use_global=False),
         }
         sizes = index.info()
-    return {"results": results, "images": n_img, "captions": n_cap,
-            "skipped": [s["item"] for s in report["skipped"]],
+    skipped = [s["item"] for s in report["skipped"]]
+    if dropped:
+        skipped.append(f"{dropped} caption(s) whose image was skipped: left out of the evaluation")
+    return {"results": results, "images": n_img, "captions": n_cap, "captions_dropped": dropped,
+            "skipped": skipped,
             "bytes_per_item": {name: sizes[name]["bytes_per_item"] for name in ("images", "captions")}}

@@ -59,6 +59,22 @@ def _ivf(index: faiss.Index) -> faiss.Index | None:
         return None
 
 
+def _ivf_params(index: faiss.Index, nprobe: int) -> Any:
+    """Per-search parameters that set ``nprobe`` for ``index`` (an IVF, or one under a pre-transform such as
+    OPQ), without changing the shared index; None for other wrappers."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(nprobe=nprobe)
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = _ivf_params(index.index, nprobe)
+        if inner is not None:
+            params = faiss.SearchParametersPreTransform()
+            params.index_params = inner
+            params.inner = inner  # keeps the inner object alive as long as the outer one
+            return params
+    return None
+
+
 def new_index(dim: int, factory: str, sample: np.ndarray | Callable[[], np.ndarray]) -> faiss.Index:
     """An empty inner-product index whose FAISS ids are row ids (``add_with_ids``), trained on ``sample`` when
     the type needs training (on the GPU when there is one; the trained index lives on the CPU). ``sample`` may
@@ -195,9 +211,28 @@ class FaissGlobalStore:
         return not isinstance(faiss.downcast_index(inner), faiss.IndexHNSW)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each n x k; ids -1 where fewer than k items exist."""
+        """(scores, ids), each n x k; ids -1 only where fewer than k items exist.
+
+        An IVF index probes ``nprobe`` lists, which may hold fewer than k vectors: queries that come back
+        short are searched again with 4x the probes (up to every list), so k items held means k returned."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         index = self.cpu_index if k > GPU_MAX_K else self.index
-        return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        scores, ids = index.search(queries, k)
+        ivf = _ivf(self.cpu_index)
+        want = min(k, self.count())
+        if ivf is None or want == 0:
+            return scores, ids
+        short = np.flatnonzero((ids[:, :want] < 0).any(axis=1))
+        nprobe = ivf.nprobe
+        while len(short) and nprobe < ivf.nlist:
+            nprobe = min(ivf.nlist, nprobe * 4)
+            params = _ivf_params(self.cpu_index, nprobe)
+            if params is None:
+                break
+            more_scores, more_ids = self.cpu_index.search(queries[short], k, params=params)
+            scores[short], ids[short] = more_scores, more_ids
+            short = short[(more_ids[:, :want] < 0).any(axis=1)]
+        return scores, ids
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         if len(ids):

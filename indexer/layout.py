@@ -21,9 +21,11 @@ step (:func:`replace_folder`). Builds and updates of one index take a lock besid
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -44,6 +46,39 @@ DEFAULT_CODEC = "SQfp16"  # FAISS codec of the local (per-region / per-word) vec
 
 class IndexError_(ValueError):
     """An index folder that is missing, corrupt, or does not fit the model."""
+
+
+class DiskFull(OSError):
+    """A build or update ran out of disk space; its partial files are gone and the previous index is kept."""
+
+
+# How a full disk reads where it has no errno: FAISS's writers (RuntimeError), SQLite, numpy's short write.
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` says the disk (or the user's quota) is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(t in text for t in _DISK_FULL_TEXT) or (isinstance(exc, OSError) and bool(_SHORT_WRITE.search(text)))
+
+
+@contextmanager
+def disk_full_is_one_line(target: Path, *leftovers: Path) -> Iterator[None]:
+    """Turn a full disk inside the block into :class:`DiskFull` with one line naming ``target``, after
+    removing ``leftovers`` (the partial work) so that the space they took is given back."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        raise DiskFull(f"no space left on the disk of {Path(target).parent} while writing {Path(target).name}: "
+                       f"the partial files were removed and the previous index (if any) is unchanged; free some "
+                       f"space and run it again") from None
 
 
 def sha256_file(path: Path) -> str:
@@ -93,9 +128,37 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise IndexError_(f"{path}: corrupt manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise IndexError_(f"{path}: corrupt manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexError_(f"{path}: index format {manifest.get('format_version')} is not {FORMAT_VERSION}")
+        raise IndexError_(f"{path}: index format {manifest.get('format_version')!r:.20} is not {FORMAT_VERSION}")
+    problem = _shape_problem(manifest)
+    if problem:
+        raise IndexError_(f"{path}: corrupt manifest ({problem})")
     return manifest
+
+
+# The manifest's fields that readers index into, and the JSON type each must have.
+_REQUIRED = {"files": dict, "counts": dict, "model": dict, "collections": dict, "images_root": str,
+             "local_codec": str}
+
+
+def _shape_problem(manifest: dict[str, Any]) -> str | None:
+    """What is structurally wrong with a parsed manifest (a field missing or of the wrong type), or None."""
+    for key, kind in _REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"{key!r} is {'missing' if key not in manifest else 'not a JSON ' + kind.__name__}"
+    for entry in manifest["files"].values():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int)):
+            return "a 'files' entry has no sha256 and bytes"
+    if not isinstance(manifest["model"].get("fingerprint"), str):
+        return "'model' has no fingerprint"
+    if not all(isinstance(manifest["collections"].get(name), dict) for name in COLLECTIONS):
+        return f"'collections' lacks one of {', '.join(COLLECTIONS)}"
+    if not all(isinstance(v, int) for v in manifest["counts"].values()):
+        return "'counts' holds a value that is not a number"
+    return None
 
 
 def check_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
@@ -153,10 +216,17 @@ def link_copy(src: Path, dst: Path, copy: tuple[str, ...] = (METADATA,)) -> None
             shutil.copy2(path, target)
 
 
+def real_path(target: Path) -> Path:
+    """``target`` with its symlinks resolved (as far as it exists): an index named through a symlink is
+    locked, rewritten and swapped where it really is, and the symlink stays a symlink."""
+    return Path(os.path.realpath(target))
+
+
 @contextmanager
 def exclusive(target: Path) -> Iterator[None]:
-    """Hold ``.{target}.lock`` (beside the index) for a build or update: a second one fails at once."""
-    target = Path(target)
+    """Hold ``.{target}.lock`` (beside the index, symlinks resolved) for a build or update: a second one
+    fails at once, whichever path names the index."""
+    target = real_path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.with_name(f".{target.name}.lock")
     with open(lock, "a+") as fh:

@@ -66,21 +66,21 @@ def write_store_streaming(folder: Path, codec: faiss.Index, parts: Iterable[np.n
     lengths = np.asarray(lengths, dtype=np.int64)
     start = 0 if previous is None else len(previous.codes)
     total = start + int(lengths.sum())
-    with atomic_path(folder / CODES_FILE) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total, codec.sa_code_size()))
+    with atomic_path(folder / CODES_FILE) as tmp, open(tmp, "wb") as fh:
+        # plain writes, not a memory map: a full disk is an OSError (ENOSPC) here, not a SIGBUS later
+        np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                  "fortran_order": False, "shape": (total, codec.sa_code_size())})
         for pos in range(0, start, COPY_CHUNK):
-            out[pos : min(start, pos + COPY_CHUNK)] = previous.codes[pos : min(start, pos + COPY_CHUNK)]
+            fh.write(np.ascontiguousarray(previous.codes[pos : min(start, pos + COPY_CHUNK)]).data)
         pos = start
         for part in parts:
             for first in range(0, len(part), COPY_CHUNK):
                 chunk = part[first : first + COPY_CHUNK]
                 codes = chunk if encoded else encode(codec, np.asarray(chunk, dtype=np.float32))
-                out[pos : pos + len(codes)] = codes
+                fh.write(np.ascontiguousarray(codes, dtype=np.uint8).data)
                 pos += len(codes)
         if pos != total:
             raise RuntimeError(f"{folder}: {pos} local vectors written, {total} expected from the lengths")
-        out.flush()
-        del out
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     if previous is not None:

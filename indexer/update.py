@@ -26,7 +26,9 @@ def transaction(index_dir: Path, change: Callable[[Path, dict], dict]) -> dict:
 
     The copy hard-links the data files (SQLite, changed in place, is copied) and every changed file is written
     to a temp name and renamed, so the live index is untouched until the swap, whatever happens before it;
-    checksums of files still shared with the live index are carried over."""
+    checksums of files still shared with the live index are carried over. A symlink to the index is resolved
+    first: the real index is changed (under its one lock) and the symlink stays."""
+    index_dir = layout.real_path(index_dir)
     with layout.exclusive(index_dir):
         layout.recover(index_dir)
         manifest = layout.read_manifest(index_dir)
@@ -35,17 +37,18 @@ def transaction(index_dir: Path, change: Callable[[Path, dict], dict]) -> dict:
             raise layout.IndexError_(f"{index_dir} is corrupt, refusing to update it: {'; '.join(problems)}")
         work = index_dir.with_name(f".{index_dir.name}.update")
         shutil.rmtree(work, ignore_errors=True)
-        try:
-            layout.link_copy(index_dir, work)
-            previous = manifest["files"]
-            fields = change(work, json.loads(json.dumps(manifest)))
-            fields = {k: v for k, v in fields.items() if k not in ("files", "format_version", "updated")}
-            layout.write_manifest(work, fields, reuse={
-                name: entry for name, entry in previous.items()
-                if (work / name).is_file() and os.path.samefile(work / name, index_dir / name)})
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+        with layout.disk_full_is_one_line(index_dir, work):
+            try:
+                layout.link_copy(index_dir, work)
+                previous = manifest["files"]
+                fields = change(work, json.loads(json.dumps(manifest)))
+                fields = {k: v for k, v in fields.items() if k not in ("files", "format_version", "updated")}
+                layout.write_manifest(work, fields, reuse={
+                    name: entry for name, entry in previous.items()
+                    if (work / name).is_file() and os.path.samefile(work / name, index_dir / name)})
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
         layout.replace_folder(work, index_dir)
         return fields
 
@@ -55,6 +58,7 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
     manifest = layout.read_manifest(index_dir)
     check_model(manifest, model)
     report: dict[str, Any] = {}
+    scratch: list[Path] = []  # removed whatever happens (a failed add is redone from the start)
 
     def change(work: Path, manifest: dict) -> dict:
         conn = metadata.connect(work / layout.METADATA)
@@ -68,6 +72,7 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
         taken |= {r[0] for r in conn.execute("SELECT id FROM captions WHERE deleted = 1")}
         tmp = work.with_name(work.name + ".shards")  # encoded new items (not resumable: an add is redone)
         shutil.rmtree(tmp, ignore_errors=True)
+        scratch.append(tmp)
         shards = encode_all(model, options, files, tmp, Path(manifest["images_root"]),
                             lambda known: caption_items(rows, existing | known, taken, present))
         for name in layout.COLLECTIONS:
@@ -85,16 +90,28 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
         report.update(captions_linked=linked, images_added=sum(len(s.items) for s in shards["images"]),
                       captions_added=sum(len(s.items) for s in shards["captions"]),
                       skipped=[k for name in layout.COLLECTIONS for s in shards[name] for k in s.skipped])
-        shutil.rmtree(tmp)
         return manifest
 
-    transaction(index_dir, change)
+    try:
+        transaction(index_dir, change)
+    finally:
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
     return report
+
+
+def _captions_of(conn: Any, image_rows: list[int], exclude: set[str]) -> list[str]:
+    """Ids of the live captions of the images at ``image_rows``, less those in ``exclude``."""
+    found = conn.execute("SELECT c.id FROM captions c JOIN images i ON c.image_id = i.id WHERE c.deleted = 0 "
+                         "AND i.row IN (SELECT value FROM json_each(?)) ORDER BY c.row", (json.dumps(image_rows),))
+    return [r[0] for r in found if r[0] not in exclude]
 
 
 def delete(index_dir: Path, ids: list[str]) -> dict[str, Any]:
     """Tombstone ``ids`` (images or captions) and remove them from the global stores that can remove.
 
+    Deleting an image deletes its captions too (``captions_deleted_with_images`` says how many; they are
+    counted in ``captions_deleted``), so they no longer come back from a search, before or after a restart.
     Ids that are not live in the index are reported in ``not_found``; when none is, nothing is rewritten."""
     layout.read_manifest(index_dir)  # a clear error for a folder that is not an index
     conn = metadata.connect(Path(index_dir) / layout.METADATA, read_only=True)
@@ -104,7 +121,7 @@ def delete(index_dir: Path, ids: list[str]) -> dict[str, Any]:
                                       f"(SELECT value FROM json_each(?))", (json.dumps(ids),))}
     finally:
         conn.close()
-    report: dict[str, Any] = {"not_found": sorted(set(ids) - live)}
+    report: dict[str, Any] = {"not_found": sorted(set(ids) - live), "captions_deleted_with_images": 0}
     if not live:  # a no-op: leave the index (and its checksums) untouched
         return {**report, "images_deleted": 0, "captions_deleted": 0}
 
@@ -112,8 +129,13 @@ def delete(index_dir: Path, ids: list[str]) -> dict[str, Any]:
         conn = metadata.connect(work / layout.METADATA)
         known = {r[0] for name in layout.COLLECTIONS for r in conn.execute(f"SELECT id FROM {name} WHERE deleted = 0")}
         report["not_found"] = sorted(set(ids) - known)
-        for name in layout.COLLECTIONS:
-            rows = metadata.tombstone(conn, name, ids)
+        wanted = {"images": list(ids), "captions": list(ids)}
+        for name in layout.COLLECTIONS:  # images first: their captions go with them
+            rows = metadata.tombstone(conn, name, wanted[name])
+            if name == "images" and rows:
+                with_images = _captions_of(conn, rows, exclude=set(ids))
+                wanted["captions"] += with_images
+                report["captions_deleted_with_images"] = len(with_images)
             if rows:
                 col = open_collection(work, name, manifest, conn, writable=True)
                 col.index.remove(np.array(rows))

@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .config import ALIGNMENT_ALIASES, canonical_alignment
+
 NEG = float("-inf")
 MAX_BLOCK = 1 << 24
 
@@ -61,13 +63,25 @@ def symm(sims, word_mask, region_mask, lse_lambda=0.0):
     return mrsw(sims, word_mask, region_mask) + mwsr(sims, word_mask, region_mask)
 
 
-def chan_lse(sims, word_mask, region_mask, lse_lambda=10.0):
-    """CHAN hard alignment pooled over words by log-mean-exp: (1/l) log mean_w exp(l * best_region(w))."""
+def lse_norm(sims, word_mask, region_mask, lse_lambda=10.0):
+    """Length-normalised log-sum-exp over words of the best region: (1/l) log mean_w exp(l * best_region(w)).
+
+    Not CHAN's pooling: taking the mean (subtracting ``log n / l``) makes it independent of the caption's
+    length, which changes image -> caption rankings; CHAN's own form is :func:`chan_logsumexp`."""
     best = _best_region(sims, word_mask, region_mask) * lse_lambda
     best = best.masked_fill(~word_mask[:, None, :], NEG)
     pooled = torch.logsumexp(best, dim=-1) - torch.log(_n_words(word_mask))
     pooled = torch.where(word_mask.any(-1)[:, None], pooled, torch.zeros_like(pooled))
     return pooled / lse_lambda
+
+
+def chan_logsumexp(sims, word_mask, region_mask, lse_lambda=10.0):
+    """CHAN's LSE pooling as the paper's code has it: log sum_w exp(best_region(w) / t), t = 1 / lse_lambda
+    (0.1 by default). Neither normalised by the number of words nor scaled back by t."""
+    best = _best_region(sims, word_mask, region_mask) * lse_lambda
+    best = best.masked_fill(~word_mask[:, None, :], NEG)
+    pooled = torch.logsumexp(best, dim=-1)
+    return torch.where(word_mask.any(-1)[:, None], pooled, torch.zeros_like(pooled))
 
 
 ALIGNMENT_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
@@ -76,8 +90,11 @@ ALIGNMENT_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "MwSr": mwsr,
     "Symm": symm,
     "CHAN-mean": mravgw,
-    "CHAN-lse": chan_lse,
+    "LSE-norm": lse_norm,
+    "CHAN-logsumexp": chan_logsumexp,
 }
+ALIASES = ALIGNMENT_ALIASES  # old names still read from configs ("CHAN-lse" is "LSE-norm")
+canonical = canonical_alignment
 
 
 def local_scores(
@@ -89,9 +106,9 @@ def local_scores(
     lse_lambda: float = 10.0,
     max_block: int = MAX_BLOCK,
 ) -> torch.Tensor:
-    """Texts x images alignment scores with ``method`` (a key of :data:`ALIGNMENT_FUNCTIONS`)."""
+    """Texts x images alignment scores with ``method`` (a key of :data:`ALIGNMENT_FUNCTIONS` or :data:`ALIASES`)."""
     try:
-        fn = ALIGNMENT_FUNCTIONS[method]
+        fn = ALIGNMENT_FUNCTIONS[canonical(method)]
     except KeyError:
         raise ValueError(f"unknown alignment {method!r}; choose from {sorted(ALIGNMENT_FUNCTIONS)}") from None
     word_mask, region_mask = word_mask.bool(), region_mask.bool()
@@ -140,7 +157,7 @@ def whole_word_groundings(
 
 
 __all__ = [
-    "ALIGNMENT_FUNCTIONS", "GROUNDING_TEMPERATURE", "fuse", "local_scores", "token_similarities",
+    "ALIASES", "ALIGNMENT_FUNCTIONS", "GROUNDING_TEMPERATURE", "canonical", "fuse", "local_scores", "token_similarities",
     "whole_word_groundings",
-    "mrsw", "mravgw", "mwsr", "symm", "chan_lse",
+    "mrsw", "mravgw", "mwsr", "symm", "lse_norm", "chan_logsumexp",
 ]

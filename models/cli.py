@@ -39,8 +39,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prior-prompts", default=None,
                    help="'|'-separated name templates with one {} each (default 'a photo of a {}.')")
     p.add_argument("--alignment", choices=ALIGNMENTS, default=None,
-                   help="region-word alignment score: TERAN's MrSw / MrAVGw / MwSr / Symm, or CHAN's hard "
-                        "assignment with mean or log-sum-exp pooling (default: the config's)")
+                   help="region-word alignment score: TERAN's MrSw / MrAVGw / MwSr / Symm; CHAN's hard "
+                        "assignment with mean pooling (CHAN-mean) or its log-sum-exp pooling (CHAN-logsumexp); "
+                        "LSE-norm: log-sum-exp normalised by caption length (default: the config's)")
     p.add_argument("--local-weight", type=float, default=None, help="w in S = S_global + w * S_local")
     p.add_argument("--no-tune-weight", action="store_true", help="keep --local-weight instead of tuning it on validation")
     p.add_argument("--train-image-layers", type=int, default=None,

@@ -13,7 +13,14 @@ if TYPE_CHECKING:
 
 IMAGE_BACKBONES = ("efficientnet", "hf-vision", "precomputed", "hf-clip")
 TEXT_BACKBONES = ("hf-text", "hf-clip")
-ALIGNMENTS = ("MrSw", "MrAVGw", "MwSr", "Symm", "CHAN-mean", "CHAN-lse")
+ALIGNMENTS = ("MrSw", "MrAVGw", "MwSr", "Symm", "CHAN-mean", "LSE-norm", "CHAN-logsumexp")
+# Old alignment names still read from configs: "CHAN-lse" was the length-normalised form, now "LSE-norm".
+ALIGNMENT_ALIASES = {"CHAN-lse": "LSE-norm"}
+
+
+def canonical_alignment(name: str) -> str:
+    """The current name of the alignment ``name`` (an old name from :data:`ALIGNMENT_ALIASES` is translated)."""
+    return ALIGNMENT_ALIASES.get(name, name)
 
 
 @dataclass
@@ -91,6 +98,7 @@ class ModelConfig:
             self.text_head = HeadConfig(**self.text_head)
         if isinstance(self.class_prior, dict):
             self.class_prior = PriorConfig(**self.class_prior)
+        self.alignment = canonical_alignment(self.alignment)  # old configs: "CHAN-lse" is "LSE-norm"
         if self.alignment not in ALIGNMENTS:
             raise ValueError(f"unknown alignment {self.alignment!r}; choose from {ALIGNMENTS}")
         if self.image_backbone.kind not in IMAGE_BACKBONES:

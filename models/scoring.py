@@ -28,6 +28,7 @@ class ScoringConfig:
     lse_lambda: float = 10.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "alignment", alignment.canonical(self.alignment))  # an old name: today's
         if self.alignment not in alignment.ALIGNMENT_FUNCTIONS:
             raise ValueError(f"unknown alignment {self.alignment!r}; choose from {sorted(alignment.ALIGNMENT_FUNCTIONS)}")
         if not math.isfinite(self.local_weight) or self.local_weight < 0:

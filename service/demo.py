@@ -17,7 +17,8 @@ from pathlib import Path
 
 from models.cli import add_progress_option, apply_progress_option
 
-from .serve import bind, run_app, serving_line, url
+from .serve import add_allow_open_option, bind, refuse_open, run_app, serving_line, url
+from .settings import Settings
 
 DEMO_CAPTIONS = Path(__file__).resolve().parent / "demo_captions.jsonl"
 # Photos inside the scikit-image wheel (skimage/data); the others in skimage.data are fetched with pooch.
@@ -46,6 +47,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
                    help="where the demo photos and indexes go (default: ~/.cache/alignsearch/demo)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    add_allow_open_option(p, Settings().allow_open)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--rebuild", action="store_true", help="rebuild the index even if an up-to-date one exists")
     p.add_argument("--no-serve", action="store_true", help="build the index, print where it is, and stop")
@@ -131,13 +133,13 @@ def run_demo(args: argparse.Namespace) -> int:
         index_dir, _ = prepare(args)
         print(f"serve it with: alignsearch serve --index {index_dir}")
         return 0
+    refuse_open(args.host, Settings().api_key, args.allow_open)
     sock = bind(args.host, args.port)  # a busy port is found before the model loads and the photos are indexed
     try:
         index_dir, model = prepare(args)
         from indexer.search import Searcher
 
         from .app import create_app
-        from .settings import Settings
 
         settings = Settings(index=index_dir, device=args.device)  # ALIGNSEARCH_API_KEY, if set, still applies
         searcher = Searcher.open(index_dir, model)  # the model that built it, already loaded

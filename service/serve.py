@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import socket
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda; env ALIGNSEARCH_DEVICE")
     p.add_argument("--api-key", default=defaults.api_key,
                    help="require 'Authorization: Bearer KEY' on the API (default: none; env ALIGNSEARCH_API_KEY)")
+    add_allow_open_option(p, defaults.allow_open)
     p.add_argument("--max-batch", type=int, default=defaults.max_batch,
                    help="micro-batch size (1 disables batching); env ALIGNSEARCH_MAX_BATCH")
     p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
@@ -38,6 +40,37 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="uvicorn's log level (info also logs each request)")
     add_progress_option(p)
     p.set_defaults(func=run_serve)
+
+
+def add_allow_open_option(p: argparse.ArgumentParser, default: bool) -> None:
+    """``--allow-open``: the explicit consent to serve a non-loopback address without an API key."""
+    p.add_argument("--allow-open", action="store_true", default=default,
+                   help="listen on a non-loopback --host (0.0.0.0, ::, a LAN address) without an API key; without "
+                        "it such a server refuses to start (env ALIGNSEARCH_ALLOW_OPEN=1)")
+
+
+def is_loopback(host: str) -> bool | None:
+    """True when every address ``host`` names is a loopback address (127.0.0.0/8, ::1, ``localhost``); None
+    when it names none (:func:`bind` reports that)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        return None
+    addresses = {info[4][0].split("%")[0] for info in infos}
+    try:
+        return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+    except ValueError:
+        return False
+
+
+def refuse_open(host: str, api_key: str | None, allow_open: bool) -> None:
+    """Raise ``ValueError`` when ``host`` is reachable from other machines, no API key is set and the caller
+    did not say ``--allow-open``: an open search API on a network is a choice, never a default."""
+    if api_key or allow_open or is_loopback(host) is not False:
+        return
+    raise ValueError(f"--host {host} is reachable from other machines and no API key is set: set one with "
+                     f"--api-key KEY (or $ALIGNSEARCH_API_KEY), or serve it open on purpose with --allow-open "
+                     f"(or ALIGNSEARCH_ALLOW_OPEN=1)")
 
 
 def url(host: str, port: int) -> str:
@@ -86,6 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
         require_index(args.index)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc}, or name another with --index DIR (or $ALIGNSEARCH_INDEX)") from None
+    refuse_open(args.host, args.api_key, args.allow_open)
     sock = bind(args.host, args.port)
     try:
         apply_progress_option(args)
@@ -94,7 +128,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from .app import create_app
 
         settings = Settings(index=args.index, model=args.model, device=args.device, api_key=args.api_key,
-                            max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                            allow_open=args.allow_open, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                             max_upload_bytes=args.max_upload_bytes)
         searcher = Searcher.open(settings.index, settings.model, settings.device)  # fails clearly on a mismatch
         print(serving_line(args.index, searcher.index.manifest["counts"], args.host, args.port), flush=True)

@@ -19,12 +19,18 @@ def _float(name: str, default: float) -> float:
     return float(_env(name, str(default)))
 
 
+def _bool(name: str) -> bool:
+    return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 @dataclass
 class Settings:
     index: Path = field(default_factory=lambda: Path(_env("INDEX", "index")))
     model: str | None = field(default_factory=lambda: _env("MODEL"))
     device: str = field(default_factory=lambda: _env("DEVICE", "auto"))
     api_key: str | None = field(default_factory=lambda: _env("API_KEY"))
+    # listen on a non-loopback address without an API key (off: such a server refuses to start)
+    allow_open: bool = field(default_factory=lambda: _bool("ALLOW_OPEN"))
     max_batch: int = field(default_factory=lambda: _int("MAX_BATCH", 16))
     batch_wait_ms: float = field(default_factory=lambda: _float("BATCH_WAIT_MS", 5))
     # request bodies: an image upload, and everything else (JSON queries)

@@ -37,10 +37,28 @@ def test_symm_is_both_directions():
     assert score("Symm").item() == pytest.approx(1.8 + 1.8)
 
 
-def test_chan_lse_log_mean_exp_of_best_regions():
+def test_lse_norm_log_mean_exp_of_best_regions_and_its_old_name_still_loads():
     lam = 5.0
     expected = math.log((math.exp(lam * 1.0) + math.exp(lam * 0.8)) / 2) / lam
-    assert score("CHAN-lse", lse_lambda=lam).item() == pytest.approx(expected, rel=1e-5)
+    assert score("LSE-norm", lse_lambda=lam).item() == pytest.approx(expected, rel=1e-5)
+    assert score("CHAN-lse", lse_lambda=lam).item() == pytest.approx(expected, rel=1e-5)  # old configs
+    assert "CHAN-lse" not in alignment.ALIGNMENT_FUNCTIONS  # not listed as a choice of its own
+
+
+def test_chan_logsumexp_is_chans_exact_form():
+    # CHAN: logsumexp over words of best_region / 0.1; no mean over words, no scaling back
+    expected = math.log(math.exp(1.0 / 0.1) + math.exp(0.8 / 0.1))
+    assert score("CHAN-logsumexp").item() == pytest.approx(expected, rel=1e-5)
+    assert score("CHAN-logsumexp", lse_lambda=5.0).item() == pytest.approx(
+        math.log(math.exp(5.0) + math.exp(4.0)), rel=1e-5)
+
+
+def test_chan_logsumexp_grows_with_caption_length_where_lse_norm_does_not():
+    words = torch.cat([WORDS, WORDS[:, :1]], dim=1)  # word 0 repeated: a longer caption, same best regions
+    longer = lambda m: alignment.local_scores(words, torch.ones(1, 3, dtype=torch.bool), REGIONS, ALL_R, m)  # noqa: E731
+    assert longer("CHAN-logsumexp").item() > score("CHAN-logsumexp").item()
+    assert longer("LSE-norm").item() == pytest.approx(
+        math.log((2 * math.exp(10.0) + math.exp(8.0)) / 3) / 10, rel=1e-5)
 
 
 def test_padded_region_never_wins_a_max():
@@ -59,7 +77,7 @@ def test_padded_words_add_nothing():
 
 
 def test_empty_text_scores_zero_not_nan():
-    got = score("CHAN-lse", wm=torch.zeros(1, 2, dtype=torch.bool))
+    got = score("LSE-norm", wm=torch.zeros(1, 2, dtype=torch.bool))
     assert got.item() == 0.0
     assert score("MrSw", wm=torch.zeros(1, 2, dtype=torch.bool)).item() == 0.0
 

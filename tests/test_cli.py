@@ -182,6 +182,51 @@ def test_a_busy_port_is_found_before_the_model_loads(built, monkeypatch, capsys)
         assert "already in use" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_hosts_need_no_key(host):
+    from service.serve import refuse_open
+
+    refuse_open(host, None, False)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "10.0.0.1"])
+def test_a_non_loopback_host_needs_a_key_or_consent(host):
+    from service.serve import refuse_open
+
+    with pytest.raises(ValueError, match=r"reachable from other machines and no API key is set.*--allow-open"):
+        refuse_open(host, None, False)
+    with pytest.raises(ValueError):
+        refuse_open(host, "", False)  # an empty key (compose's ${ALIGNSEARCH_API_KEY:-}) is no key
+    refuse_open(host, "k", False)
+    refuse_open(host, None, True)
+
+
+def test_a_host_that_is_no_address_is_left_to_bind_to_report(capsys):
+    from service.serve import bind, refuse_open
+
+    refuse_open("no-such-host.invalid", None, False)
+    with pytest.raises(OSError, match="not an address of this machine"):
+        bind("no-such-host.invalid", 0)
+
+
+def test_serve_refuses_0_0_0_0_without_a_key_before_anything_loads(built, monkeypatch, capsys):
+    import indexer.search
+
+    monkeypatch.delenv("ALIGNSEARCH_API_KEY", raising=False)
+    monkeypatch.delenv("ALIGNSEARCH_ALLOW_OPEN", raising=False)
+    monkeypatch.setattr(indexer.search.Searcher, "open", lambda *a, **k: pytest.fail("the model was loaded"))
+    busy, port = _listening()
+    with busy:
+        assert main(["serve", "--index", str(built), "--host", "0.0.0.0", "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no API key is set" in err and "--allow-open" in err
+        assert main(["demo", "--host", "::", "--port", str(port)]) == 2
+        assert "no API key is set" in capsys.readouterr().err
+        # with the consent, it goes on to the next check (here the busy port, on every interface)
+        assert main(["serve", "--index", str(built), "--host", "0.0.0.0", "--port", str(port), "--allow-open"]) == 2
+        assert "no API key" not in capsys.readouterr().err
+
+
 def test_an_unexpected_error_is_one_line(monkeypatch, capsys):
     import indexer.cli
 

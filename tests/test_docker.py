@@ -83,6 +83,24 @@ def test_entrypoint_is_the_alignsearch_command_and_cmd_serves_slash_index(docker
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=ids)
+def test_the_image_refuses_to_serve_0_0_0_0_without_a_key_unless_told_to(dockerfile, monkeypatch):
+    from service.serve import refuse_open
+
+    env = " ".join(args for name, args in instructions(dockerfile) if name == "ENV")
+    assert "ALIGNSEARCH_API_KEY" not in env and "ALIGNSEARCH_ALLOW_OPEN" not in env  # no baked-in key or consent
+    monkeypatch.delenv("ALIGNSEARCH_ALLOW_OPEN", raising=False)
+    monkeypatch.delenv("ALIGNSEARCH_API_KEY", raising=False)
+    args = parse(json.loads(last(dockerfile, "CMD")))
+    assert args.api_key is None and args.allow_open is False
+    with pytest.raises(ValueError, match="no API key is set"):
+        refuse_open(args.host, args.api_key, args.allow_open)
+    refuse_open(args.host, "a-key", args.allow_open)  # -e ALIGNSEARCH_API_KEY=...
+    monkeypatch.setenv("ALIGNSEARCH_ALLOW_OPEN", "1")  # -e ALIGNSEARCH_ALLOW_OPEN=1
+    args = parse(json.loads(last(dockerfile, "CMD")))
+    refuse_open(args.host, args.api_key, args.allow_open)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=ids)
 def test_healthcheck_asks_readyz_on_the_served_port(dockerfile):
     health = last(dockerfile, "HEALTHCHECK")
     options, _, command = health.partition("CMD ")
@@ -142,3 +160,13 @@ def test_compose_builds_the_index_then_serves_it():
 
     fields = {f"ALIGNSEARCH_{f.name.upper()}" for f in dataclasses.fields(Settings)}
     assert set(serve.get("environment", {})) <= fields
+
+
+def test_compose_passes_a_key_from_the_environment_and_serves_openly_only_on_loopback():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    env = compose["services"]["serve"]["environment"]
+    assert re.fullmatch(r"\$\{ALIGNSEARCH_API_KEY(:?-)?\}", env["ALIGNSEARCH_API_KEY"])  # the caller's key
+    consent = re.fullmatch(r"\$\{ALIGNSEARCH_ALLOW_OPEN:-(\w*)\}", str(env["ALIGNSEARCH_ALLOW_OPEN"]))
+    assert consent, "the consent must be the caller's to withdraw"
+    if consent.group(1) not in ("", "0"):  # open by default: then only the host's loopback may reach it
+        assert all(str(port).startswith("127.0.0.1:") for port in compose["services"]["serve"]["ports"])

@@ -45,6 +45,7 @@ def test_scoring_fields_are_outside_the_fingerprint_and_weights_inside(tiny_mode
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "local_weight": 0.7, "alignment": "CHAN-lse"}))
     assert load_model(folder, device="cpu").fingerprint == before  # a search setting: no rebuild
+    assert load_model(folder, device="cpu").config.alignment == "LSE-norm"  # the old name loads as the new
     (folder / "config.json").write_text(json.dumps({**config, "text_backbone": {**config["text_backbone"],
                                                                                  "max_length": 16}}))
     assert load_model(folder, device="cpu").fingerprint != before  # changes the vectors

@@ -143,6 +143,21 @@ def test_one_writer_at_a_time(index_copy, photos, capsys):
     assert verify(index_copy) == []
 
 
+def test_delete_through_a_symlink_changes_the_real_index_under_its_one_lock(index_copy, tmp_path, capsys):
+    link = tmp_path / "links" / "current"
+    link.parent.mkdir()
+    link.symlink_to(index_copy, target_is_directory=True)
+    caption = Index(index_copy).conn.execute("SELECT id FROM captions ORDER BY row LIMIT 1").fetchone()[0]
+    before = Index(index_copy).manifest["counts"]["captions"]
+    with layout.exclusive(index_copy):  # a writer of the real path blocks one that names the symlink
+        assert main(["index", "delete", str(link), "--ids", caption]) == 2
+        assert "another build or update" in capsys.readouterr().err
+    assert main(["index", "delete", str(link), "--ids", caption]) == 0
+    assert link.is_symlink() and link.resolve() == index_copy.resolve()
+    assert Index(index_copy).manifest["counts"]["captions"] == before - 1 and verify(index_copy) == []
+    assert not list(link.parent.glob(".current*"))  # no lock, copy or leftovers beside the symlink
+
+
 @pytest.mark.parametrize("codec", ["SQ8", "PQ16"])
 def test_trained_codecs_without_captions_then_add_captions(photos, tmp_path, model, codec, capsys):
     out = tmp_path / "idx"
@@ -196,3 +211,83 @@ def test_add_with_another_model_is_refused_naming_both_fingerprints(index_copy, 
     with pytest.raises(ValueError, match=other):
         Searcher.open(index_copy, str(tmp_path / "other-model"), device="cpu")
     assert verify(index_copy) == []
+
+
+def test_deleting_an_image_deletes_its_captions_across_a_restart(index_copy, model, capsys):
+    from models.preprocess import load_image
+
+    index = Index(index_copy)
+    image_id, n = index.conn.execute("SELECT image_id, COUNT(*) FROM captions WHERE deleted = 0 AND image_id IS NOT "
+                                     "NULL GROUP BY image_id ORDER BY COUNT(*) DESC LIMIT 1").fetchone()
+    captions = {r[0] for r in index.conn.execute("SELECT id FROM captions WHERE image_id = ?", (image_id,))}
+    before = index.manifest["counts"]
+    photo = load_image(index.images_root / image_id)
+    assert main(["index", "delete", str(index_copy), "--ids", image_id]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert n >= 2 and report["images_deleted"] == 1
+    assert report["captions_deleted_with_images"] == report["captions_deleted"] == n
+    searcher = Searcher(Index(index_copy), model)  # a restart: nothing but the index on disk
+    assert searcher.index.manifest["counts"] == {**before, "images": before["images"] - 1, "images_deleted": 1,
+                                                 "captions": before["captions"] - n, "captions_deleted": n}
+    hits = searcher.search_image([photo], k=N_CAPTIONS, candidates=N_CAPTIONS)[0].hits
+    assert hits and not captions & {h.id for h in hits} and all(h.image_id != image_id for h in hits)
+    # a caption named with its image is deleted once, and counted as asked for
+    other, caption = searcher.index.conn.execute("SELECT image_id, id FROM captions WHERE deleted = 0 AND image_id "
+                                                 "IS NOT NULL ORDER BY row LIMIT 1").fetchone()
+    left = searcher.index.conn.execute("SELECT COUNT(*) FROM captions WHERE deleted = 0 AND image_id = ?",
+                                       (other,)).fetchone()[0]
+    assert main(["index", "delete", str(index_copy), "--ids", other, caption]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["captions_deleted"] == left and report["captions_deleted_with_images"] == left - 1
+    assert verify(index_copy) == []
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 1.5 MB tmpfs (mounting needs root: skipped elsewhere); unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_local_store_on_a_full_disk_is_an_oserror_not_sigbus(small_disk):
+    code = f"""
+import errno, faiss, numpy as np
+from pathlib import Path
+from indexer.local_store import make_codec, write_store
+codec = make_codec(8, "SQ8", np.zeros((0, 8), np.float32), train=False)
+codes = np.ones((4_000_000, 1), np.uint8)  # 4 MB of codes on a 1.5 MB disk
+try:
+    write_store(Path({str(small_disk)!r}) / "images", faiss.index_factory(8, "SQ8"), codes, np.array([len(codes)]))
+except OSError as exc:
+    print("ENOSPC" if exc.errno == errno.ENOSPC else exc)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ENOSPC", (result.returncode, result.stderr[-500:])
+    assert not [p for p in small_disk.rglob("*") if p.is_file()]  # the temp file went with the error
+
+
+def test_a_full_disk_is_one_line_keeps_the_old_index_and_leaves_nothing(built, photos, small_disk, capsys):
+    index = small_disk / "index"
+    shutil.copytree(built, index)
+    before = _snapshot(index)
+    for argv in (["index", "build", "--images", str(photos[0]), "--captions", str(photos[1]), "--out", str(index),
+                  "--quiet"],
+                 ["index", "add", str(index), "--images", str(photos[0].parent / "more"), "--quiet"]):
+        if argv[1] == "add":
+            more = photos[0].parent / "more"
+            more.mkdir(exist_ok=True)
+            for n, path in enumerate(sample_files(photos[0])):
+                shutil.copy(path, more / f"again-{n}{path.suffix}")
+        assert main(argv) == 2, argv[1]
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no space left on the disk" in err, err
+        assert _snapshot(index) == before and verify(index) == []
+        assert sorted(p.name for p in small_disk.iterdir()) == [".index.lock", "index"]  # no partial work left

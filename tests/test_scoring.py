@@ -37,7 +37,7 @@ def test_bad_scoring_settings_are_clear_errors():
         ScoringConfig(local_weight=float("nan"))
     with pytest.raises(ValueError, match="lse_lambda"):
         ScoringConfig(lse_lambda=0)
-    assert ScoringConfig().override(local_weight=None, alignment="CHAN-lse").alignment == "CHAN-lse"
+    assert ScoringConfig().override(local_weight=None, alignment="CHAN-lse").alignment == "LSE-norm"  # old name
 
 
 def test_model_config_gives_the_default_scoring(model):
@@ -46,7 +46,8 @@ def test_model_config_gives_the_default_scoring(model):
         model.config.alignment, model.config.local_weight, model.config.lse_lambda)
 
 
-@pytest.mark.parametrize("scoring", [ScoringConfig("CHAN-lse", 0.5, 5.0), ScoringConfig("MrAVGw", 1.0)])
+@pytest.mark.parametrize("scoring", [ScoringConfig("LSE-norm", 0.5, 5.0), ScoringConfig("CHAN-logsumexp", 0.05),
+                                     ScoringConfig("MrAVGw", 1.0)])
 def test_a_request_scoring_overrides_the_searcher_and_matches_the_dense_scores(built, model, dense, scoring):
     ids, images, texts = dense
     searcher = Searcher(Index(built), model)

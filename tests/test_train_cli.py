@@ -76,6 +76,24 @@ def test_train_saves_best_model_skips_corrupt_image_and_resumes(tmp_path, small_
     assert "two-stage" in capsys.readouterr().out
 
 
+def test_eval_leaves_out_and_reports_captions_whose_image_cannot_be_decoded(small_set, tmp_path, capsys):
+    dataset, images = small_set
+    data = json.loads(dataset.read_text())
+    for item in data["images"]:
+        if item["filename"] == "broken.jpg":
+            item["split"] = "test"  # an image of the evaluated split that no decoder reads
+    dataset.write_text(json.dumps(data))
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--dataset", str(dataset), "--images", str(images), "--candidates", "3", "--device", "cpu",
+                 "--json", str(report), "--quiet"]) == 0
+    meta = json.loads(report.read_text())["meta"]
+    test = [i for i in data["images"] if i["split"] == "test" and i["filename"] != "broken.jpg"]
+    assert meta["images"] == len(test) and meta["captions"] == sum(len(i["sentences"]) for i in test)
+    assert meta["captions_dropped"] == 1
+    out = capsys.readouterr().out
+    assert "broken.jpg" in out and "1 caption(s) whose image was skipped" in out
+
+
 def test_train_missing_images_folder_is_a_clear_error(tmp_path, small_set, capsys):
     dataset, _ = small_set
     code = main(["train", "--dataset", str(dataset), "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
