@@ -217,7 +217,8 @@ def test_search_page_states_and_layout(browser, page_server, built):  # browser 
     cards = page.locator("#image-results figure.card")
     assert cards.count() == min(12, N_IMAGES)
     _all_images_loaded(page, "#image-results img")
-    scores = [float(t.split("score ")[1].split()[0]) for t in page.locator("#image-results .score").all_inner_texts()]
+    scores = [float(re.search(r"score (-?[0-9.]+)", t).group(1))
+              for t in page.locator("#image-results .score").all_inner_texts()]
     assert scores == sorted(scores, reverse=True)
     ids = cards.evaluate_all("cards => cards.map(c => c.dataset.id)")
     assert target in ids[:3]  # a caption finds its own image near the top
