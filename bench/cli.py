@@ -1,4 +1,4 @@
-"""``alignsearch bench`` / ``python -m bench``: run the suite, write JSON and a markdown table."""
+"""``alignsearch bench`` / ``python -m alignsearch.bench``: run the suite, write JSON and a markdown table."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models.cli import add_progress_option, apply_progress_option
+from alignsearch.models.cli import add_progress_option, apply_progress_option
 
 SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k-800"
 DEFAULT_DATASET = Path(os.environ.get("ALIGNSEARCH_DATASET", SHARED_DATASET))
@@ -126,7 +126,7 @@ def _dataset(args: argparse.Namespace) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     dataset = _dataset(args)  # before the model loads
-    from models.factory import load_model
+    from alignsearch.models.factory import load_model
 
     from . import suite
 
@@ -160,13 +160,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench``: the same as ``alignsearch bench``, with the same help and error handling."""
-    from service.cli import HelpFormatter, run_command
+    """``python -m alignsearch.bench``: the same as ``alignsearch bench``, with the same help and error handling."""
+    from alignsearch.console import HelpFormatter, run_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m alignsearch.bench", description=DESCRIPTION, formatter_class=HelpFormatter)
     _arguments(parser)
     parser.set_defaults(func=run)
     args = parser.parse_args(argv)
-    args.command, args.command_line = "bench", shlex.join(["python", "-m", "bench", *argv])
+    args.command, args.command_line = "bench", shlex.join(["python", "-m", "alignsearch.bench", *argv])
     return run_command(args)

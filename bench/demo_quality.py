@@ -1,6 +1,6 @@
 """Quality on the demo's 16 photos: plain queries (R@1, R@5), the demo captions as queries, the pointing game.
 
-``python -m bench.demo_quality [MODEL]`` indexes the demo photos (scikit-image's samples, see
+``python -m alignsearch.bench.demo_quality [MODEL]`` indexes the demo photos (scikit-image's samples, see
 :mod:`service.demo`) with ``MODEL`` (default: the shipped default model) and prints the figures as JSON.
 The data, written from the photos before any model output was seen, are in ``bench/data``:
 ``demo_queries.json`` (plain query -> the photo(s) that answer it; photos of the same scene, which answer
@@ -68,7 +68,7 @@ def load_boxes(path: Path = BOXES_FILE) -> dict[str, dict[str, list[Box]]]:
 
 def demo_captions() -> list[tuple[str, str]]:
     """(caption, photo name) for every demo caption that belongs to a photo."""
-    from service.demo import DEMO_CAPTIONS
+    from alignsearch.service.demo import DEMO_CAPTIONS
 
     rows = [json.loads(line) for line in DEMO_CAPTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [(r["caption"], r["image"]) for r in rows if r.get("image")]
@@ -134,8 +134,8 @@ def pointing_game(trials: Iterable[Trial], boxes: dict[str, dict[str, list[Box]]
 
 def build_demo_index(model, work: Path) -> Path:
     """Index the demo photos and captions with ``model`` under ``work``; returns the index folder."""
-    from indexer.build import BuildOptions, build
-    from service.demo import DEMO_CAPTIONS, sample_photos
+    from alignsearch.indexer.build import BuildOptions, build
+    from alignsearch.service.demo import DEMO_CAPTIONS, sample_photos
 
     photos = sample_photos(work / "photos")
     out = work / "index"
@@ -195,8 +195,8 @@ def evaluate(searcher) -> dict[str, Any]:
 
 def run(model_name: str | None = None, device: str = "auto", work: Path | None = None) -> dict[str, Any]:
     """Index the demo photos with the model (default: the shipped one) and evaluate them."""
-    from indexer.search import Searcher
-    from models.factory import load_model
+    from alignsearch.indexer.search import Searcher
+    from alignsearch.models.factory import load_model
 
     model = load_model(model_name, device=device)
     with tempfile.TemporaryDirectory(prefix="demo-quality-") as tmp:
@@ -209,7 +209,7 @@ def run(model_name: str | None = None, device: str = "auto", work: Path | None =
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) > 1 or (argv and argv[0].startswith("-")):
-        print("usage: python -m bench.demo_quality [MODEL]  (prints the demo figures as JSON)", file=sys.stderr)
+        print("usage: python -m alignsearch.bench.demo_quality [MODEL]  (prints the demo figures as JSON)", file=sys.stderr)
         return 2
     try:
         report = run(argv[0] if argv else None)

@@ -1,6 +1,6 @@
 """Choose a model's ``min_score``: the global score below which a hit is no match (issue 9, "nothing matches").
 
-``python -m bench.min_score [MODEL] [--write]`` encodes the Flickr8k-800 *train* images (the 600 training
+``python -m alignsearch.bench.min_score [MODEL] [--write]`` encodes the Flickr8k-800 *train* images (the 600 training
 and the 100 validation images: never ``test``) and their captions, and a fixed set of nonsense strings
 (random letters, repeated letters, keyboard runs, digits). Every nonsense string is searched against all 700
 images; ``min_score`` is the 99th percentile of their best global score, rounded up to 0.01, so that 99% of
@@ -82,8 +82,8 @@ def kept(real_scores: np.ndarray, right: np.ndarray, threshold: float, k: int = 
 
 def calibrate(model, dataset: Path = DEFAULT_DATASET, n_nonsense: int = 500) -> dict[str, Any]:
     """Encode the train/validation images and captions and the nonsense strings; choose ``min_score``."""
-    from models.data import load_dataset, select_split
-    from models.preprocess import load_image
+    from alignsearch.models.data import load_dataset, select_split
+    from alignsearch.models.preprocess import load_image
 
     all_records = load_dataset(dataset / "dataset_flickr8k.json")
     parts = {split: select_split(all_records, split) for split in ("train", "val")}  # never "test"
@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     write = "--write" in argv
     argv = [a for a in argv if a != "--write"]
     if len(argv) > 1 or (argv and argv[0].startswith("-")):
-        print("usage: python -m bench.min_score [MODEL] [--write]", file=sys.stderr)
+        print("usage: python -m alignsearch.bench.min_score [MODEL] [--write]", file=sys.stderr)
         return 2
-    from models.factory import load_model
+    from alignsearch.models.factory import load_model
 
     try:
         model = load_model(argv[0] if argv else None)

@@ -15,10 +15,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from indexer.index import Index
-from indexer.search import Searcher
-from models.model import AlignModel
-from models.scoring import ScoringConfig
+from alignsearch.indexer.index import Index
+from alignsearch.indexer.search import Searcher
+from alignsearch.models.model import AlignModel
+from alignsearch.models.scoring import ScoringConfig
 
 from .synthetic import write_synthetic_index
 
@@ -105,7 +105,7 @@ def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Pa
 def quality_and_codecs(model: AlignModel, dataset: Path, codecs: list[str], limit: int | None,
                        candidates: int = 20) -> dict[str, Any]:
     """Benchmarks 3 and 6: the three modes on the test split, per local codec, with bytes per item."""
-    from indexer.evaluate import evaluate_split
+    from alignsearch.indexer.evaluate import evaluate_split
 
     out = {}
     for codec in codecs:
@@ -119,9 +119,9 @@ def quality_and_codecs(model: AlignModel, dataset: Path, codecs: list[str], limi
 
 def build_throughput(model: AlignModel, images: Path, limit: int | None, work: Path) -> dict[str, Any]:
     """Benchmark 5: images/s of ``index build`` against the encoder's forward pass on pre-decoded images."""
-    from indexer.build import BuildOptions, build
-    from indexer.reader import list_images
-    from models.preprocess import load_image
+    from alignsearch.indexer.build import BuildOptions, build
+    from alignsearch.indexer.reader import list_images
+    from alignsearch.models.preprocess import load_image
 
     files = list_images(images)[:limit]
     options = BuildOptions(images=images, out=work / "build-bench", files=files, progress=False, batch_size=32)
@@ -148,12 +148,12 @@ def serving(index_dir: Path, requests_total: int, concurrency: int = 16) -> dict
     """Benchmark 7: a real server on 127.0.0.1; throughput, p50, p99 with micro-batching on and off."""
     import httpx
 
-    from service.client import AsyncAlignSearchClient
+    from alignsearch.service.client import AsyncAlignSearchClient
 
     out = {}
     for label, max_batch in (("batching_on", 16), ("batching_off", 1)):
         port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--index", str(index_dir), "--port",
+        proc = subprocess.Popen([sys.executable, "-m", "alignsearch", "serve", "--index", str(index_dir), "--port",
                                  str(port), "--max-batch", str(max_batch), "--log-level", "warning"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 cwd=Path(__file__).resolve().parents[1])

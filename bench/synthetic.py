@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.assemble import assemble_index
-from indexer.writer import Shard, read_shards, write_shard
-from models.model import AlignModel
+from alignsearch.indexer.assemble import assemble_index
+from alignsearch.indexer.writer import Shard, read_shards, write_shard
+from alignsearch.models.model import AlignModel
 
 CHUNK = 5_000
 

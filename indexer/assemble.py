@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from models.identity import RULE
-from models.model import AlignModel
+from alignsearch.models.identity import RULE
+from alignsearch.models.model import AlignModel
 
 from . import metadata
 from .layout import COLLECTIONS, METADATA, write_manifest

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from models.model import AlignModel
+from alignsearch.models.model import AlignModel
 
 from . import layout
 from .assemble import assemble_index

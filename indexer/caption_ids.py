@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from models.captions import CaptionRow
+from alignsearch.models.captions import CaptionRow
 
 
 def caption_items(rows: list[CaptionRow], known_images: set[str], taken: set[str] = frozenset(),

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from models.cli import add_progress_option, apply_progress_option
+from alignsearch.models.cli import add_progress_option, apply_progress_option
 
 from .layout import DEFAULT_CODEC, MANIFEST
 
@@ -107,11 +107,11 @@ def _summary(report: dict) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from models.factory import load_model
+    from alignsearch.models.factory import load_model
 
     from .build import build
 
-    from models.preprocess import IMAGE_EXTENSIONS
+    from alignsearch.models.preprocess import IMAGE_EXTENSIONS
 
     from .reader import list_images
 
@@ -130,7 +130,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from models.factory import load_model
+    from alignsearch.models.factory import load_model
 
     from .update import add
     from .layout import read_manifest
@@ -191,9 +191,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from models.data import load_dataset
-    from models.evaluation import format_table
-    from models.factory import load_model
+    from alignsearch.models.data import load_dataset
+    from alignsearch.models.evaluation import format_table
+    from alignsearch.models.factory import load_model
 
     from .evaluate import evaluate_split
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from models.model import AlignModel, EncoderOutput
+from alignsearch.models.model import AlignModel, EncoderOutput
 
 from .plan import ShardTask
 from .reader import decode_batches

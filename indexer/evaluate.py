@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.data import load_dataset, select_split
-from models.evaluation import recall_metrics
-from models.model import AlignModel
+from alignsearch.models.data import load_dataset, select_split
+from alignsearch.models.evaluation import recall_metrics
+from alignsearch.models.model import AlignModel
 
 from .build import BuildOptions, build
 from .index import Index
@@ -70,7 +70,7 @@ def evaluate_split(model: AlignModel, dataset: Path, images_dir: Path, split: st
             return out
 
         def i2t(k: int) -> list:
-            from models.preprocess import load_image
+            from alignsearch.models.preprocess import load_image
 
             out = []
             for start in tqdm(range(0, n_img, 32), desc=f"image queries (K={k})", disable=not progress):

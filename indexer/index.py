@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from models.identity import RULE
-from models.model import AlignModel
+from alignsearch.models.identity import RULE
+from alignsearch.models.model import AlignModel
 
 from . import layout, metadata
 from .stores import GlobalStore, LocalStore, global_backend, local_backend

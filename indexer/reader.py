@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from models.captions import CaptionRow, read_caption_rows
-from models.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_image
+from alignsearch.models.captions import CaptionRow, read_caption_rows
+from alignsearch.models.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_image
 
 __all__ = ["CaptionRow", "Decoded", "decode_batches", "list_images", "read_captions"]
 

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import alignment
-from models.factory import load_model
-from models.model import AlignModel, EncoderOutput
-from models.scoring import ScoringConfig, rank
-from models.words import content_words
+from alignsearch.models import alignment
+from alignsearch.models.factory import load_model
+from alignsearch.models.model import AlignModel, EncoderOutput
+from alignsearch.models.scoring import ScoringConfig, rank
+from alignsearch.models.words import content_words
 
 from .index import Collection, Index, check_model
 
@@ -117,7 +117,7 @@ class Searcher:
     def mark_matches(self, result: SearchResult, min_score: float | None = None) -> SearchResult:
         """Tell strong hits from weak ones: ``hit.match`` is ``global_score >= min_score`` (in place).
 
-        ``None`` applies :attr:`default_min_score` (chosen by ``python -m bench.min_score`` on training and
+        ``None`` applies :attr:`default_min_score` (chosen by ``python -m alignsearch.bench.min_score`` on training and
         validation captions vs nonsense strings: 99% of nonsense queries have no hit above it); with no
         default, ``match`` stays None. The global score is the threshold's measure because it does not grow
         with the query's length, as the local (sum over words) part of ``score`` does. Hits and ranks are

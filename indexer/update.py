@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from models.model import AlignModel
+from alignsearch.models.model import AlignModel
 
 from . import layout, metadata
 from .assemble import insert_metadata, model_fields, write_collection

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from models.model import EncoderOutput
+from alignsearch.models.model import EncoderOutput
 
 
 @dataclass

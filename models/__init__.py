@@ -1,7 +1,7 @@
 """alignsearch models: encoders for images and texts into one joint space, alignment scores, training.
 
-The names below load on first use (PEP 562), so ``import models.config`` or ``models.data`` does not pull in
-torch and transformers; ``from models import load_model`` works as before."""
+The names below load on first use (PEP 562), so ``import alignsearch.models.config`` or ``.data`` does not pull in
+torch and transformers; ``from alignsearch.models import load_model`` works as before."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'models' has no attribute {name!r}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value

@@ -94,7 +94,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
 
 
 def load_calibration(folder: str | os.PathLike) -> dict:
-    """The model folder's ``calibration.json`` (e.g. ``min_score``, from ``python -m bench.min_score --write``);
+    """The model folder's ``calibration.json`` (e.g. ``min_score``, from ``python -m alignsearch.bench.min_score --write``);
     empty when absent or unreadable."""
     path = Path(folder) / CALIBRATION_FILE
     try:

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 
-from indexer.search import Searcher
+from alignsearch.indexer.search import Searcher
 
 from . import errors
 from .admission import Lanes

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from models.cli import add_progress_option, apply_progress_option
+from alignsearch.models.cli import add_progress_option, apply_progress_option
 
 from .serve import add_allow_open_option, bind, refuse_open, run_app, serving_line, url
 from .settings import Settings
@@ -80,7 +80,7 @@ def _find_captions(images: Path) -> Path | None:
 
 def _stamp(images: Path, captions: Path | None, fingerprint: str) -> str:
     """What the index was built from: the model, and every photo's and the captions' name, size and mtime."""
-    from indexer.reader import list_images
+    from alignsearch.indexer.reader import list_images
 
     def stat(path: Path) -> list:
         s = path.stat()
@@ -93,8 +93,8 @@ def _stamp(images: Path, captions: Path | None, fingerprint: str) -> str:
 
 def prepare(args: argparse.Namespace):
     """Build (or reuse) the demo index; returns ``(index_dir, model)``."""
-    from indexer.build import BuildOptions, build
-    from models.factory import load_model
+    from alignsearch.indexer.build import BuildOptions, build
+    from alignsearch.models.factory import load_model
 
     out = args.out or default_cache()
     if args.images:
@@ -137,7 +137,7 @@ def run_demo(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # a busy port is found before the model loads and the photos are indexed
     try:
         index_dir, model = prepare(args)
-        from indexer.search import Searcher
+        from alignsearch.indexer.search import Searcher
 
         from .app import create_app
 

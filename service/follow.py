@@ -20,8 +20,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from indexer.index import Index
-from indexer.search import Searcher
+from alignsearch.indexer.index import Index
+from alignsearch.indexer.search import Searcher
 
 log = logging.getLogger("alignsearch.service")
 MANIFEST = "manifest.json"

@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from indexer.search import Searcher, SearchResult
+from alignsearch.indexer.search import Searcher, SearchResult
 
 from . import schemas
 

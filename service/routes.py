@@ -15,7 +15,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
-from indexer.search import Hit, Searcher, SearchResult
+from alignsearch.indexer.search import Hit, Searcher, SearchResult
 
 from . import schemas
 from .admission import Lanes

@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from models.cli import add_progress_option, apply_progress_option
+from alignsearch.models.cli import add_progress_option, apply_progress_option
 
 from .settings import Settings
 
@@ -113,7 +113,7 @@ def serving_line(index: Path, counts: dict[str, int], host: str, port: int) -> s
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from indexer.cli import require_index
+    from alignsearch.indexer.cli import require_index
 
     try:  # the cheap checks first: no model loads for a missing index or a busy port
         require_index(args.index)
@@ -123,7 +123,7 @@ def run_serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     try:
         apply_progress_option(args)
-        from indexer.search import Searcher
+        from alignsearch.indexer.search import Searcher
 
         from .app import create_app
 

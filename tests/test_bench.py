@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_quick_bench_writes_every_figure(tmp_path, dataset_dir):
-    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path), "--dataset", str(dataset_dir),
+    run = subprocess.run([sys.executable, "-m", "alignsearch.bench", "--quick", "--out", str(tmp_path), "--dataset", str(dataset_dir),
                           "--tag", "ci"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads((tmp_path / "results-ci.json").read_text())

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import BackboneConfig, ModelConfig, create_model, load_model, save_model
-from models.class_prior import ClassPrior, class_name_mixture, load_class_names, sparse_distribution
-from models.config import PriorConfig
+from alignsearch.models import BackboneConfig, ModelConfig, create_model, load_model, save_model
+from alignsearch.models.class_prior import ClassPrior, class_name_mixture, load_class_names, sparse_distribution
+from alignsearch.models.config import PriorConfig
 
 
 def test_imagenet_names_ship_in_class_index_order():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser, main, parse
+from alignsearch.cli import build_parser, main, parse
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "faiss", "fastapi", "uvicorn", "numpy", "PIL")
@@ -31,12 +31,12 @@ def _parsers(parser: argparse.ArgumentParser, name: str = "alignsearch"):
 
 def _run(*argv: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = dict(os.environ if env is None else env, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "service.cli", *argv], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "alignsearch", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
 
 
 def test_help_imports_no_heavy_library():
-    code = ("import sys, service.cli as c; c.build_parser(); "
+    code = ("import sys, alignsearch.cli as c; c.build_parser(); "
             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                          capture_output=True, text=True, check=True).stdout
@@ -133,7 +133,7 @@ def test_delete_of_unknown_ids_rewrites_nothing_and_fails(built, tmp_path, capsy
 
 
 def test_delete_of_known_and_unknown_ids_names_the_unknown(built, tmp_path, capsys):
-    from indexer.index import Index
+    from alignsearch.indexer.index import Index
 
     index = tmp_path / "index"
     shutil.copytree(built, index)
@@ -144,21 +144,21 @@ def test_delete_of_known_and_unknown_ids_names_the_unknown(built, tmp_path, caps
 
 
 def test_bench_with_a_missing_dataset_fails_before_loading_a_model(tmp_path, monkeypatch, capsys):
-    import models.factory
+    import alignsearch.models.factory
 
-    monkeypatch.setattr(models.factory, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(alignsearch.models.factory, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["bench", "--dataset", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "out")]) == 2
     assert "--dataset" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_bench_results_name_the_command_that_was_run(monkeypatch):
-    import bench.cli
+    import alignsearch.bench.cli
 
     assert parse(["bench", "--quick", "--tag", "my run"]).command_line == "alignsearch bench --quick --tag 'my run'"
     seen = []
-    monkeypatch.setattr(bench.cli, "run", lambda args: seen.append(args.command_line) or 0)
-    assert bench.cli.main(["--quick"]) == 0
-    assert seen == ["python -m bench --quick"]
+    monkeypatch.setattr(alignsearch.bench.cli, "run", lambda args: seen.append(args.command_line) or 0)
+    assert alignsearch.bench.cli.main(["--quick"]) == 0
+    assert seen == ["python -m alignsearch.bench --quick"]
 
 
 def _listening() -> tuple[socket.socket, int]:
@@ -169,11 +169,11 @@ def _listening() -> tuple[socket.socket, int]:
 
 
 def test_a_busy_port_is_found_before_the_model_loads(built, monkeypatch, capsys):
-    import indexer.search
-    import service.demo
+    import alignsearch.indexer.search
+    import alignsearch.service.demo
 
-    monkeypatch.setattr(indexer.search.Searcher, "open", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr(service.demo, "prepare", lambda *a, **k: pytest.fail("the demo index was built"))
+    monkeypatch.setattr(alignsearch.indexer.search.Searcher, "open", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(alignsearch.service.demo, "prepare", lambda *a, **k: pytest.fail("the demo index was built"))
     busy, port = _listening()
     with busy:
         assert main(["serve", "--index", str(built), "--port", str(port)]) == 2
@@ -184,14 +184,14 @@ def test_a_busy_port_is_found_before_the_model_loads(built, monkeypatch, capsys)
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
 def test_loopback_hosts_need_no_key(host):
-    from service.serve import refuse_open
+    from alignsearch.service.serve import refuse_open
 
     refuse_open(host, None, False)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "10.0.0.1"])
 def test_a_non_loopback_host_needs_a_key_or_consent(host):
-    from service.serve import refuse_open
+    from alignsearch.service.serve import refuse_open
 
     with pytest.raises(ValueError, match=r"reachable from other machines and no API key is set.*--allow-open"):
         refuse_open(host, None, False)
@@ -202,7 +202,7 @@ def test_a_non_loopback_host_needs_a_key_or_consent(host):
 
 
 def test_a_host_that_is_no_address_is_left_to_bind_to_report(capsys):
-    from service.serve import bind, refuse_open
+    from alignsearch.service.serve import bind, refuse_open
 
     refuse_open("no-such-host.invalid", None, False)
     with pytest.raises(OSError, match="not an address of this machine"):
@@ -210,11 +210,11 @@ def test_a_host_that_is_no_address_is_left_to_bind_to_report(capsys):
 
 
 def test_serve_refuses_0_0_0_0_without_a_key_before_anything_loads(built, monkeypatch, capsys):
-    import indexer.search
+    import alignsearch.indexer.search
 
     monkeypatch.delenv("ALIGNSEARCH_API_KEY", raising=False)
     monkeypatch.delenv("ALIGNSEARCH_ALLOW_OPEN", raising=False)
-    monkeypatch.setattr(indexer.search.Searcher, "open", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(alignsearch.indexer.search.Searcher, "open", lambda *a, **k: pytest.fail("the model was loaded"))
     busy, port = _listening()
     with busy:
         assert main(["serve", "--index", str(built), "--host", "0.0.0.0", "--port", str(port)]) == 2
@@ -228,10 +228,10 @@ def test_serve_refuses_0_0_0_0_without_a_key_before_anything_loads(built, monkey
 
 
 def test_an_unexpected_error_is_one_line(monkeypatch, capsys):
-    import indexer.cli
+    import alignsearch.indexer.cli
 
     monkeypatch.delenv("ALIGNSEARCH_DEBUG", raising=False)
-    monkeypatch.setattr(indexer.cli, "run_info", lambda args: {}["boom"])
+    monkeypatch.setattr(alignsearch.indexer.cli, "run_info", lambda args: {}["boom"])
     assert main(["index", "info", "x"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error: KeyError" in err and "Traceback" not in err
@@ -239,12 +239,12 @@ def test_an_unexpected_error_is_one_line(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_serve_says_what_it_serves_in_one_line(built, tmp_path):
-    from indexer.index import Index
+    from alignsearch.indexer.index import Index
 
     counts = Index(built).manifest["counts"]
     busy, port = _listening()
     busy.close()
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--index", str(built), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "alignsearch", "serve", "--index", str(built), "--port", str(port),
                              "--device", "cpu", "--log-level", "warning"], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

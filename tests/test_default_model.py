@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from models.factory import PRETRAINED_DIR, load_model
+from alignsearch.models.factory import PRETRAINED_DIR, load_model
 
 CARD = PRETRAINED_DIR / "default" / "metrics.json"
 TOLERANCE = 2.0  # rsum points: float differences across machines, never a silent regression
@@ -29,7 +29,7 @@ def test_default_model_is_small_and_has_a_card():
 
 @pytest.mark.slow
 def test_default_model_meets_its_card_on_the_test_split(default_model, dataset_dir):
-    from indexer.evaluate import evaluate_split
+    from alignsearch.indexer.evaluate import evaluate_split
 
     card = json.loads(CARD.read_text())
     report = evaluate_split(default_model, dataset_dir / "dataset_flickr8k.json", dataset_dir / "images",

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from service.cli import main
-from service.demo import DEMO_CAPTIONS, SAMPLE_PHOTOS
+from alignsearch.cli import main
+from alignsearch.service.demo import DEMO_CAPTIONS, SAMPLE_PHOTOS
 
 
 def _info(capsys) -> dict:
@@ -35,7 +35,7 @@ def test_demo_indexes_the_sample_photos(tmp_path, capsys):
     assert main(argv) == 0  # a second run reuses the index instead of building it again
     assert "using the demo index" in capsys.readouterr().out
 
-    from indexer.search import Searcher
+    from alignsearch.indexer.search import Searcher
 
     searcher = Searcher.open(tmp_path / "index", device="cpu")
     hits = searcher.search_text(["a red motorcycle"], k=3, candidates=len(SAMPLE_PHOTOS))[0].hits

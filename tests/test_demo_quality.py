@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import demo_quality as dq
-from service.demo import SAMPLE_PHOTOS
+from alignsearch.bench import demo_quality as dq
+from alignsearch.service.demo import SAMPLE_PHOTOS
 
 TARGET = ("issue 9's target; the shipped model (ConSE prior, plain queries R@1 56.7 / R@5 80.0, captions right "
           "first 63.6, pointing game 59.6) does not reach it yet")
@@ -97,7 +97,7 @@ def test_shipped_model_keeps_its_demo_figures(demo_figures):
 
 
 def test_script_entries_answer_bad_input_in_one_line(capsys, tmp_path):
-    from bench import min_score
+    from alignsearch.bench import min_score
 
     for main in (dq.main, min_score.main):
         assert main(["--bogus"]) == 2

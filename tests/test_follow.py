@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from conftest import N_IMAGES
-from indexer.index import Index
+from alignsearch.indexer.index import Index
 from server import serve
-from service.cli import main
+from alignsearch.cli import main
 
 
 @pytest.fixture()

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import build_index
-from indexer import layout
-from indexer.index import Index
-from indexer.search import Searcher
-from models import BackboneConfig, HeadConfig, ModelConfig, create_model, load_model, save_model
-from models.identity import RULE, file_sha256
-from service.cli import main
+from alignsearch.indexer import layout
+from alignsearch.indexer.index import Index
+from alignsearch.indexer.search import Searcher
+from alignsearch.models import BackboneConfig, HeadConfig, ModelConfig, create_model, load_model, save_model
+from alignsearch.models.identity import RULE, file_sha256
+from alignsearch.cli import main
 
 
 @pytest.fixture()

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from indexer import layout
-from indexer.index import Index, verify
-from indexer.search import Searcher
-from models import load_model
-from service.cli import main
+from alignsearch.indexer import layout
+from alignsearch.indexer.index import Index, verify
+from alignsearch.indexer.search import Searcher
+from alignsearch.models import load_model
+from alignsearch.cli import main
 
 from conftest import N_CAPTIONS, N_IMAGES, build_index as _build, demo_captions, sample_files
 
@@ -93,8 +93,8 @@ def test_search_equals_exhaustive_when_k_covers_the_collection(built, model):
     queries = ["a dog runs through the grass", "children playing", "a man on a bike", "people in the snow"]
     results = searcher.search_text(queries, k=N_IMAGES, candidates=N_IMAGES)
     ids = [m["id"] for m in searcher.index.rows("images", list(range(N_IMAGES))).values()]
-    from indexer.reader import list_images  # noqa: F401  (ids are relative paths)
-    from models.preprocess import load_image
+    from alignsearch.indexer.reader import list_images  # noqa: F401  (ids are relative paths)
+    from alignsearch.models.preprocess import load_image
 
     root = searcher.index.images_root
     images = model.encode_images([load_image(root / i) for i in ids])
@@ -121,7 +121,7 @@ def test_caption_finds_its_image_and_image_finds_its_captions(built, model):
     assert caption["image_id"] in [h.id for h in hits]
     grounding = hits[0].grounding
     assert grounding and all(0 <= g["region"] < 49 and len(g["cell"]) == 2 for g in grounding)
-    from models.preprocess import load_image
+    from alignsearch.models.preprocess import load_image
 
     image_id = caption["image_id"]
     res = searcher.search_image([load_image(index.images_root / image_id)], k=10, candidates=50)[0]
@@ -154,7 +154,7 @@ def test_add_then_delete_round_trips(built, photos, tmp_path, model):
     searcher = Searcher(Index(index_dir), model)
     hits = searcher.search_text([query], k=50, candidates=50)[0].hits
     assert new_name not in [h.id for h in hits]
-    from models.preprocess import load_image
+    from alignsearch.models.preprocess import load_image
 
     cap_hits = searcher.search_image([load_image(extra / new_name)], k=200, candidates=200)[0].hits
     assert cap_hits and not any(h.id.startswith(f"{new_name}#") for h in cap_hits)  # its captions went with it
@@ -162,7 +162,7 @@ def test_add_then_delete_round_trips(built, photos, tmp_path, model):
 
 
 def test_model_fingerprint_mismatch_is_refused(built, tmp_path):
-    from models import ModelConfig, create_model, save_model
+    from alignsearch.models import ModelConfig, create_model, save_model
 
     save_model(create_model(ModelConfig()), tmp_path / "other")
     other = load_model(tmp_path / "other", device="cpu")
@@ -198,7 +198,7 @@ def _collection_arrays(folder: Path) -> dict[str, np.ndarray]:
 def test_build_killed_mid_way_resumes_to_the_same_index(photos, tmp_path):
     images, captions = photos
     out = tmp_path / "index"
-    cmd = [sys.executable, "-m", "service.cli", "index", "build", "--images", str(images), "--captions",
+    cmd = [sys.executable, "-m", "alignsearch", "index", "build", "--images", str(images), "--captions",
            str(captions), "--out", str(out), "--quiet", "--shard-size", "2", "--batch-size", "2"]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL)
@@ -223,7 +223,7 @@ def test_build_killed_mid_way_resumes_to_the_same_index(photos, tmp_path):
 
 @pytest.mark.parametrize("codec", ["SQfp16", "SQ8", "PQ8"])
 def test_local_store_gather_decodes_like_sa_decode(tmp_path, codec):
-    from indexer import local_store
+    from alignsearch.indexer import local_store
 
     rng = np.random.default_rng(0)
     lengths = np.array([3, 5, 1, 4, 5])
@@ -244,7 +244,7 @@ def test_local_store_gather_decodes_like_sa_decode(tmp_path, codec):
 
 @pytest.mark.parametrize("factory", ["IVF64,Flat", "OPQ4_16,IVF64,PQ4"])
 def test_ivf_returns_k_candidates_when_it_holds_k(factory):
-    from indexer.faiss_index import FaissGlobalStore, new_index, set_search_params
+    from alignsearch.indexer.faiss_index import FaissGlobalStore, new_index, set_search_params
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((400, 16)).astype(np.float32)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.cli import main
+from alignsearch.cli import main
 
 
 @pytest.mark.slow

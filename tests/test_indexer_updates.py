@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from conftest import N_CAPTIONS, N_IMAGES, sample_files
-from indexer import layout, local_store
-from indexer.index import Index, verify
-from indexer.search import Searcher
-from models import load_model
-from service.cli import main
+from alignsearch.indexer import layout, local_store
+from alignsearch.indexer.index import Index, verify
+from alignsearch.indexer.search import Searcher
+from alignsearch.models import load_model
+from alignsearch.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_an_add_killed_mid_way_leaves_the_previous_index(index_copy, photos, tmp
     extra.mkdir()
     for n in range(6):
         shutil.copy(_photo(photos, n), extra / f"new{n}.jpg")
-    cmd = [sys.executable, "-m", "service.cli", "index", "add", str(index_copy), "--images", str(extra), "--quiet",
+    cmd = [sys.executable, "-m", "alignsearch", "index", "add", str(index_copy), "--images", str(extra), "--quiet",
            "--batch-size", "1", "--shard-size", "1", "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = tmp_path / ".index.update.shards" / "shards" / "images-00000"
@@ -201,7 +201,7 @@ def test_streaming_store_appends_like_one_write(tmp_path):
 
 
 def test_add_with_another_model_is_refused_naming_both_fingerprints(index_copy, photos, tmp_path, model, capsys):
-    from models import ModelConfig, create_model, save_model
+    from alignsearch.models import ModelConfig, create_model, save_model
 
     other = save_model(create_model(ModelConfig()), tmp_path / "other-model")
     assert main(["index", "add", str(index_copy), "--images", str(photos[0]), "--model",
@@ -214,7 +214,7 @@ def test_add_with_another_model_is_refused_naming_both_fingerprints(index_copy, 
 
 
 def test_deleting_an_image_deletes_its_captions_across_a_restart(index_copy, model, capsys):
-    from models.preprocess import load_image
+    from alignsearch.models.preprocess import load_image
 
     index = Index(index_copy)
     image_id, n = index.conn.execute("SELECT image_id, COUNT(*) FROM captions WHERE deleted = 0 AND image_id IS NOT "
@@ -260,7 +260,7 @@ def test_local_store_on_a_full_disk_is_an_oserror_not_sigbus(small_disk):
     code = f"""
 import errno, faiss, numpy as np
 from pathlib import Path
-from indexer.local_store import make_codec, write_store
+from alignsearch.indexer.local_store import make_codec, write_store
 codec = make_codec(8, "SQ8", np.zeros((0, 8), np.float32), train=False)
 codes = np.ones((4_000_000, 1), np.uint8)  # 4 MB of codes on a 1.5 MB disk
 try:

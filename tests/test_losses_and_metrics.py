@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from models.evaluation import evaluate_scores, keep_top_k, recall_metrics
-from models.losses import hardest_negative_triplet, info_nce
+from alignsearch.models.evaluation import evaluate_scores, keep_top_k, recall_metrics
+from alignsearch.models.losses import hardest_negative_triplet, info_nce
 
 
 def test_triplet_is_zero_when_positives_beat_negatives_by_the_margin():

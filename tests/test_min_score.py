@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from bench import min_score as ms
-from models.factory import PRETRAINED_DIR, load_calibration, model_fingerprint
+from alignsearch.bench import min_score as ms
+from alignsearch.models.factory import PRETRAINED_DIR, load_calibration, model_fingerprint
 
 
 def test_nonsense_queries_are_fixed_for_a_seed_and_varied():

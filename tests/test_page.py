@@ -36,7 +36,7 @@ def page_server(built):
 
     port = _free_port()
     env = dict(os.environ, ALIGNSEARCH_API_KEY=KEY)
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--index", str(built), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "alignsearch", "serve", "--index", str(built), "--port", str(port),
                              "--device", "cpu", "--log-level", "warning"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -186,7 +186,7 @@ def _chip_words(card) -> list[str]:
 
 @pytest.mark.slow
 def test_search_page_states_and_layout(browser, page_server, built):  # browser first: skip early
-    from indexer.index import Index
+    from alignsearch.indexer.index import Index
 
     index = Index(built)
     query, target = index.conn.execute(
@@ -287,7 +287,7 @@ def test_search_page_states_and_layout(browser, page_server, built):  # browser 
 
 @pytest.mark.slow
 def test_search_page_with_confidences_weak_matches_and_a_narrow_screen(browser, page_server, built):
-    from indexer.index import Index
+    from alignsearch.indexer.index import Index
 
     index = Index(built)
     ARTIFACTS.mkdir(exist_ok=True)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import N_IMAGES
-from indexer.index import Index
-from indexer.search import Searcher
-from models import load_model
-from models.evaluation import keep_top_k
-from models.preprocess import load_image
-from models.scoring import ScoringConfig
+from alignsearch.indexer.index import Index
+from alignsearch.indexer.search import Searcher
+from alignsearch.models import load_model
+from alignsearch.models.evaluation import keep_top_k
+from alignsearch.models.preprocess import load_image
+from alignsearch.models.scoring import ScoringConfig
 
 QUERIES = ["a cat looks to the side", "a red motorbike", "a cup of coffee", "galaxies in deep space"]
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from conftest import N_IMAGES, build_index, sample_files
-from indexer.index import Index, verify
-from indexer.search import Searcher
-from models import load_model
-from models.preprocess import load_image
-from models.words import content_words
-from service.cli import main
+from alignsearch.indexer.index import Index, verify
+from alignsearch.indexer.search import Searcher
+from alignsearch.models import load_model
+from alignsearch.models.preprocess import load_image
+from alignsearch.models.words import content_words
+from alignsearch.cli import main
 
 TOL = 2e-3  # SQfp16 decoding of the local vectors moves fused scores by less than this
 QUERIES = ["a dog runs through the grass", "children playing", "a man on a bike", "people in the snow",
@@ -175,7 +175,7 @@ def test_open_loads_the_model_named_in_the_manifest(built, model):
 def test_gpu_copy_is_used_up_to_its_k_limit(built, model, monkeypatch):
     """With faiss-gpu the coarse stage runs on a GPU copy; beyond the GPU's k limit it falls back to the CPU
     original. The GPU is stood in for here by a wrapper that refuses large k, as FAISS's GPU indexes do."""
-    from indexer import faiss_index
+    from alignsearch.indexer import faiss_index
 
     class FakeGpu:
         def __init__(self, index):

@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import N_IMAGES
 from server import free_port as _free_port  # noqa: F401  (test_page imports it from here)
 from server import serve
-from service.client import AlignSearchClient, AlignSearchError, AsyncAlignSearchClient
+from alignsearch.service.client import AlignSearchClient, AlignSearchError, AsyncAlignSearchClient
 
 KEY = "test-key"
 MAX_UPLOAD = 2_000_000
@@ -36,7 +36,7 @@ def client(server):
 
 
 def _caption_of_some_image(built):
-    from indexer.index import Index
+    from alignsearch.indexer.index import Index
 
     return Index(built).conn.execute(
         "SELECT text, image_id FROM captions WHERE image_id IS NOT NULL ORDER BY row LIMIT 1 OFFSET 7").fetchone()
@@ -87,7 +87,7 @@ def test_min_score_out_of_range_is_a_clear_4xx(server, bad):
 
 def test_image_search_finds_its_own_captions(client, built):
     row = _caption_of_some_image(built)
-    from indexer.index import Index
+    from alignsearch.indexer.index import Index
 
     path = Index(built).images_root / row["image_id"]
     res = client.search_image(path, k=5, candidates=100)
@@ -101,7 +101,7 @@ def test_image_search_finds_its_own_captions(client, built):
 
 
 def test_served_image_is_the_indexed_file_and_traversal_is_refused(client, built, server):
-    from indexer.index import Index
+    from alignsearch.indexer.index import Index
 
     index = Index(built)
     image_id = index.conn.execute("SELECT id FROM images WHERE id LIKE 'sub/%' LIMIT 1").fetchone()[0]
@@ -161,7 +161,7 @@ def test_api_key_is_required_but_health_is_open(server, built):
     assert _status(server, json={"query": "dog"}, key=None).status_code == 401
     assert _status(server, json={"query": "dog"}, key="wrong").status_code == 401
     assert _status(server, "get", "/healthz", key=None).status_code == 200
-    from indexer.index import Index
+    from alignsearch.indexer.index import Index
 
     captions = Index(built).manifest["counts"]["captions"]
     open_ready = _status(server, "get", "/readyz", key=None).json()  # the counts, for the page; not the index

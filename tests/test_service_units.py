@@ -14,13 +14,13 @@ import pytest
 from fastapi import HTTPException
 from PIL import EpsImagePlugin, Image
 
-from service import schemas
-from service.admission import Lanes, work
-from service.app import create_app
-from service.auth import is_open, key_matches
-from service.errors import clean_errors
-from service.settings import Settings
-from service.uploads import KEEP_SIDE, Decoder, ImageLimits, decode_image
+from alignsearch.service import schemas
+from alignsearch.service.admission import Lanes, work
+from alignsearch.service.app import create_app
+from alignsearch.service.auth import is_open, key_matches
+from alignsearch.service.errors import clean_errors
+from alignsearch.service.settings import Settings
+from alignsearch.service.uploads import KEEP_SIDE, Decoder, ImageLimits, decode_image
 
 LIMITS = ImageLimits(max_pixels=1_000_000, max_side=2_000)
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\nshowpage\n"
@@ -73,7 +73,7 @@ def test_decode_checks_the_header_then_decodes_rgb_at_most_keep_side():
 
 def test_the_decode_pool_is_bounded_and_has_a_time_limit(monkeypatch):
     release = threading.Event()
-    monkeypatch.setattr("service.uploads.decode_image", lambda data, limits: release.wait(5) and data)
+    monkeypatch.setattr("alignsearch.service.uploads.decode_image", lambda data, limits: release.wait(5) and data)
 
     async def run():
         decoder = Decoder(LIMITS, workers=1, queue=1, timeout_s=0.2)
@@ -180,7 +180,7 @@ def test_openapi_tells_the_truth(key):
 def test_the_client_reports_retry_after_and_refused_metrics():
     import httpx
 
-    from service.client import AlignSearchClient, AlignSearchError
+    from alignsearch.service.client import AlignSearchClient, AlignSearchError
 
     def answer(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/metrics":

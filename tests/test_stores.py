@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import N_IMAGES
-from indexer import layout, stores
-from indexer.build import BuildOptions, build
-from indexer.index import Index, verify
-from indexer.plan import ShardTask, caption_tasks, image_tasks
-from models import load_model
+from alignsearch.indexer import layout, stores
+from alignsearch.indexer.build import BuildOptions, build
+from alignsearch.indexer.index import Index, verify
+from alignsearch.indexer.plan import ShardTask, caption_tasks, image_tasks
+from alignsearch.models import load_model
 
 
 def _vectors(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
@@ -76,7 +76,7 @@ class RecordingDistributor:
         self.seen: list[tuple[str, int]] = []
 
     def run(self, tasks, work, make_mapper) -> None:
-        from indexer.writer import is_done, write_shard
+        from alignsearch.indexer.writer import is_done, write_shard
 
         mapper = make_mapper()
         for task in reversed(tasks):

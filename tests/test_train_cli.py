@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import demo_captions, sample_files
-from models import BackboneConfig, HeadConfig, ModelConfig, load_model
-from service.cli import main
+from alignsearch.models import BackboneConfig, HeadConfig, ModelConfig, load_model
+from alignsearch.cli import main
 
 
 @pytest.fixture()
@@ -112,7 +112,7 @@ def test_malformed_json_is_a_clear_error(tmp_path, small_set, capsys):
 
 
 def test_csv_dataset_is_read(tmp_path):
-    from models.data import load_dataset, select_split
+    from alignsearch.models.data import load_dataset, select_split
 
     path = tmp_path / "c.csv"
     path.write_text("image,caption\na.jpg,a dog\na.jpg,a brown dog\nb.jpg,a cat\n")

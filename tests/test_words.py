@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from models import alignment
-from models.words import STOPWORDS, content_words, merge_pieces
+from alignsearch.models import alignment
+from alignsearch.models.words import STOPWORDS, content_words, merge_pieces
 
 
 def _texts(words):

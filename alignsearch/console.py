@@ -1,13 +1,10 @@
-"""The ``alignsearch`` command: one entry point, one subcommand per stage of the data flow.
-
-Building the parser imports no heavy library (torch, transformers, FAISS, FastAPI): each command imports what it
-needs when it runs, so ``--help`` answers at once. Errors are one line on stderr and a non-zero exit."""
+"""Command-line plumbing that every layer's subcommands share: the help formatter (each option with its
+default) and one-line error handling. Imports no layer of alignsearch, so any of them may use it."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 
 EXIT_ERROR = 2
@@ -34,49 +31,8 @@ def use_formatter(parser: argparse.ArgumentParser, formatter: type = HelpFormatt
                 use_formatter(child, formatter)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from indexer.cli import add_eval_parser, add_index_parser
-    from models.cli import add_train_parser
-
-    from .demo import add_demo_parser
-    from .serve import add_serve_parser
-
-    parser = argparse.ArgumentParser(
-        prog="alignsearch",
-        description="Fine-grained image-text search: region-word alignment over a two-stage FAISS index. "
-                    "Start with `alignsearch demo`, or `alignsearch index build` then `alignsearch serve`.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_train_parser(sub)
-    add_eval_parser(sub)
-    add_index_parser(sub)
-    add_serve_parser(sub)
-    add_demo_parser(sub)
-    try:
-        from bench.cli import add_bench_parser
-    except ImportError:  # the benchmarks ship with the source tree
-        pass
-    else:
-        add_bench_parser(sub)
-    use_formatter(parser)
-    return parser
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse a command line; ``command_line`` records it as typed (bench writes it into its results)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.command_line = shlex.join(["alignsearch", *argv])
-    return args
-
-
 def _name(args: argparse.Namespace) -> str:
     return " ".join(filter(None, ["alignsearch", args.command, getattr(args, "index_command", None)]))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line ``argv`` (default: the process's); returns the exit status."""
-    return run_command(parse(argv))
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -95,7 +51,3 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"{_name(args)}: internal error: {type(exc).__name__}: {exc} "
               "(set ALIGNSEARCH_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
