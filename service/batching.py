@@ -16,6 +16,17 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+
+async def cancel_and_wait(task: asyncio.Task | None) -> None:
+    """Cancel a background task (if any) and wait until it has stopped."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
 class QueueFull(RuntimeError):
     """The batcher already has ``max_queue`` requests waiting."""
 
@@ -43,12 +54,7 @@ class MicroBatcher(Generic[T, R]):
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def submit(self, item: T) -> R:
         """Queue ``item``; returns its result once its batch has run (or raises the batch's error).

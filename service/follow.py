@@ -23,6 +23,8 @@ from pathlib import Path
 from alignsearch.indexer.index import Index
 from alignsearch.indexer.search import Searcher
 
+from .batching import cancel_and_wait
+
 log = logging.getLogger("alignsearch.service")
 MANIFEST = "manifest.json"
 
@@ -63,12 +65,7 @@ class IndexFollower:
             self._task = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _watch(self) -> None:
         while True:
