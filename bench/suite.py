@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -138,34 +135,15 @@ def build_throughput(model: AlignModel, images: Path, limit: int | None, work: P
             "build_fraction_of_forward": round(forward_s / build_s, 3)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serving(index_dir: Path, requests_total: int, concurrency: int = 16) -> dict[str, Any]:
     """Benchmark 7: a real server on 127.0.0.1; throughput, p50, p99 with micro-batching on and off."""
-    import httpx
 
     from alignsearch.service.client import AsyncAlignSearchClient
+    from alignsearch.service.launch import serve
 
     out = {}
     for label, max_batch in (("batching_on", 16), ("batching_off", 1)):
-        port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "alignsearch", "serve", "--index", str(index_dir), "--port",
-                                 str(port), "--max-batch", str(max_batch), "--log-level", "warning"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                cwd=Path(__file__).resolve().parents[1])
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
+        with serve(index_dir, "--max-batch", str(max_batch), device=None, env={"ALIGNSEARCH_RELOAD_INTERVAL_S": "0"}) as url:
             latencies: list[float] = []
             errors = 0
 
@@ -193,9 +171,6 @@ def serving(index_dir: Path, requests_total: int, concurrency: int = 16) -> dict
             out[label] = {"requests": requests_total, "errors": errors, "concurrency": concurrency,
                           "throughput_rps": round(len(lat) / seconds, 2),
                           "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2)}
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
     out["throughput_on_over_off"] = round(out["batching_on"]["throughput_rps"] / out["batching_off"]["throughput_rps"], 3)
     return out
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import N_IMAGES
 from alignsearch.indexer.index import Index
-from server import serve
+from alignsearch.service.launch import serve
 from alignsearch.cli import main
 
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from server import serve
+from alignsearch.service.launch import serve
 
 KEY = "fuzz-key"
 EXAMPLES = int(os.environ.get("ALIGNSEARCH_FUZZ_EXAMPLES", "300"))

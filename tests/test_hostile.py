@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from server import serve
+from alignsearch.service.launch import serve
 
 KEY = "hostile-key"
 MAX_UPLOAD = 2_000_000

@@ -10,15 +10,13 @@ from __future__ import annotations
 import base64
 import json
 import mimetypes
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from alignsearch.service.launch import serve
 
 from conftest import N_IMAGES
 
@@ -32,30 +30,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 @pytest.fixture(scope="module")
 def page_server(built):
-    from test_service import _free_port
-
-    port = _free_port()
-    env = dict(os.environ, ALIGNSEARCH_API_KEY=KEY)
-    proc = subprocess.Popen([sys.executable, "-m", "alignsearch", "serve", "--index", str(built), "--port", str(port),
-                             "--device", "cpu", "--log-level", "warning"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("server did not become ready in 120 s")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    with serve(built, env={"ALIGNSEARCH_API_KEY": KEY}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

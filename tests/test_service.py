@@ -14,8 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import N_IMAGES
-from server import free_port as _free_port  # noqa: F401  (test_page imports it from here)
-from server import serve
+from alignsearch.service.launch import serve
 from alignsearch.service.client import AlignSearchClient, AlignSearchError, AsyncAlignSearchClient
 
 KEY = "test-key"

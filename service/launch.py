@@ -1,4 +1,5 @@
-"""The one test helper that starts a real ``alignsearch serve`` on 127.0.0.1 and waits for ``/readyz``."""
+"""Start a real ``alignsearch serve`` in a subprocess on 127.0.0.1 and wait for ``/readyz``: the one launcher that
+the tests and the serving benchmark share."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago."""
@@ -29,16 +28,17 @@ class ServerFailed(RuntimeError):
 
 
 @contextmanager
-def serve(index: str | Path, *args: str, env: dict[str, str] | None = None,
-          ready_timeout: float = 120.0) -> Iterator[str]:
-    """Run ``alignsearch serve --index INDEX ARGS...`` (CPU, log level warning) and yield its base URL once
-    ``/readyz`` answers 200; the process is stopped on exit. ``env`` adds to the environment."""
+def serve(index: str | Path, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 120.0,
+          device: str | None = "cpu") -> Iterator[str]:
+    """Run ``alignsearch serve --index INDEX ARGS...`` (log level warning; ``device`` None: the server's default)
+    and yield its base URL once ``/readyz`` answers 200; the process is stopped on exit. ``env`` adds to the
+    environment."""
     port = free_port()
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks on a full pipe
     proc = subprocess.Popen(
         [sys.executable, "-m", "alignsearch", "serve", "--index", str(index), "--port", str(port),
-         "--device", "cpu", "--log-level", "warning", *args],
-        cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, text=True)
+         *(["--device", device] if device else []), "--log-level", "warning", *args],
+        env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_timeout
