@@ -183,12 +183,14 @@ class TrainRun:
 
 
 def _image_sources(model: AlignModel, paths: list[Path], options: TrainOptions) -> tuple[list[ImageSource], list[tuple[str, str]]]:
-    """The plain view then ``options.augment_views`` augmented views, with the images that failed to decode."""
+    """The plain view then ``options.augment_views`` augmented views, with the images that failed to decode.
+
+    With a trainable image backbone every view is computed live: cached views would hold the features of the
+    backbone as it was before training."""
     if _has_trainable(model.image_backbone):
-        plain: ImageSource = LiveImageFeatures(model, paths)
-        failures = plain.failures
-    else:
-        plain, failures = image_features(model, paths, options.cache_dir, workers=options.workers)
+        live = [LiveImageFeatures(model, paths, view=v) for v in range(options.augment_views + 1)]
+        return list(live), live[0].failures
+    plain, failures = image_features(model, paths, options.cache_dir, workers=options.workers)
     views = [image_features(model, paths, options.cache_dir, workers=options.workers, view=v)[0]
              for v in range(1, options.augment_views + 1)]
     return [plain, *views], failures
