@@ -188,8 +188,8 @@ def _image_sources(model: AlignModel, paths: list[Path], options: TrainOptions) 
     With a trainable image backbone every view is computed live: cached views would hold the features of the
     backbone as it was before training."""
     if _has_trainable(model.image_backbone):
-        live = [LiveImageFeatures(model, paths, view=v) for v in range(options.augment_views + 1)]
-        return list(live), live[0].failures
+        live = LiveImageFeatures(model, paths)
+        return [live, *(LiveImageFeatures(model, paths, view=v) for v in range(1, options.augment_views + 1))], live.failures
     plain, failures = image_features(model, paths, options.cache_dir, workers=options.workers)
     views = [image_features(model, paths, options.cache_dir, workers=options.workers, view=v)[0]
              for v in range(1, options.augment_views + 1)]
