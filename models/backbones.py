@@ -185,9 +185,13 @@ class PrecomputedBackbone(ImageBackbone):
 
 
 def _encoder_layers(model: nn.Module) -> list[nn.Module]:
-    encoder = getattr(model, "encoder", None)
-    layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
-    return list(layers) if layers is not None else []
+    """The transformer blocks of a Hugging Face model: under ``encoder`` (BERT, CLIP) or directly on the model
+    (recent transformers' ViT)."""
+    for owner in (getattr(model, "encoder", None), model):
+        layers = getattr(owner, "layer", None) or getattr(owner, "layers", None)
+        if layers is not None:
+            return list(layers)
+    return []
 
 
 @dataclass

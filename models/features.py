@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -64,6 +65,11 @@ def _concat(parts: list[TokenFeatures]) -> tuple[torch.Tensor, torch.Tensor, tor
     return tokens, mask, pooled
 
 
+def _view_of(image: Image.Image, path: Path, view: int) -> Image.Image:
+    """``image`` itself for view 0, else its seeded augmented view number ``view`` (the same on every run)."""
+    return augmented_view(image, zlib.crc32(f"{path.name}:{view}".encode())) if view else image
+
+
 def image_features(
     model: AlignModel, paths: Sequence[Path], cache_dir: Path | None, batch_size: int = 32, workers: int = 4,
     view: int = 0,
@@ -78,7 +84,7 @@ def image_features(
     def read(path: Path):
         try:
             image = load_image(path)
-            return augmented_view(image, zlib.crc32(f"{path.name}:{view}".encode())) if view else image
+            return _view_of(image, path, view)
         except (ImageDecodeError, OSError) as exc:
             return exc
 
@@ -142,14 +148,15 @@ def text_features(
 class LiveImageFeatures:
     """Image features computed on every batch (with gradients), for fine-tuning the backbone's top layers.
 
-    Keeps the preprocessed pixels in memory instead of cached features; same ``batch`` interface."""
+    Keeps the preprocessed pixels in memory instead of cached features; same ``batch`` interface. ``view`` > 0
+    keeps the same seeded augmented view of every image that ``image_features`` caches for that view."""
 
-    def __init__(self, model: AlignModel, paths: Sequence[Path]) -> None:
+    def __init__(self, model: AlignModel, paths: Sequence[Path], view: int = 0) -> None:
         self.model = model
         pixels, ok, self.failures = [], [], []
-        for path in tqdm(paths, desc="decode images", unit="img"):
+        for path in tqdm(paths, desc=f"decode images (view {view})" if view else "decode images", unit="img"):
             try:
-                pixels.append(model.preprocess_images([load_image(path)])[0])
+                pixels.append(model.preprocess_images([_view_of(load_image(path), path, view)])[0])
                 ok.append(True)
             except (ImageDecodeError, OSError) as exc:
                 self.failures.append((str(path), str(exc)))

@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -149,8 +150,54 @@ def tune_local_weight(global_scores: torch.Tensor, local: torch.Tensor, text_to_
     return best, results
 
 
-def train(options: TrainOptions, config: ModelConfig) -> dict:
-    """Train heads for ``config`` on the dataset; the best epoch on validation is saved to ``options.out``."""
+ImageSource = CachedFeatures | LiveImageFeatures
+TextSource = CachedFeatures | LiveTextFeatures
+
+
+@dataclass
+class TrainRun:
+    """Everything a prepared training run needs between epochs: model, features, pairs, optimiser, history."""
+
+    options: TrainOptions
+    model: AlignModel
+    device: torch.device
+    images: ImageSource
+    views: list[ImageSource]
+    texts: TextSource
+    failures: list[tuple[str, str]]
+    train_pairs: Pairs
+    val_pairs: Pairs
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    steps_per_epoch: int
+    total_steps: int
+    loss_fn: Callable[..., torch.Tensor]
+    loss_kwargs: dict[str, float]
+    start_epoch: int = 0
+    best: dict | None = None
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def out_model(self) -> Path:
+        return self.options.out / "model"
+
+
+def _image_sources(model: AlignModel, paths: list[Path], options: TrainOptions) -> tuple[list[ImageSource], list[tuple[str, str]]]:
+    """The plain view then ``options.augment_views`` augmented views, with the images that failed to decode.
+
+    With a trainable image backbone every view is computed live: cached views would hold the features of the
+    backbone as it was before training."""
+    if _has_trainable(model.image_backbone):
+        live = LiveImageFeatures(model, paths)
+        return [live, *(LiveImageFeatures(model, paths, view=v) for v in range(1, options.augment_views + 1))], live.failures
+    plain, failures = image_features(model, paths, options.cache_dir, workers=options.workers)
+    views = [image_features(model, paths, options.cache_dir, workers=options.workers, view=v)[0]
+             for v in range(1, options.augment_views + 1)]
+    return [plain, *views], failures
+
+
+def prepare_run(options: TrainOptions, config: ModelConfig) -> TrainRun:
+    """Load the data, compute or load the backbone features, build the model and optimiser, resume a checkpoint."""
     if not options.images.is_dir():
         raise FileNotFoundError(f"images folder not found: {options.images}")
     if options.loss not in LOSSES:
@@ -166,96 +213,116 @@ def train(options: TrainOptions, config: ModelConfig) -> dict:
     all_records = train_records + val_records
     filenames = list(dict.fromkeys(r.filename for r in all_records))
     row_of = {f: i for i, f in enumerate(filenames)}
-    paths = [options.images / f for f in filenames]
-    if _has_trainable(model.image_backbone):
-        img_feats = LiveImageFeatures(model, paths)
-        failures = img_feats.failures
-    else:
-        img_feats, failures = image_features(model, paths, options.cache_dir, workers=options.workers)
-    views = [img_feats] + [
-        image_features(model, paths, options.cache_dir, workers=options.workers, view=v)[0]
-        for v in range(1, options.augment_views + 1)
-    ]
+    views, failures = _image_sources(model, [options.images / f for f in filenames], options)
     for path, reason in failures:
         log.warning("skipped %s: %s", path, reason)
     texts, offsets = [], {}
     for r in all_records:
         offsets[r.filename] = len(texts)
         texts.extend(r.captions)
-    if _has_trainable(model.text_backbone):
-        txt_feats = LiveTextFeatures(model, texts)
-    else:
-        txt_feats = text_features(model, texts, options.cache_dir)
-    train_pairs = _pairs(train_records, row_of, img_feats.ok, offsets)
-    val_pairs = _pairs(val_records, row_of, img_feats.ok, offsets)
+    txt_feats = LiveTextFeatures(model, texts) if _has_trainable(model.text_backbone) else text_features(
+        model, texts, options.cache_dir)
+    train_pairs = _pairs(train_records, row_of, views[0].ok, offsets)
+    val_pairs = _pairs(val_records, row_of, views[0].ok, offsets)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     steps_per_epoch = max(1, len(train_pairs.image_rows) // options.batch_size) * 5
-    total_steps = steps_per_epoch * options.epochs
+    run = TrainRun(
+        options, model, device, views[0], views, txt_feats, failures, train_pairs, val_pairs, params, opt,
+        steps_per_epoch, steps_per_epoch * options.epochs, LOSSES[options.loss],
+        {"margin": options.margin} if options.loss == "triplet" else {"temperature": options.temperature},
+    )
     meta = _load_checkpoint(options.out, model, opt) if options.resume else None
-    start_epoch, best, history = (meta["epoch"] + 1, meta["best"], meta["history"]) if meta else (0, None, [])
-    loss_fn = LOSSES[options.loss]
-    loss_kwargs = {"margin": options.margin} if options.loss == "triplet" else {"temperature": options.temperature}
-    out_model = options.out / "model"
+    if meta:
+        run.start_epoch, run.best, run.history = meta["epoch"] + 1, meta["best"], meta["history"]
+    return run
 
-    for epoch in range(start_epoch, options.epochs):
-        model.train()
-        gen = torch.Generator().manual_seed(options.seed * 1000 + epoch)
-        t0, total, n = time.time(), 0.0, 0
-        step = epoch * steps_per_epoch
-        batches = []
-        for _round in range(5):
-            order = torch.randperm(len(train_pairs.image_rows), generator=gen)
-            usable = len(order) - len(order) % options.batch_size or len(order)
-            batches += [order[i : i + options.batch_size] for i in range(0, usable, options.batch_size)]
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{options.epochs}", unit="step", disable=not options.progress)
-        for idx in bar:
-            caps = torch.tensor([
-                train_pairs.caption_rows[i][int(torch.randint(len(train_pairs.caption_rows[i]), (1,), generator=gen))]
-                for i in idx.tolist()
-            ])
-            source = views[int(torch.randint(len(views), (1,), generator=gen))] if len(views) > 1 else img_feats
-            img = model.image_head_forward(source.batch(train_pairs.image_rows[idx], device))
-            txt = model.text_head_forward(txt_feats.batch(caps, device))
-            loss = loss_fn(model.local_scores(txt, img), **loss_kwargs)
-            loss = loss + options.global_loss_weight * loss_fn(txt.global_emb @ img.global_emb.T, **loss_kwargs)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 2.0)
-            for group in opt.param_groups:
-                group["lr"] = options.lr * learning_rate_factor(step, steps_per_epoch, total_steps)
-            opt.step()
-            step += 1
-            total += loss.item()
-            n += 1
-            bar.set_postfix(loss=f"{total / n:.3f}")
-        g, local = validation_scores(model, img_feats, txt_feats, val_pairs)
-        fused = alignment.fuse(g, local, model.config.local_weight)
-        metrics = evaluate_scores(g, fused, val_pairs.text_to_image, options.candidates)
-        row = {"epoch": epoch + 1, "loss": total / max(1, n), "seconds": round(time.time() - t0, 2),
-               **{f"val_{m}_rsum": metrics[m]["rsum"] for m in metrics}}
-        history.append(row)
-        log.info("epoch %d: %s", epoch + 1, row)
-        if options.progress:
-            print(json.dumps(row), flush=True)
-        score = metrics["two-stage"]["rsum"]
-        if best is None or score > best["score"]:
-            best = {"score": score, "epoch": epoch + 1}
-            save_model(model, out_model)
-        _save_checkpoint(options.out, model, opt, {"epoch": epoch, "best": best, "history": history})
 
-    final = load_model(out_model, device=str(device))
-    summary = {"best_epoch": best["epoch"] if best else None, "history": history,
-               "skipped_images": [p for p, _ in failures], "options": {k: str(v) for k, v in asdict(options).items()}}
+def train_epoch(run: TrainRun, epoch: int) -> float:
+    """One epoch: five shuffled passes over the training images; returns the epoch's mean loss."""
+    options, model, pairs = run.options, run.model, run.train_pairs
+    model.train()
+    gen = torch.Generator().manual_seed(options.seed * 1000 + epoch)
+    total, n = 0.0, 0
+    step = epoch * run.steps_per_epoch
+    batches = []
+    for _round in range(5):
+        order = torch.randperm(len(pairs.image_rows), generator=gen)
+        usable = len(order) - len(order) % options.batch_size or len(order)
+        batches += [order[i : i + options.batch_size] for i in range(0, usable, options.batch_size)]
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{options.epochs}", unit="step", disable=not options.progress)
+    for idx in bar:
+        caps = torch.tensor([
+            pairs.caption_rows[i][int(torch.randint(len(pairs.caption_rows[i]), (1,), generator=gen))]
+            for i in idx.tolist()
+        ])
+        source = run.views[int(torch.randint(len(run.views), (1,), generator=gen))] if len(run.views) > 1 else run.images
+        img = model.image_head_forward(source.batch(pairs.image_rows[idx], run.device))
+        txt = model.text_head_forward(run.texts.batch(caps, run.device))
+        loss = run.loss_fn(model.local_scores(txt, img), **run.loss_kwargs)
+        loss = loss + options.global_loss_weight * run.loss_fn(txt.global_emb @ img.global_emb.T, **run.loss_kwargs)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.params, 2.0)
+        for group in run.optimizer.param_groups:
+            group["lr"] = options.lr * learning_rate_factor(step, run.steps_per_epoch, run.total_steps)
+        run.optimizer.step()
+        step += 1
+        total += loss.item()
+        n += 1
+        bar.set_postfix(loss=f"{total / n:.3f}")
+    return total / max(1, n)
+
+
+def evaluate_epoch(run: TrainRun) -> dict[str, dict[str, float]]:
+    """Validation metrics (global, exhaustive, two-stage) of the current model at its configured local weight."""
+    g, local = validation_scores(run.model, run.images, run.texts, run.val_pairs)
+    fused = alignment.fuse(g, local, run.model.config.local_weight)
+    return evaluate_scores(g, fused, run.val_pairs.text_to_image, run.options.candidates)
+
+
+def select_epoch(run: TrainRun, epoch: int, loss: float, seconds: float, metrics: dict[str, dict[str, float]]) -> None:
+    """Record the epoch, save the model when its two-stage rsum is the best so far, and write the checkpoint."""
+    row = {"epoch": epoch + 1, "loss": loss, "seconds": round(seconds, 2),
+           **{f"val_{m}_rsum": metrics[m]["rsum"] for m in metrics}}
+    run.history.append(row)
+    log.info("epoch %d: %s", epoch + 1, row)
+    if run.options.progress:
+        print(json.dumps(row), flush=True)
+    score = metrics["two-stage"]["rsum"]
+    if run.best is None or score > run.best["score"]:
+        run.best = {"score": score, "epoch": epoch + 1}
+        save_model(run.model, run.out_model)
+    _save_checkpoint(run.options.out, run.model, run.optimizer, {"epoch": epoch, "best": run.best, "history": run.history})
+
+
+def finish(run: TrainRun) -> dict:
+    """Reload the best model, tune its local weight on validation, save it and write ``training.json``."""
+    options, val_pairs = run.options, run.val_pairs
+    final = load_model(run.out_model, device=str(run.device))
+    summary = {"best_epoch": run.best["epoch"] if run.best else None, "history": run.history,
+               "skipped_images": [p for p, _ in run.failures],
+               "options": {k: str(v) for k, v in asdict(options).items()}}
     if options.tune_local_weight:
-        g, local = validation_scores(final, img_feats, txt_feats, val_pairs)
+        g, local = validation_scores(final, run.images, run.texts, val_pairs)
         weight, sweep = tune_local_weight(g, local, val_pairs.text_to_image, options.candidates)
         final.config.local_weight = weight
         summary["local_weight_sweep"] = {str(k): v for k, v in sweep.items()}
-    g, local = validation_scores(final, img_feats, txt_feats, val_pairs)
+    g, local = validation_scores(final, run.images, run.texts, val_pairs)
     summary["validation"] = evaluate_scores(g, alignment.fuse(g, local, final.config.local_weight),
                                             val_pairs.text_to_image, options.candidates)
-    summary["fingerprint"] = save_model(final, out_model)
+    summary["fingerprint"] = save_model(final, run.out_model)
     (options.out / "training.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def train(options: TrainOptions, config: ModelConfig) -> dict:
+    """Train heads for ``config`` on the dataset; the best epoch on validation is saved to ``options.out``."""
+    run = prepare_run(options, config)
+    for epoch in range(run.start_epoch, options.epochs):
+        t0 = time.time()
+        loss = train_epoch(run, epoch)
+        metrics = evaluate_epoch(run)
+        select_epoch(run, epoch, loss, time.time() - t0, metrics)
+    return finish(run)

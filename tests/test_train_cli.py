@@ -138,3 +138,30 @@ def test_fine_tuning_top_layers_updates_the_backbone(tmp_path, small_set, tiny_v
     assert not torch.equal(tuned.text_backbone.net.state_dict()[name], original.state_dict()[name])
     name0 = "encoder.layer.0.output.dense.weight"  # below the fine-tuned layers: frozen
     assert torch.equal(tuned.text_backbone.net.state_dict()[name0], original.state_dict()[name0])
+
+
+def test_trainable_image_backbone_computes_augmented_views_live(tmp_path, small_set, tiny_vit, tiny_bert):
+    """With top image blocks trainable, every view (plain and augmented) follows the backbone as it trains:
+    none is a cache of the features the untrained backbone gave."""
+    import torch
+
+    from alignsearch.models.train import TrainOptions, prepare_run
+
+    dataset, images = small_set
+    config = ModelConfig.load(_tiny_config(tmp_path, tiny_vit, tiny_bert))
+    config.image_backbone.trainable_layers = 1
+    options = TrainOptions(dataset=dataset, images=images, out=tmp_path / "run", epochs=1, batch_size=4, val_size=4,
+                           augment_views=2, cache_dir=tmp_path / "cache", device="cpu", progress=False)
+    run = prepare_run(options, config)
+    assert len(run.views) == 3 and run.views[0] is run.images
+    rows = run.train_pairs.image_rows[:4]
+    before = [view.batch(rows, "cpu").tokens.detach().clone() for view in run.views]
+    assert not torch.equal(before[0], before[1])  # an augmented view is another crop, not the plain image
+    trainable = [p for p in run.model.image_backbone.parameters() if p.requires_grad]
+    assert trainable, "--train-image-layers 1 must leave the top block trainable"
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.5)
+    after = [view.batch(rows, "cpu").tokens.detach() for view in run.views]
+    for v, (old, new) in enumerate(zip(before, after)):
+        assert not torch.allclose(old, new), f"view {v} did not follow the backbone's weights"
