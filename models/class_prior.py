@@ -66,14 +66,9 @@ class ClassPrior(nn.Module):
         self.log_weight_global = nn.Parameter(init.clone(), requires_grad=cfg.learn_weights)
         self.log_weight_local = nn.Parameter(init.clone(), requires_grad=cfg.learn_weights and cfg.local)
 
-    @property
-    def weights(self) -> tuple[float, float]:
-        """The current (global, local) mixing weights."""
-        return float(self.log_weight_global.exp()), float(self.log_weight_local.exp()) if self.cfg.local else 0.0
-
     @torch.no_grad()
-    def initialize(self, encode_names: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Fill the name embeddings: ``encode_names(texts)`` -> (sentence vectors, name-token mean vectors)."""
+    def initialize(self, encode_names: Callable[[Sequence[str], str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Fill the name embeddings: ``encode_names(texts, prompt)`` -> (sentence vectors, name-token mean vectors)."""
         names = load_class_names(self.cfg.classes)
         if len(names) != self.name_global.shape[0]:
             raise ValueError(f"{len(names)} class names for a {self.name_global.shape[0]}-way classifier")

@@ -184,15 +184,13 @@ class AlignModel(nn.Module):
         prefix, suffix = prompt.split("{}")
         tok = self.text_backbone.tokenizer.tok
         n_prefix, n_suffix = len(tok.tokenize(prefix)), len(tok.tokenize(suffix))
-        glob, local = [], []
-        for start in range(0, len(texts), 128):
-            out = self.encode_texts(texts[start : start + 128])
-            glob.append(out.global_emb)
-            for row in range(len(out)):
-                idx = out.mask[row].nonzero().squeeze(-1)
-                name = idx[n_prefix : len(idx) - n_suffix] if len(idx) > n_prefix + n_suffix else idx
-                local.append(out.local[row, name].mean(0))
-        return torch.cat(glob), torch.stack(local)
+        out = self.encode_texts(texts, batch_size=128)
+        local = []
+        for row in range(len(out)):
+            idx = out.mask[row].nonzero().squeeze(-1)
+            name = idx[n_prefix : len(idx) - n_suffix] if len(idx) > n_prefix + n_suffix else idx
+            local.append(out.local[row, name].mean(0))
+        return out.global_emb, torch.stack(local)
 
     def text_head_forward(self, feats: TokenFeatures) -> EncoderOutput:
         g, local = self.text_head(feats)
