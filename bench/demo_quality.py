@@ -154,9 +154,9 @@ def _nothing_matches(searcher, plain_results, expected, n_nonsense: int = 100) -
     n = searcher.index.images.live
     nonsense = searcher.search_text(nonsense_queries(n_nonsense, seed=1), k=n, candidates=n)
     empty = sum(searcher.mark_matches(r).no_match for r in nonsense)
-    kept = sum(any(h.id in exp and h.global_score >= threshold for h in r.hits)
-               for r, exp in zip(plain_results, expected))
-    answered = sum(not searcher.mark_matches(r).no_match for r in plain_results)
+    plain_results = [searcher.mark_matches(r) for r in plain_results]
+    kept = sum(any(h.id in exp and h.match for h in r.hits) for r, exp in zip(plain_results, expected))
+    answered = sum(not r.no_match for r in plain_results)
     return {"min_score": threshold, "nonsense_with_no_match": round(100.0 * empty / len(nonsense), 2),
             "plain_queries_with_a_match": round(100.0 * answered / len(plain_results), 2),
             "plain_queries_right_photo_a_match": round(100.0 * kept / len(plain_results), 2)}

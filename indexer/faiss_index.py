@@ -203,6 +203,7 @@ class FaissGlobalStore:
         self.cpu_index = index
         self.factory = factory
         self.index = to_gpu(index) if use_gpu else index
+        self._ivf = _ivf(index)  # the IVF layer inside, if any: fixed for the life of the store
 
     @property
     def real_deletes(self) -> bool:
@@ -218,7 +219,7 @@ class FaissGlobalStore:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         index = self.cpu_index if k > GPU_MAX_K else self.index
         scores, ids = index.search(queries, k)
-        ivf = _ivf(self.cpu_index)
+        ivf = self._ivf
         want = min(k, self.count())
         if ivf is None or want == 0:
             return scores, ids
@@ -256,7 +257,7 @@ class FaissGlobalStore:
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids`` (reconstructed: lossy for PQ types)."""
-        ivf = _ivf(self.cpu_index)
+        ivf = self._ivf
         if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # ids are row ids, not 0..n-1 after deletes
         return self.cpu_index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))

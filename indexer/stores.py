@@ -148,7 +148,3 @@ def _lookup(table: dict[str, Any], name: str, kind: str) -> Any:
     except KeyError:
         raise IndexError_(f"unknown {kind} store backend {name!r} (known: {sorted(table)})") from None
 
-
-def backend_files() -> set[str]:
-    """Every data file name any registered backend writes in a collection folder."""
-    return {f for table in (GLOBAL_BACKENDS, LOCAL_BACKENDS) for b in table.values() for f in b.files}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any, Callable
 
@@ -107,6 +108,13 @@ def _captions_of(conn: Any, image_rows: list[int], exclude: set[str]) -> list[st
     return [r[0] for r in found if r[0] not in exclude]
 
 
+def _live_ids(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
+    """Which of ``ids`` name a live (not deleted) image or caption."""
+    return {r[0] for name in layout.COLLECTIONS
+            for r in conn.execute(f"SELECT id FROM {name} WHERE deleted = 0 AND id IN "
+                                  f"(SELECT value FROM json_each(?))", (json.dumps(ids),))}
+
+
 def delete(index_dir: Path, ids: list[str]) -> dict[str, Any]:
     """Tombstone ``ids`` (images or captions) and remove them from the global stores that can remove.
 
@@ -116,9 +124,7 @@ def delete(index_dir: Path, ids: list[str]) -> dict[str, Any]:
     layout.read_manifest(index_dir)  # a clear error for a folder that is not an index
     conn = metadata.connect(Path(index_dir) / layout.METADATA, read_only=True)
     try:
-        live = {r[0] for name in layout.COLLECTIONS
-                for r in conn.execute(f"SELECT id FROM {name} WHERE deleted = 0 AND id IN "
-                                      f"(SELECT value FROM json_each(?))", (json.dumps(ids),))}
+        live = _live_ids(conn, ids)
     finally:
         conn.close()
     report: dict[str, Any] = {"not_found": sorted(set(ids) - live), "captions_deleted_with_images": 0}
@@ -127,8 +133,7 @@ def delete(index_dir: Path, ids: list[str]) -> dict[str, Any]:
 
     def change(work: Path, manifest: dict) -> dict:
         conn = metadata.connect(work / layout.METADATA)
-        known = {r[0] for name in layout.COLLECTIONS for r in conn.execute(f"SELECT id FROM {name} WHERE deleted = 0")}
-        report["not_found"] = sorted(set(ids) - known)
+        report["not_found"] = sorted(set(ids) - _live_ids(conn, ids))  # again, under the lock
         wanted = {"images": list(ids), "captions": list(ids)}
         for name in layout.COLLECTIONS:  # images first: their captions go with them
             rows = metadata.tombstone(conn, name, wanted[name])
