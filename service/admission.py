@@ -30,6 +30,7 @@ def work(candidates: int, k: int) -> int:
 
 
 def overloaded(detail: str) -> HTTPException:
+    """A 503 that tells the client when to retry."""
     return HTTPException(503, detail, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
@@ -78,6 +79,3 @@ class Lanes:
             raise self._busy(lane) from None
         except asyncio.TimeoutError:
             raise overloaded(f"the search took longer than {self.settings.request_timeout_s:g} s") from None
-
-    def stats(self) -> dict[str, dict[str, float]]:
-        return {"light": self.light.stats(), "heavy": self.heavy.stats()}

@@ -21,12 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignsearch.indexer.index import Index
+from alignsearch.indexer.layout import MANIFEST
 from alignsearch.indexer.search import Searcher
 
 from .batching import cancel_and_wait
 
 log = logging.getLogger("alignsearch.service")
-MANIFEST = "manifest.json"
 
 Signature = tuple[int, int, int, int] | None
 

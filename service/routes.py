@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from alignsearch.indexer.search import Hit, Searcher, SearchResult
 
 from . import schemas
-from .admission import Lanes
+from .admission import Lanes, overloaded
 from .auth import has_api_key
 from .errors import ErrorBody
 from .pipeline import ImageQuery, TextQuery
@@ -65,7 +65,7 @@ def get_state(request: Request) -> AppState:
 def get_searcher(state: AppState = Depends(get_state)) -> Searcher:
     """The index version current now (requests that started earlier finish on theirs)."""
     if state.follower is None:
-        raise HTTPException(503, "the index is not loaded yet", headers={"Retry-After": "1"})
+        raise overloaded("the index is not loaded yet")
     return state.follower.searcher
 
 
@@ -98,7 +98,7 @@ def _caption_result(rank: int, hit: Hit) -> schemas.CaptionResult:
 def _lanes(state: AppState, name: str) -> Lanes:
     lanes = state.lanes.get(name)
     if lanes is None:
-        raise HTTPException(503, "the server is starting", headers={"Retry-After": "1"})
+        raise overloaded("the server is starting")
     return lanes
 
 

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from . import schemas
+from .admission import overloaded
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 ALLOWED_NAMES = "JPEG, PNG, WebP, GIF or BMP"
@@ -88,7 +89,7 @@ class Decoder:
 
     async def decode(self, data: bytes) -> Image.Image:
         if self.busy >= self.capacity:
-            raise HTTPException(503, "too many images are being decoded; retry shortly", headers={"Retry-After": "1"})
+            raise overloaded("too many images are being decoded; retry shortly")
         loop = asyncio.get_running_loop()
         self.busy += 1
         future = loop.run_in_executor(self._pool, decode_image, data, self.limits)
@@ -96,8 +97,7 @@ class Decoder:
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
         except asyncio.TimeoutError:
-            raise HTTPException(503, f"decoding the image took longer than {self.timeout_s:g} s",
-                                headers={"Retry-After": "1"}) from None
+            raise overloaded(f"decoding the image took longer than {self.timeout_s:g} s") from None
 
     def _done(self, future: asyncio.Future) -> None:
         self.busy -= 1
