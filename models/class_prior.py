@@ -6,7 +6,9 @@ The names of the top classes, embedded by the locked text tower, turn that distr
 text space: ``prior = normalize(sum_c p(c) * name(c))`` over the ``top_k`` classes (Norouzi et al., "Zero-Shot
 Learning by Convex Combination of Semantic Embeddings", ICLR 2014). The encoder mixes it into its learned
 output with a learned weight: ``normalize(learned + w * prior)``, once for the global vector (sentence-level
-name embeddings) and once per region (word-level name embeddings). The head is trained with the prior in
+name embeddings) and once per region (word-level name embeddings). With ``confidence_gate`` the weight also
+follows how sure the classifier is, ``w * exp(s * (max_c p(c) - 0.5))`` per image and per region, with the
+slope ``s`` learned from 0: a confident classifier (an object it knows) can say more than a confused one. The head is trained with the prior in
 place, so it learns what the classifier does not already say.
 
 The name embeddings are buffers saved with the head's weights: loading a model never re-encodes the names.
@@ -65,6 +67,9 @@ class ClassPrior(nn.Module):
         init = torch.tensor(float(cfg.weight_init)).log()
         self.log_weight_global = nn.Parameter(init.clone(), requires_grad=cfg.learn_weights)
         self.log_weight_local = nn.Parameter(init.clone(), requires_grad=cfg.learn_weights and cfg.local)
+        if cfg.confidence_gate:
+            self.gate_slope_global = nn.Parameter(torch.zeros(()), requires_grad=cfg.learn_weights)
+            self.gate_slope_local = nn.Parameter(torch.zeros(()), requires_grad=cfg.learn_weights and cfg.local)
 
     @torch.no_grad()
     def initialize(self, encode_names: Callable[[Sequence[str], str], tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -88,9 +93,18 @@ class ClassPrior(nn.Module):
         """Mix the prior into the learned global (B x D) and per-region (B x T x D) embeddings."""
         cfg = self.cfg
         prior_global = class_name_mixture(global_logits, self.name_global, cfg.top_k, cfg.temperature)
-        out_global = F.normalize(learned_global + self.log_weight_global.exp() * prior_global, dim=-1)
+        weight = self._weight(self.log_weight_global, getattr(self, "gate_slope_global", None), global_logits)
+        out_global = F.normalize(learned_global + weight * prior_global, dim=-1)
         if not cfg.local:
             return out_global, learned_local
         prior_local = class_name_mixture(region_logits, self.name_local, cfg.top_k, cfg.temperature)
-        out_local = F.normalize(learned_local + self.log_weight_local.exp() * prior_local, dim=-1)
+        weight = self._weight(self.log_weight_local, getattr(self, "gate_slope_local", None), region_logits)
+        out_local = F.normalize(learned_local + weight * prior_local, dim=-1)
         return out_global, out_local * mask.unsqueeze(-1)
+
+    def _weight(self, log_weight: torch.Tensor, slope: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        """The prior's weight: a scalar, or per row (... x 1) when the confidence gate is on."""
+        if slope is None:
+            return log_weight.exp()
+        confidence = torch.softmax(logits / self.cfg.temperature, dim=-1).amax(-1, keepdim=True)
+        return (log_weight + slope * (confidence - 0.5)).exp()

@@ -36,6 +36,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "space (ConSE), into the global vector, or into the global and every region vector")
     p.add_argument("--prior-top-k", type=int, default=None, help="classes kept per distribution (default 10)")
     p.add_argument("--prior-temperature", type=float, default=None, help="softmax temperature (default 1.0)")
+    p.add_argument("--prior-gate", choices=("none", "confidence"), default=None,
+                   help="confidence: the prior's weight also follows the classifier's top probability "
+                        "(a learned slope; default none)")
     p.add_argument("--prior-prompts", default=None,
                    help="'|'-separated name templates with one {} each (default 'a photo of a {}.')")
     p.add_argument("--alignment", choices=ALIGNMENTS, default=None,
@@ -50,6 +53,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="fine-tune this many top layers of the text backbone (default 0: frozen)")
     p.add_argument("--augment-views", type=int, default=4,
                    help="also cache this many augmented views (crop + mirror) of each training image")
+    p.add_argument("--mosaic-loss", type=float, default=0.0, metavar="W",
+                   help="weight of the mosaic grounding loss: a caption's words should point into its own photo's "
+                        "tile of a 2x2 mosaic (default 0: off; grid-region image backbones only)")
+    p.add_argument("--mosaics", type=int, default=1500, help="training mosaics for --mosaic-loss (default 1500)")
     p.add_argument("--epochs", type=int, default=12, help="passes over the training images")
     p.add_argument("--batch-size", type=int, default=128, help="image-caption pairs per step")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
@@ -126,6 +133,8 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
             config.class_prior.top_k = args.prior_top_k
         if args.prior_temperature is not None:
             config.class_prior.temperature = args.prior_temperature
+        if args.prior_gate is not None:
+            config.class_prior.confidence_gate = args.prior_gate == "confidence"
         if args.prior_prompts:
             config.class_prior.prompts = args.prior_prompts.split("|")
     if args.alignment:
@@ -145,6 +154,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, margin=args.margin, val_size=args.val_size, candidates=args.candidates,
         seed=args.seed, cache_dir=args.cache_dir.expanduser(), device=args.device, resume=not args.no_resume,
         tune_local_weight=not args.no_tune_weight, augment_views=args.augment_views,
+        mosaic_loss_weight=args.mosaic_loss, mosaics=args.mosaics,
     )
     summary = train(options, config_from_args(args))
     print(json.dumps({"model": str(args.out / "model"), "best_epoch": summary["best_epoch"],

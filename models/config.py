@@ -65,6 +65,8 @@ class PriorConfig:
     local: bool = True  # also a per-region prior from each grid cell's class distribution
     weight_init: float = 0.43  # w in normalize(learned + w * prior); 0.43 ~ a 0.7 / 0.3 mix
     learn_weights: bool = True
+    # the weight also follows the classifier's confidence: w * exp(s * (max p - 0.5)), slope s learned from 0
+    confidence_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.top_k < 0 or self.temperature <= 0 or self.weight_init <= 0:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .backbones import TokenFeatures
 from .model import AlignModel, _pad_tokens
+from .mosaic import Mosaic, make_mosaics
 from .preprocess import ImageDecodeError, augmented_view, load_image
 
 
@@ -122,6 +123,28 @@ def image_features(
         cached.parent.mkdir(parents=True, exist_ok=True)
         feats.save(cached)
     return feats, failures
+
+
+def mosaic_features(
+    model: AlignModel, paths: Sequence[Path], mosaics: Sequence[Mosaic], cache_dir: Path | None, batch_size: int = 32,
+) -> CachedFeatures:
+    """Backbone region features of the mosaics of ``paths`` (see :mod:`models.mosaic`), cached like images'."""
+    stamp = [f"{p}:{p.stat().st_size}" for p in paths] + [",".join(map(str, m.items)) for m in mosaics]
+    key = _cache_key("mosaic", model.config.image_backbone.__dict__, stamp)
+    cached = cache_dir / f"mosaic-{key}.safetensors" if cache_dir else None
+    if cached and cached.is_file():
+        return CachedFeatures.load(cached)
+    parts = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(mosaics), batch_size), desc="mosaic features", unit="batch"):
+            images = make_mosaics(paths, mosaics[start : start + batch_size])
+            parts.append(model.image_features(model.preprocess_images(images).to(model.device)))
+    tokens, mask, pooled = _concat(parts)
+    feats = CachedFeatures(tokens, mask, pooled, torch.ones(len(mosaics), dtype=torch.bool))
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        feats.save(cached)
+    return feats
 
 
 def text_features(

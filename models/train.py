@@ -18,9 +18,10 @@ from .config import ModelConfig
 from .data import DatasetError, ImageRecord, load_dataset, select_split
 from .evaluation import evaluate_scores
 from .factory import create_model, load_model, save_model
-from .features import CachedFeatures, LiveImageFeatures, LiveTextFeatures, image_features, text_features
+from .features import CachedFeatures, LiveImageFeatures, LiveTextFeatures, image_features, mosaic_features, text_features
 from .losses import LOSSES
 from .model import AlignModel, EncoderOutput, resolve_device
+from .mosaic import MOSAIC_TILES, Mosaic, content_token_mask, plan_mosaics, tile_cells, tile_grounding_loss, tile_pointing
 from . import alignment
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ class TrainOptions:
     resume: bool = True
     tune_local_weight: bool = True
     augment_views: int = 4
+    mosaic_loss_weight: float = 0.0
+    mosaics: int = 1500
+    mosaic_temperature: float = 0.05
     progress: bool = True
 
 
@@ -173,6 +177,7 @@ class TrainRun:
     total_steps: int
     loss_fn: Callable[..., torch.Tensor]
     loss_kwargs: dict[str, float]
+    mosaic: "MosaicTask | None" = None
     start_epoch: int = 0
     best: dict | None = None
     history: list[dict] = field(default_factory=list)
@@ -194,6 +199,90 @@ def _image_sources(model: AlignModel, paths: list[Path], options: TrainOptions) 
     views = [image_features(model, paths, options.cache_dir, workers=options.workers, view=v)[0]
              for v in range(1, options.augment_views + 1)]
     return [plain, *views], failures
+
+
+@dataclass
+class MosaicTask:
+    """Mosaic grounding (:mod:`models.mosaic`): mosaics of training photos for the loss, of validation photos for
+    the measure; items are positions in the split's :class:`Pairs`."""
+
+    train: CachedFeatures
+    train_plan: list[Mosaic]
+    val: CachedFeatures | None
+    val_plan: list[Mosaic]
+    inside: torch.Tensor  # tiles x cells
+    captions: list[str]  # every text feature row's caption
+
+
+def _mosaic_task(model: AlignModel, options: TrainOptions, paths: list[Path], train_pairs: Pairs, val_pairs: Pairs,
+                 captions: list[str]) -> MosaicTask:
+    grid = model.region_grid()
+    if grid is None or not model.takes_images:
+        raise ValueError("the mosaic loss needs an image backbone whose regions are grid cells")
+
+    def build(pairs: Pairs, count: int, seed: int) -> tuple[CachedFeatures, list[Mosaic]]:
+        plan = plan_mosaics(len(pairs.image_rows), count, seed)
+        split_paths = [paths[int(r)] for r in pairs.image_rows]
+        return mosaic_features(model, split_paths, plan, options.cache_dir), plan
+
+    if len(train_pairs.image_rows) < len(MOSAIC_TILES):
+        raise ValueError(f"the mosaic loss needs at least {len(MOSAIC_TILES)} training images")
+    train, train_plan = build(train_pairs, options.mosaics, options.seed)
+    val, val_plan = None, []  # too few validation photos for a mosaic: no measure
+    if len(val_pairs.image_rows) >= len(MOSAIC_TILES):
+        val, val_plan = build(val_pairs, len(val_pairs.image_rows), options.seed + 1)
+    return MosaicTask(train, train_plan, val, val_plan, tile_cells(grid), captions)
+
+
+def _content(model: AlignModel, texts: list[str], width: int) -> torch.Tensor:
+    """B x ``width`` content-word mask aligned with the text features' token axis."""
+    tok = model.tokenize(texts)
+    content = content_token_mask(tok.words, tok.attention_mask.bool() & ~tok.special_mask)
+    if content.shape[1] < width:
+        content = torch.cat([content, content.new_zeros(len(texts), width - content.shape[1])], 1)
+    return content[:, :width]
+
+
+def _mosaic_batch(run: TrainRun, feats: CachedFeatures, mosaic_rows: torch.Tensor, tiles: torch.Tensor,
+                  caption_rows: torch.Tensor) -> tuple[EncoderOutput, EncoderOutput, torch.Tensor, torch.Tensor]:
+    """Encoded mosaics and captions, the captions' content masks and their tiles' cells."""
+    model, task = run.model, run.mosaic
+    img = model.image_head_forward(feats.batch(mosaic_rows, run.device))
+    txt = model.text_head_forward(run.texts.batch(caption_rows, run.device))
+    content = _content(model, [task.captions[int(r)] for r in caption_rows], txt.local.shape[1]).to(run.device)
+    inside = task.inside[tiles].to(run.device)[:, : img.local.shape[1]]
+    return img, txt, content, inside
+
+
+def mosaic_step_loss(run: TrainRun, gen: torch.Generator) -> torch.Tensor:
+    """The grounding loss on a batch of training mosaics, one caption of one tile each."""
+    task, pairs = run.mosaic, run.train_pairs
+    n = max(1, run.options.batch_size // 4)
+    rows = torch.randint(len(task.train_plan), (n,), generator=gen)
+    tiles = torch.randint(len(MOSAIC_TILES), (n,), generator=gen)
+    caps = []
+    for m, t in zip(rows.tolist(), tiles.tolist()):
+        choices = pairs.caption_rows[task.train_plan[m].items[t]]
+        caps.append(choices[int(torch.randint(len(choices), (1,), generator=gen))])
+    img, txt, content, inside = _mosaic_batch(run, task.train, rows, tiles, torch.tensor(caps))
+    return tile_grounding_loss(txt.local, content, img.local, img.mask, inside, run.options.mosaic_temperature)
+
+
+def mosaic_pointing(run: TrainRun) -> dict[str, float]:
+    """Validation pointing game on mosaics: percent of content words whose best cell lies in their caption's tile."""
+    task, pairs = run.mosaic, run.val_pairs
+    triples = [(m, t, c) for m, mosaic in enumerate(task.val_plan) for t, item in enumerate(mosaic.items)
+               for c in pairs.caption_rows[item]]
+    hits = words = 0
+    chance = 0.0
+    run.model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(triples), 256):
+            m, t, c = (torch.tensor(x) for x in zip(*triples[start : start + 256]))
+            img, txt, content, inside = _mosaic_batch(run, task.val, m, t, c)
+            h, w, ch = tile_pointing(txt.local, content, img.local, img.mask, inside)
+            hits, words, chance = hits + h, words + w, chance + ch
+    return {"pointing": round(100.0 * hits / max(1, words), 2), "chance": round(100.0 * chance / max(1, words), 2)}
 
 
 def prepare_run(options: TrainOptions, config: ModelConfig) -> TrainRun:
@@ -233,6 +322,9 @@ def prepare_run(options: TrainOptions, config: ModelConfig) -> TrainRun:
         steps_per_epoch, steps_per_epoch * options.epochs, LOSSES[options.loss],
         {"margin": options.margin} if options.loss == "triplet" else {"temperature": options.temperature},
     )
+    if options.mosaic_loss_weight > 0:
+        run.mosaic = _mosaic_task(model, options, [options.images / f for f in filenames], train_pairs, val_pairs,
+                                  texts)
     meta = _load_checkpoint(options.out, model, opt) if options.resume else None
     if meta:
         run.start_epoch, run.best, run.history = meta["epoch"] + 1, meta["best"], meta["history"]
@@ -262,6 +354,8 @@ def train_epoch(run: TrainRun, epoch: int) -> float:
         txt = model.text_head_forward(run.texts.batch(caps, run.device))
         loss = run.loss_fn(model.local_scores(txt, img), **run.loss_kwargs)
         loss = loss + options.global_loss_weight * run.loss_fn(txt.global_emb @ img.global_emb.T, **run.loss_kwargs)
+        if run.mosaic is not None:
+            loss = loss + options.mosaic_loss_weight * mosaic_step_loss(run, gen)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(run.params, 2.0)
@@ -279,13 +373,17 @@ def evaluate_epoch(run: TrainRun) -> dict[str, dict[str, float]]:
     """Validation metrics (global, exhaustive, two-stage) of the current model at its configured local weight."""
     g, local = validation_scores(run.model, run.images, run.texts, run.val_pairs)
     fused = alignment.fuse(g, local, run.model.config.local_weight)
-    return evaluate_scores(g, fused, run.val_pairs.text_to_image, run.options.candidates)
+    metrics = evaluate_scores(g, fused, run.val_pairs.text_to_image, run.options.candidates)
+    if run.mosaic is not None and run.mosaic.val is not None:
+        metrics["mosaic"] = mosaic_pointing(run)
+    return metrics
 
 
 def select_epoch(run: TrainRun, epoch: int, loss: float, seconds: float, metrics: dict[str, dict[str, float]]) -> None:
     """Record the epoch, save the model when its two-stage rsum is the best so far, and write the checkpoint."""
     row = {"epoch": epoch + 1, "loss": loss, "seconds": round(seconds, 2),
-           **{f"val_{m}_rsum": metrics[m]["rsum"] for m in metrics}}
+           **{f"val_{m}_rsum": v["rsum"] for m, v in metrics.items() if "rsum" in v},
+           **{f"val_{m}_{k}": x for m, v in metrics.items() if "rsum" not in v for k, x in v.items()}}
     run.history.append(row)
     log.info("epoch %d: %s", epoch + 1, row)
     if run.options.progress:

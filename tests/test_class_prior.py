@@ -102,3 +102,22 @@ def test_prior_points_a_cat_photo_at_the_cat_query(prior_model, sample_photo):
     finally:
         prior_model.class_prior.log_weight_global.data.fill_(torch.tensor(0.43).log())
     assert int((texts @ image.T).argmax()) == 0
+
+
+def test_confidence_gate_starts_neutral_and_then_lets_a_sure_classifier_say_more():
+    def prior_with(gate: bool) -> ClassPrior:
+        prior = ClassPrior(PriorConfig(top_k=1, weight_init=1.0, local=False, confidence_gate=gate), 3, 4)
+        prior.name_global.copy_(torch.eye(4)[:3])
+        return prior
+
+    learned = F.normalize(torch.tensor([[0.0, 0.0, 0.0, 1.0]] * 2), dim=-1)
+    logits = torch.tensor([[0.0, 9.0, 0.0], [0.0, 0.3, 0.0]])  # sure of class 1; unsure (but still class 1)
+    regions, mask = learned[:, None], torch.ones(2, 1, dtype=torch.bool)
+    gated, plain = prior_with(True), prior_with(False)
+    torch.testing.assert_close(gated(learned, regions, mask, logits, logits[:, None])[0],
+                               plain(learned, regions, mask, logits, logits[:, None])[0])
+    with torch.no_grad():
+        gated.gate_slope_global.fill_(3.0)
+    g = gated(learned, regions, mask, logits, logits[:, None])[0]
+    assert g[0, 1] > g[1, 1]  # the sure image moved further towards the class name
+    assert "gate_slope_global" in gated.state_dict() and "gate_slope_global" not in plain.state_dict()

@@ -165,3 +165,26 @@ def test_trainable_image_backbone_computes_augmented_views_live(tmp_path, small_
     after = [view.batch(rows, "cpu").tokens.detach() for view in run.views]
     for v, (old, new) in enumerate(zip(before, after)):
         assert not torch.allclose(old, new), f"view {v} did not follow the backbone's weights"
+
+
+def test_mosaic_loss_builds_training_mosaics_and_trains_the_image_head(tmp_path, small_set, tiny_vit, tiny_bert):
+    import torch
+
+    from alignsearch.models.config import ModelConfig as Config
+    from alignsearch.models.train import TrainOptions, mosaic_step_loss, prepare_run
+
+    dataset, images = small_set
+    config = Config.load(_tiny_config(tmp_path, tiny_vit, tiny_bert))
+    options = TrainOptions(dataset=dataset, images=images, out=tmp_path / "run", epochs=1, batch_size=8,
+                           augment_views=0, mosaic_loss_weight=1.0, mosaics=6, cache_dir=None, progress=False,
+                           workers=1)
+    run = prepare_run(options, config)
+    assert run.mosaic is not None and len(run.mosaic.train_plan) == 6
+    assert run.mosaic.train.tokens.shape[0] == 6
+    assert run.mosaic.val is None  # 2 validation photos: too few for a mosaic, so no measure
+    run.model.train()
+    loss = mosaic_step_loss(run, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    grads = [p.grad for p in run.model.image_head.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
