@@ -132,8 +132,10 @@ class Encoder:
         length = np.zeros(n, np.int64)
         if out is not None:
             glob[good] = out.global_emb.numpy()
-            local[good] = (out.local * out.mask.unsqueeze(-1)).numpy()
-            length[good] = out.mask.sum(1).numpy()
+            mask = out.mask.numpy()
+            for row, i in enumerate(np.flatnonzero(good)):  # the mask's vectors first (a text's may skip [CLS])
+                length[i] = mask[row].sum()
+                local[i, : length[i]] = out.local[row].numpy()[mask[row]]
         rest = {k: batch[k] for k in ("size", "error") if k in batch}
         return {"shard": batch["shard"], "pos": batch["pos"], "global": glob, "local": local, "length": length,
                 **rest}
@@ -275,7 +277,11 @@ class RayDistributor:
                 ds = ds.map_batches(decode_batch, batch_size=self.batch_size, fn_kwargs={
                     "folder": todo[0].folder, "pre": image_preprocessor(self.model)})
             ds = ds.map_batches(batch_size=self.batch_size, **self.pool())
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                collector.add(batch)
+            batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+            try:
+                for batch in batches:
+                    collector.add(batch)
+            finally:
+                batches.close()  # on a failure too: stop the execution and free the actor pool now
         if collector.pending():
             raise RuntimeError(f"the Ray build returned incomplete {kind} shards {collector.pending()[:5]}")
