@@ -14,11 +14,12 @@ Ray is imported here only (``pip install 'alignsearch[ray]'``); ``alignsearch --
 from __future__ import annotations
 
 import logging
+import re
 import socket
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -64,6 +65,12 @@ def check_address(address: str | None) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
         raise ConnectionError(f"no Ray cluster answers at {hostport}: {exc.strerror or exc}") from None
+
+
+def last_line(exc: BaseException) -> str:
+    """The last non-empty line of a Ray error (the remote exception's own ``Type: message``), colours off."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 @dataclass
@@ -141,12 +148,21 @@ class Encoder:
                 **rest}
 
 
+class EncodedRow(NamedTuple):
+    """One item back from the encoders: its vectors, an image's (width, height), or why it was skipped."""
+
+    global_vector: np.ndarray
+    local: np.ndarray
+    size: list[int] | None
+    error: str
+
+
 class ShardCollector:
     """Driver side: rows come back in any order; a shard is written once all its items are in."""
 
     def __init__(self, tasks: Sequence[ShardTask], work: Path, dim: int, progress: Callable[[int], None]) -> None:
         self.tasks = {t.number: t for t in tasks}
-        self.rows: dict[int, dict[int, tuple]] = defaultdict(dict)
+        self.rows: dict[int, dict[int, EncodedRow]] = defaultdict(dict)
         self.work, self.dim, self.progress = work, dim, progress
         for task in tasks:
             if not task.items:
@@ -156,9 +172,8 @@ class ShardCollector:
         for i, (shard, pos) in enumerate(zip(batch["shard"].tolist(), batch["pos"].tolist())):
             size = batch["size"][i].tolist() if "size" in batch else None
             error = str(batch["error"][i]) if "error" in batch else ""
-            length = int(batch["length"][i])
-            self.rows[shard][pos] = (np.array(batch["global"][i]), np.array(batch["local"][i][:length]), length,
-                                     size, error)
+            local = np.array(batch["local"][i][: int(batch["length"][i])])
+            self.rows[shard][pos] = EncodedRow(np.array(batch["global"][i]), local, size, error)
         self.progress(len(batch["pos"]))
         for shard in [s for s, rows in self.rows.items() if len(rows) == len(self.tasks[s].items)]:
             self.write(self.tasks[shard])
@@ -168,21 +183,19 @@ class ShardCollector:
         skipped = list(task.skipped)
         good, items = [], []
         for pos, item in enumerate(task.items):
-            glob, local, length, size, error = rows[pos]
-            if error:
-                skipped.append({"item": item, "reason": error})
-            elif task.collection == "images":
-                good.append(rows[pos])
-                items.append({"id": item, "path": task.stored_path(item), "width": size[0], "height": size[1]})
-            else:
-                good.append(rows[pos])
-                items.append(item)
+            row = rows[pos]
+            if row.error:
+                skipped.append({"item": item, "reason": row.error})
+                continue
+            good.append(row)
+            items.append(item if task.collection == "captions" else
+                         {"id": item, "path": task.stored_path(item), "width": row.size[0], "height": row.size[1]})
         if not good:
             write_shard(self.work, task.collection, task.number, empty_shard(self.dim, skipped))
             return
         write_shard(self.work, task.collection, task.number, Shard(
-            np.stack([g[0] for g in good]), np.concatenate([g[1] for g in good]).astype(np.float16),
-            np.array([g[2] for g in good], np.int64), items, skipped))
+            np.stack([r.global_vector for r in good]), np.concatenate([r.local for r in good]).astype(np.float16),
+            np.array([len(r.local) for r in good], np.int64), items, skipped))
 
     def pending(self) -> list[int]:
         return sorted(self.rows)
@@ -281,6 +294,8 @@ class RayDistributor:
             try:
                 for batch in batches:
                     collector.add(batch)
+            except ray.exceptions.RayError as exc:  # a worker's traceback: its last line says what failed
+                raise RuntimeError(f"the Ray build failed: {last_line(exc)}") from None
             finally:
                 batches.close()  # on a failure too: stop the execution and free the actor pool now
         if collector.pending():

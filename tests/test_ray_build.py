@@ -19,7 +19,7 @@ from alignsearch.cli import main
 from alignsearch.indexer import layout
 from alignsearch.indexer.index import Index
 
-from conftest import N_CAPTIONS, N_IMAGES, build_index
+from conftest import N_CAPTIONS, N_IMAGES, build_index, sample_files
 
 ray = pytest.importorskip("ray", reason="the Ray engine's tests need Ray (pip install -e '.[dev]')")
 
@@ -79,6 +79,22 @@ def test_cpu_actors_leave_cpus_to_the_decode_tasks(local_ray):
     assert pool["num_cpus"] < 1 and "num_gpus" not in pool  # a whole CPU each would starve the read tasks
     assert pool["compute"].min_size == pool["compute"].max_size == 1
     assert ray.is_initialized()  # joined the running instance: leaving it is not its to shut down
+
+
+def test_a_worker_that_fails_is_one_line_naming_why(local_ray, photos, tmp_path):
+    from alignsearch.indexer.plan import image_tasks
+    from alignsearch.indexer.ray_engine import RayDistributor, RaySettings
+    from alignsearch.models import load_model
+
+    model = load_model(device="cpu")
+    model.fingerprint = "0123456789abcdef"  # the folder's model is not this one: each actor refuses it
+    images, rel = str(photos[0]), sample_files(photos[0])[0].relative_to(photos[0]).as_posix()
+    with RayDistributor(model, RaySettings(progress=False), batch_size=4) as distributor:
+        with pytest.raises(RuntimeError) as failed:
+            distributor.run(image_tasks([rel], images, images, 4), tmp_path, lambda: None)
+    message = str(failed.value)
+    assert "\n" not in message and "not the one the build started with" in message and "0123456789abcdef" in message
+    assert not (tmp_path / "shards" / "images-00000").exists()
 
 
 def test_a_failed_ray_build_resumes_from_its_finished_shards(local_ray, photos, built, tmp_path, monkeypatch,
