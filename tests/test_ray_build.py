@@ -4,8 +4,6 @@ a build killed mid-way resumes from its finished shards, and an unreachable clus
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ from alignsearch.cli import main
 from alignsearch.indexer import layout
 from alignsearch.indexer.index import Index
 
-from conftest import N_CAPTIONS, N_IMAGES, build_index, sample_files
+from conftest import N_CAPTIONS, N_IMAGES, REPO, build_index, kill_after_first_shard, sample_files
 
 ray = pytest.importorskip("ray", reason="the Ray engine's tests need Ray (pip install -e '.[dev]')")
 
@@ -133,17 +131,9 @@ def test_a_killed_ray_build_resumes_on_a_running_cluster(local_ray, photos, buil
     out = tmp_path / "index"
     cmd = [sys.executable, "-m", "alignsearch", "index", "build", "--images", str(images), "--captions",
            str(captions), "--out", str(out), "--quiet", *RAY_ARGS, "--ray-address", local_ray]
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out.with_name("index.partial") / "shards" / "images-00000"
-    deadline = time.time() + 180
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert first.exists() and not out.exists(), "the build must be killed after its first shard, before the end"
-    assert len(list(first.parent.glob("images-*[0-9]"))) < (N_IMAGES + 3 + 3) // 4
-    assert subprocess.run(cmd, cwd=repo, capture_output=True, timeout=300).returncode == 0
+    shards = kill_after_first_shard(cmd, out, timeout=180)
+    assert len(list(shards.glob("images-*[0-9]"))) < (N_IMAGES + 3 + 3) // 4
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300).returncode == 0
     assert_same_index(out, built)
 
 
