@@ -154,3 +154,11 @@ def test_bad_ray_options_are_one_line(photos, tmp_path, capsys, argv, message):
     assert build_index(*photos, tmp_path / "x", *argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_without_ray_installed_the_engine_is_a_one_line_hint(photos, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
+    assert build_index(*photos, tmp_path / "x", "--engine", "ray") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'alignsearch[ray]'" in err
+    assert not (tmp_path / "x").exists()
