@@ -284,12 +284,12 @@ class RayDistributor:
             rows = list(_rows(todo))
             if not rows:
                 return
-            blocks = max(1, min(len(rows) // self.batch_size, 10_000))
-            ds = ray.data.from_items(rows, override_num_blocks=blocks)
+            size = self.batch_size if kind == "images" else max(self.batch_size, 64)  # as encode_captions
+            ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // size, 10_000)))
             if kind == "images":
-                ds = ds.map_batches(decode_batch, batch_size=self.batch_size, fn_kwargs={
+                ds = ds.map_batches(decode_batch, batch_size=size, fn_kwargs={
                     "folder": todo[0].folder, "pre": image_preprocessor(self.model)})
-            ds = ds.map_batches(batch_size=self.batch_size, **self.pool())
+            ds = ds.map_batches(batch_size=size, **self.pool())
             batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
             try:
                 for batch in batches:
