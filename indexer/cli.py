@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from alignsearch.models.cli import add_progress_option, apply_progress_option
@@ -138,17 +140,18 @@ def run_build(args: argparse.Namespace) -> int:
         preflight(args.ray_address)  # before the model loads
     apply_progress_option(args)
     model = load_model(args.model, device=args.device)
-    if args.engine != "ray":
-        _summary(build(model, options))
-        return 0
-    from dataclasses import replace
-
-    from .ray_engine import RayDistributor, RaySettings
-
-    with RayDistributor(model, RaySettings(address=args.ray_address, progress=not args.quiet),
-                        args.batch_size) as distributor:
+    with _distributor(args, model) as distributor:  # None: the local engine
         _summary(build(model, replace(options, distributor=distributor)))
     return 0
+
+
+def _distributor(args: argparse.Namespace, model):
+    """A context giving the build's distributor: a Ray one that connects on entry, or None (local)."""
+    if args.engine != "ray":
+        return nullcontext(None)
+    from .ray_engine import RayDistributor, RaySettings
+
+    return RayDistributor(model, RaySettings(address=args.ray_address, progress=not args.quiet), args.batch_size)
 
 
 def run_add(args: argparse.Namespace) -> int:
