@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from alignsearch.models.cli import add_progress_option, apply_progress_option
@@ -62,6 +64,13 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
                    help="FAISS index-factory string for the global vectors (default: chosen from size and memory)")
     p.add_argument("--local-codec", default=DEFAULT_CODEC, help="FAISS codec for local vectors: SQfp16, SQ8, PQ32, ...")
     p.add_argument("--memory-budget-gb", type=float, default=4.0, help="memory the global index may use")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="where images are decoded and encoded: this process, or a Ray cluster (Ray Data decode "
+                        "tasks, an actor pool of encoders, one GPU each where there are GPUs; pip install "
+                        "'alignsearch[ray]'); the shards, the assembled index and resuming are the same")
+    p.add_argument("--ray-address", default=None,
+                   help="with --engine ray: the cluster (HOST:PORT, ray://HOST:PORT or auto); default: a local "
+                        "Ray instance started for this build")
     p.set_defaults(func=run_build)
 
     p = isub.add_parser("add", help="add new images / captions to an index without a rebuild")
@@ -123,10 +132,26 @@ def run_build(args: argparse.Namespace) -> int:
     if not list_images(args.images) and not args.captions:  # checked before any model loads or folder appears
         raise FileNotFoundError(f"no images in {args.images} or its subfolders (looked for "
                                 f"{' '.join(IMAGE_EXTENSIONS)}) and no --captions: nothing to index")
+    if args.ray_address and args.engine != "ray":
+        raise ValueError("--ray-address goes with --engine ray")
+    if args.engine == "ray":
+        from .ray_engine import preflight
+
+        preflight(args.ray_address)  # before the model loads
     apply_progress_option(args)
     model = load_model(args.model, device=args.device)
-    _summary(build(model, options))
+    with _distributor(args, model) as distributor:  # None: the local engine
+        _summary(build(model, replace(options, distributor=distributor)))
     return 0
+
+
+def _distributor(args: argparse.Namespace, model):
+    """A context giving the build's distributor: a Ray one that connects on entry, or None (local)."""
+    if args.engine != "ray":
+        return nullcontext(None)
+    from .ray_engine import RayDistributor, RaySettings
+
+    return RayDistributor(model, RaySettings(address=args.ray_address, progress=not args.quiet), args.batch_size)
 
 
 def run_add(args: argparse.Namespace) -> int:

@@ -1,10 +1,11 @@
 """Where shard tasks run (the distributor of the build): each unfinished task is encoded and its shard files
 written under the work folder, the contract between encoding and assembly (:mod:`indexer.writer`).
 
-:class:`LocalDistributor` runs them one after another in this process. A distributed one (Ray, Slurm, ...)
-implements the same ``run``: send each task (plain data, :class:`~indexer.plan.ShardTask`) to a worker that
-builds its own mapper with ``make_mapper`` (loads the model there) and writes the shard to shared storage;
-the finished-shard check makes a rerun skip what any worker finished.
+:class:`LocalDistributor` runs them one after another in this process. A distributed one implements the
+same ``run``: send each task (plain data, :class:`~indexer.plan.ShardTask`) to a worker that builds its own
+mapper with ``make_mapper`` (loads the model there) and writes the shard to shared storage, or split the
+mapper into stages as :class:`~indexer.ray_engine.RayDistributor` does (decode tasks, encoder actors, shards
+written by the driver); the finished-shard check makes a rerun skip what any worker finished.
 """
 
 from __future__ import annotations

@@ -26,12 +26,7 @@ def encode_task(model: AlignModel, task: ShardTask, batch_size: int = 32, worker
 
 
 def encode_images(model: AlignModel, task: ShardTask, batch_size: int, workers: int, progress: Progress) -> Shard:
-    folder, root = Path(task.folder or "."), Path(task.root or task.folder or ".")
-
-    def stored_path(rel: str) -> str:
-        full = folder / rel
-        return full.relative_to(root).as_posix() if full.is_relative_to(root) else str(full)
-
+    folder = Path(task.folder or ".")
     prepare = lambda image: model.preprocess_images([image])[0]  # noqa: E731  (runs in the worker threads)
     batches = [task.items[i : i + batch_size] for i in range(0, len(task.items), batch_size)]
     parts: list[EncoderOutput] = []
@@ -42,7 +37,7 @@ def encode_images(model: AlignModel, task: ShardTask, batch_size: int, workers: 
         skipped += [{"item": d.rel, "reason": d.error} for d in batch if d.error is not None]
         if good:
             parts.append(model.encode_pixels(torch.stack([d.array for d in good])).cpu())
-            items += [{"id": d.rel, "path": stored_path(d.rel), "width": d.width, "height": d.height}
+            items += [{"id": d.rel, "path": task.stored_path(d.rel), "width": d.width, "height": d.height}
                       for d in good]
         progress(len(batch))
     if not parts:

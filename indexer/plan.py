@@ -9,6 +9,7 @@ model, no open files), so a distributor may send them to other processes or mach
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 CAPTION_SHARD_FACTOR = 4  # captions are smaller than images: four times as many per shard
@@ -22,6 +23,12 @@ class ShardTask:
     skipped: list[dict[str, str]] = field(default_factory=list)  # known before encoding (captions)
     folder: str | None = None  # images: where the files are read from
     root: str | None = None  # images: paths under it are stored relative to it
+
+    def stored_path(self, rel: str) -> str:
+        """An image's path as the index stores it: relative to ``root`` when the file lies under it."""
+        full = Path(self.folder or ".") / rel
+        root = Path(self.root or self.folder or ".")
+        return full.relative_to(root).as_posix() if full.is_relative_to(root) else str(full)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

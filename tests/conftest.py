@@ -141,3 +141,21 @@ def _cli_main(argv: list[str]) -> int:
     from alignsearch.cli import main
 
     return main(argv)
+
+
+def kill_after_first_shard(cmd: list[str], out: Path, timeout: float = 120) -> Path:
+    """Run ``cmd`` (an ``index build --out out``) in a subprocess and SIGKILL it as soon as its first image shard
+    is finished; returns the folder of finished shards (asserting the build had not ended)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out.with_name(out.name + ".partial") / "shards" / "images-00000"
+    deadline = time.time() + timeout
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not out.exists(), "the build must be killed after its first shard, before the end"
+    return first.parent

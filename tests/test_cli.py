@@ -18,7 +18,7 @@ import pytest
 from alignsearch.cli import build_parser, main, parse
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "faiss", "fastapi", "uvicorn", "numpy", "PIL")
+HEAVY = ("torch", "transformers", "faiss", "fastapi", "uvicorn", "numpy", "PIL", "ray")
 
 
 def _parsers(parser: argparse.ArgumentParser, name: str = "alignsearch"):

@@ -4,12 +4,9 @@ bad inputs, and two-stage search equal to the exhaustive computation when K cove
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import faiss
@@ -23,7 +20,7 @@ from alignsearch.indexer.search import Searcher
 from alignsearch.models import load_model
 from alignsearch.cli import main
 
-from conftest import N_CAPTIONS, N_IMAGES, build_index as _build, demo_captions, sample_files
+from conftest import N_CAPTIONS, N_IMAGES, build_index as _build, demo_captions, kill_after_first_shard, sample_files
 
 
 @pytest.fixture(scope="module")
@@ -200,16 +197,8 @@ def test_build_killed_mid_way_resumes_to_the_same_index(photos, tmp_path):
     out = tmp_path / "index"
     cmd = [sys.executable, "-m", "alignsearch", "index", "build", "--images", str(images), "--captions",
            str(captions), "--out", str(out), "--quiet", "--shard-size", "2", "--batch-size", "2"]
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL)
-    first = out.with_name("index.partial") / "shards" / "images-00000"
-    deadline = time.time() + 120
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert first.exists() and not out.exists(), "the build must be killed after its first shard, before the end"
-    done_before = len(list(first.parent.glob("images-*[0-9]")))
+    shards = kill_after_first_shard(cmd, out)
+    done_before = len(list(shards.glob("images-*[0-9]")))
     assert done_before < (N_IMAGES + 3 + 1) // 2
     assert subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True).returncode == 0
     assert not out.with_name("index.partial").exists()
