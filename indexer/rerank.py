@@ -1,0 +1,153 @@
+"""The batched rerank: every query of a micro-batch scored against its own candidates in one pass.
+
+1. gather: one read of the union of the batch's candidates (rows sorted, so a cold page cache reads forward);
+   on a store whose items all have the same token count (image grids) each item is one contiguous row of codes;
+2. decode once: SQfp16 codes are read as float16 in place (no copy); other codecs go through the store's
+   own decoder; variable-length items (captions) through the store's padded ``gather``;
+3. score on the model's device in one batched matmul: ``dense`` (each query against the whole union, then its
+   own pairs picked) when the union is small (queries share candidates), else ``block`` (each query's
+   candidates laid out as Q x K x T x D, one ``bmm``); the pooling is :func:`models.alignment.pair_scores`,
+   the same functions the per-pair path uses. Queries are chunked only to bound memory.
+
+The matmul runs in ``float32`` on CPU (fp16 and bf16 were measured slower there: the fp16 -> bf16/fp32
+conversion costs more than the matmul saves, see README "Benchmarks") and in ``float16`` on CUDA, whose
+tensor cores read the SQfp16 codes as they are. The similarities are pooled in float32 either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from alignsearch.models.alignment import pair_scores
+from alignsearch.models.model import EncoderOutput
+from alignsearch.models.scoring import ScoringConfig
+
+DENSE_UNION_FACTOR = 2  # dense scoring when the union holds at most this many times the longest candidate list
+BLOCK_BUDGET_BYTES = 256 << 20  # at most this much of per-query candidate copies at once (block scoring)
+
+
+@dataclass
+class Gathered:
+    """The union of a batch's candidates: ``rows`` (sorted), ``tokens`` U x T x D, ``mask`` U x T (on device)."""
+
+    rows: np.ndarray
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    nbytes: int  # bytes of codes read from the store
+
+
+@dataclass
+class Reranked:
+    """Local scores of a batch: ``scores`` Q x K float32 (CPU; entries past a query's candidates are 0),
+    ``positions`` Q x K (each candidate's index in ``gathered``), the gathered union itself."""
+
+    scores: torch.Tensor
+    positions: torch.Tensor
+    gathered: Gathered
+
+    def candidates(self, q: int, order: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query ``q``'s candidates at ``order`` (positions in its list): float32 tokens and mask, on CPU."""
+        at = self.positions[q, torch.as_tensor(order, dtype=torch.long)].to(self.gathered.tokens.device)
+        return self.gathered.tokens[at].float().cpu(), self.gathered.mask[at].cpu()
+
+
+def _uniform_rows(store: Any, rows: np.ndarray) -> np.ndarray | None:
+    """The codes of ``rows`` as one U x (T * code_size) uint8 array when every item of the store has the same
+    token count T (one contiguous row per item), else None."""
+    codes, offsets = getattr(store, "codes", None), getattr(store, "offsets", None)
+    if codes is None or offsets is None or len(rows) == 0:
+        return None
+    width = int(offsets[rows[0] + 1] - offsets[rows[0]])
+    if width == 0 or len(codes) % width or int(offsets[-1]) != len(offsets[:-1]) * width:
+        return None
+    if not np.array_equal(offsets[rows], rows * width):
+        return None
+    return codes.reshape(-1, width * codes.shape[1])[rows]
+
+
+def gather(store: Any, rows: np.ndarray, device: torch.device) -> Gathered:
+    """Read and decode the items ``rows`` (sorted, unique) of a local store, onto ``device``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    block = _uniform_rows(store, rows)
+    if block is None:  # captions (variable length) or a store without plain codes: its own padded gather
+        tokens, mask = store.gather(rows)
+        nbytes = int(store.lengths()[rows].sum()) * int(store.code_size)
+    else:
+        n, dim = len(rows), int(store.dim)
+        flat = block.reshape(-1, store.codes.shape[1])
+        if getattr(store, "fp16", False):
+            tokens = torch.from_numpy(block).view(torch.float16).view(n, -1, dim)
+        else:
+            tokens = store.decode(flat).view(n, -1, dim)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
+        nbytes = block.nbytes
+    return Gathered(rows, tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True), nbytes)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """float16 on CUDA (tensor cores; SQfp16 codes as stored), float32 on CPU (measured fastest there)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+class Reranker:
+    """Scores a batch of encoded queries against their candidates on ``device`` in ``dtype``."""
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype or compute_dtype(self.device)
+
+    def rerank(self, enc: EncoderOutput, store: Any, rows_per_query: Sequence[np.ndarray], query_is_text: bool,
+               scoring: ScoringConfig) -> Reranked:
+        """Local alignment scores of each query ``q`` of ``enc`` against its candidates ``rows_per_query[q]``."""
+        counts = np.array([len(r) for r in rows_per_query], dtype=np.int64)
+        q_count, width = len(counts), int(counts.max()) if len(counts) else 0
+        union, inverse = np.unique(np.concatenate([np.asarray(r, np.int64) for r in rows_per_query] or
+                                                  [np.zeros(0, np.int64)]), return_inverse=True)
+        valid = np.arange(width)[None, :] < counts[:, None]
+        positions = np.zeros((q_count, width), dtype=np.int64)
+        positions[valid] = inverse.ravel()
+        gathered = gather(store, union, self.device)
+        positions_t = torch.from_numpy(positions)
+        if width == 0:
+            return Reranked(torch.zeros(q_count, 0), positions_t, gathered)
+        tokens = gathered.tokens.to(self.dtype)
+        queries = enc.local.to(self.device, self.dtype)
+        q_mask = enc.mask.to(self.device).bool()
+        at = positions_t.to(self.device)
+        if len(union) <= DENSE_UNION_FACTOR * width:
+            scores = self._dense(queries, q_mask, tokens, gathered.mask, query_is_text, scoring).gather(1, at)
+        else:
+            per_query = max(1, BLOCK_BUDGET_BYTES // max(1, width * tokens[0].numel() * tokens.element_size()))
+            scores = torch.cat([self._block(queries[s : s + per_query], q_mask[s : s + per_query], tokens,
+                                            gathered.mask, at[s : s + per_query], query_is_text, scoring)
+                                for s in range(0, q_count, per_query)])
+        scores = scores.float().cpu().masked_fill(torch.from_numpy(~valid), 0.0)
+        return Reranked(scores, positions_t, gathered)
+
+    @staticmethod
+    def _dense(queries: torch.Tensor, q_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+               query_is_text: bool, scoring: ScoringConfig) -> torch.Tensor:
+        """Every query against every gathered item: Q x U."""
+        if query_is_text:
+            sims = torch.einsum("qwd,urd->quwr", queries, tokens).float()
+            return pair_scores(sims, q_mask[:, None, :], mask[None], scoring.alignment, scoring.lse_lambda)
+        sims = torch.einsum("uwd,qrd->quwr", tokens, queries).float()
+        return pair_scores(sims, mask[None], q_mask[:, None, :], scoring.alignment, scoring.lse_lambda)
+
+    @staticmethod
+    def _block(queries: torch.Tensor, q_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+               at: torch.Tensor, query_is_text: bool, scoring: ScoringConfig) -> torch.Tensor:
+        """Each query against its own candidates (``at``: Q x K positions in the union): Q x K."""
+        candidates, c_mask = tokens[at], mask[at]
+        if query_is_text:
+            sims = torch.einsum("qwd,qkrd->qkwr", queries, candidates).float()
+            return pair_scores(sims, q_mask[:, None, :], c_mask, scoring.alignment, scoring.lse_lambda)
+        sims = torch.einsum("qkwd,qrd->qkwr", candidates, queries).float()
+        return pair_scores(sims, c_mask, q_mask[:, None, :], scoring.alignment, scoring.lse_lambda)
+
+
+__all__ = ["Gathered", "Reranked", "Reranker", "compute_dtype", "gather"]
