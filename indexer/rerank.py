@@ -1,13 +1,16 @@
 """The batched rerank: every query of a micro-batch scored against its own candidates in one pass.
 
-1. gather: one read of the union of the batch's candidates (rows sorted, so a cold page cache reads forward);
-   on a store whose items all have the same token count (image grids) each item is one contiguous row of codes;
+1. gather, in one read: when the queries share most candidates (the union holds at most
+   ``DENSE_UNION_FACTOR`` x the longest list), the union of the batch's candidates (rows sorted, so a cold
+   page cache reads forward); otherwise each query's list laid out as Q x K (``block``: a candidate two queries
+   share is read twice, which costs less than reading the union and copying it into that layout). On a store
+   whose items all have the same token count (image grids) each item is one contiguous row of codes;
 2. decode once: SQfp16 codes are read as float16 in place (no copy); other codecs go through the store's
    own decoder; variable-length items (captions) through the store's padded ``gather``;
-3. score on the model's device in one batched matmul: ``dense`` (each query against the whole union, then its
-   own pairs picked) when the union is small (queries share candidates), else ``block`` (each query's
-   candidates laid out as Q x K x T x D, one ``bmm``); the pooling is :func:`models.alignment.pair_scores`,
-   the same functions the per-pair path uses. Queries are chunked only to bound memory.
+3. score on the model's device in one batched matmul: ``dense``, each query against the whole union, then its
+   own pairs picked; ``block``, one ``bmm`` of each query against its own K candidates. The pooling is
+   :func:`models.alignment.pair_scores`, the same functions the per-pair path uses. Block batches are cut
+   into chunks of queries only to bound memory (``BLOCK_BUDGET_BYTES``).
 
 The matmul runs in ``float32`` on CPU (fp16 and bf16 were measured slower there: the fp16 -> bf16/fp32
 conversion costs more than the matmul saves, see README "Benchmarks") and in ``float16`` on CUDA, whose
@@ -32,7 +35,8 @@ BLOCK_BUDGET_BYTES = 256 << 20  # at most this much of per-query candidate copie
 
 @dataclass
 class Gathered:
-    """The union of a batch's candidates: ``rows`` (sorted), ``tokens`` U x T x D, ``mask`` U x T (on device)."""
+    """The items read for a batch: ``rows`` (the union, sorted; or every query's list, in order, for block
+    scoring), ``tokens`` U x T x D, ``mask`` U x T (on device)."""
 
     rows: np.ndarray
     tokens: torch.Tensor
@@ -43,7 +47,7 @@ class Gathered:
 @dataclass
 class Reranked:
     """Local scores of a batch: ``scores`` Q x K float32 (CPU; entries past a query's candidates are 0),
-    ``positions`` Q x K (each candidate's index in ``gathered``), the gathered union itself."""
+    ``positions`` Q x K (each candidate's index in ``gathered``), what was gathered."""
 
     scores: torch.Tensor
     positions: torch.Tensor
@@ -53,6 +57,12 @@ class Reranked:
         """Query ``q``'s candidates at ``order`` (positions in its list): float32 tokens and mask, on CPU."""
         at = self.positions[q, torch.as_tensor(order, dtype=torch.long)].to(self.gathered.tokens.device)
         return self.gathered.tokens[at].float().cpu(), self.gathered.mask[at].cpu()
+
+
+def _lengths(store: Any, rows: np.ndarray) -> np.ndarray:
+    """Token counts of ``rows`` (from the offsets, without a pass over the whole store)."""
+    offsets = getattr(store, "offsets", None)
+    return store.lengths()[rows] if offsets is None else offsets[rows + 1] - offsets[rows]
 
 
 def _uniform_rows(store: Any, rows: np.ndarray) -> np.ndarray | None:
@@ -70,12 +80,13 @@ def _uniform_rows(store: Any, rows: np.ndarray) -> np.ndarray | None:
 
 
 def gather(store: Any, rows: np.ndarray, device: torch.device) -> Gathered:
-    """Read and decode the items ``rows`` (sorted, unique) of a local store, onto ``device``."""
+    """Read and decode the items ``rows`` of a local store (in that order; sorted reads best cold), onto
+    ``device``."""
     rows = np.asarray(rows, dtype=np.int64)
     block = _uniform_rows(store, rows)
     if block is None:  # captions (variable length) or a store without plain codes: its own padded gather
         tokens, mask = store.gather(rows)
-        nbytes = int(store.lengths()[rows].sum()) * int(store.code_size)
+        nbytes = int(_lengths(store, rows).sum()) * int(store.code_size)
     else:
         n, dim = len(rows), int(store.dim)
         flat = block.reshape(-1, store.codes.shape[1])
@@ -105,28 +116,37 @@ class Reranker:
         """Local alignment scores of each query ``q`` of ``enc`` against its candidates ``rows_per_query[q]``."""
         counts = np.array([len(r) for r in rows_per_query], dtype=np.int64)
         q_count, width = len(counts), int(counts.max()) if len(counts) else 0
-        union, inverse = np.unique(np.concatenate([np.asarray(r, np.int64) for r in rows_per_query] or
-                                                  [np.zeros(0, np.int64)]), return_inverse=True)
         valid = np.arange(width)[None, :] < counts[:, None]
-        positions = np.zeros((q_count, width), dtype=np.int64)
-        positions[valid] = inverse.ravel()
-        gathered = gather(store, union, self.device)
-        positions_t = torch.from_numpy(positions)
+        listed = np.zeros((q_count, width), dtype=np.int64)  # each query's rows, padded with its first
+        for q, rows in enumerate(rows_per_query):
+            if len(rows):
+                listed[q] = np.concatenate([rows, np.full(width - len(rows), rows[0])])
+        union, inverse = np.unique(listed[valid], return_inverse=True)
         if width == 0:
-            return Reranked(torch.zeros(q_count, 0), positions_t, gathered)
-        tokens = gathered.tokens.to(self.dtype)
+            return Reranked(torch.zeros(q_count, 0), torch.zeros(q_count, 0, dtype=torch.long),
+                            gather(store, union, self.device))
         queries = enc.local.to(self.device, self.dtype)
         q_mask = enc.mask.to(self.device).bool()
-        at = positions_t.to(self.device)
         if len(union) <= DENSE_UNION_FACTOR * width:
-            scores = self._dense(queries, q_mask, tokens, gathered.mask, query_is_text, scoring).gather(1, at)
+            positions = np.zeros((q_count, width), dtype=np.int64)
+            positions[valid] = inverse.ravel()
+            gathered = gather(store, union, self.device)
+            at = torch.from_numpy(positions)
+            scores = self._dense(queries, q_mask, gathered.tokens.to(self.dtype), gathered.mask, query_is_text,
+                                 scoring).gather(1, at.to(self.device))
         else:
-            per_query = max(1, BLOCK_BUDGET_BYTES // max(1, width * tokens[0].numel() * tokens.element_size()))
-            scores = torch.cat([self._block(queries[s : s + per_query], q_mask[s : s + per_query], tokens,
-                                            gathered.mask, at[s : s + per_query], query_is_text, scoring)
-                                for s in range(0, q_count, per_query)])
+            item_bytes = max(1, int(store.dim) * max(1, int(_lengths(store, union).max())))
+            step = max(1, BLOCK_BUDGET_BYTES // (width * item_bytes * torch.finfo(self.dtype).bits // 8))
+            parts = []
+            for s in range(0, q_count, step):
+                part = gather(store, listed[s : s + step].ravel(), self.device)
+                parts.append((part, self._block(queries[s : s + step], q_mask[s : s + step], part, width,
+                                                query_is_text, scoring)))
+            gathered = parts[0][0] if len(parts) == 1 else _joined([p for p, _ in parts])
+            scores = torch.cat([score for _, score in parts])
+            at = torch.arange(q_count * width).view(q_count, width)
         scores = scores.float().cpu().masked_fill(torch.from_numpy(~valid), 0.0)
-        return Reranked(scores, positions_t, gathered)
+        return Reranked(scores, at, gathered)
 
     @staticmethod
     def _dense(queries: torch.Tensor, q_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
@@ -139,15 +159,29 @@ class Reranker:
         return pair_scores(sims, mask[None], q_mask[:, None, :], scoring.alignment, scoring.lse_lambda)
 
     @staticmethod
-    def _block(queries: torch.Tensor, q_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-               at: torch.Tensor, query_is_text: bool, scoring: ScoringConfig) -> torch.Tensor:
-        """Each query against its own candidates (``at``: Q x K positions in the union): Q x K."""
-        candidates, c_mask = tokens[at], mask[at]
+    def _block(queries: torch.Tensor, q_mask: torch.Tensor, part: Gathered, width: int, query_is_text: bool,
+               scoring: ScoringConfig) -> torch.Tensor:
+        """Each query against its own ``width`` candidates (``part``: Q*K items, query-major): Q x K."""
+        tokens = part.tokens.to(queries.dtype)
+        candidates = tokens.view(len(queries), width, *tokens.shape[1:])
+        c_mask = part.mask.view(len(queries), width, -1)
         if query_is_text:
             sims = torch.einsum("qwd,qkrd->qkwr", queries, candidates).float()
             return pair_scores(sims, q_mask[:, None, :], c_mask, scoring.alignment, scoring.lse_lambda)
         sims = torch.einsum("qkwd,qrd->qkwr", candidates, queries).float()
         return pair_scores(sims, c_mask, q_mask[:, None, :], scoring.alignment, scoring.lse_lambda)
+
+
+def _joined(parts: list[Gathered]) -> Gathered:
+    """Chunks of a block batch as one (their token axes padded to the longest)."""
+    width = max(p.tokens.shape[1] for p in parts)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        extra = width - x.shape[1]
+        return x if extra == 0 else torch.cat([x, x.new_zeros((x.shape[0], extra, *x.shape[2:]))], dim=1)
+
+    return Gathered(np.concatenate([p.rows for p in parts]), torch.cat([pad(p.tokens) for p in parts]),
+                    torch.cat([pad(p.mask) for p in parts]), sum(p.nbytes for p in parts))
 
 
 __all__ = ["Gathered", "Reranked", "Reranker", "compute_dtype", "gather"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignsearch.indexer import local_store
+from alignsearch.indexer import local_store, rerank
 from alignsearch.indexer.rerank import DENSE_UNION_FACTOR, Reranker
 from alignsearch.models.model import EncoderOutput
 from alignsearch.models.scoring import ScoringConfig, rank
@@ -124,3 +124,18 @@ def test_cuda_gives_the_cpu_ranking(stores):
     torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=0)
     for q, r in enumerate(rows):
         assert np.array_equal(rank(gpu[q, : len(r)], r, 5), rank(cpu[q, : len(r)], r, 5))
+
+
+@pytest.mark.parametrize("store_name", ["SQfp16", "captions"])
+def test_block_batches_cut_into_chunks_give_the_same_scores(stores, store_name, monkeypatch):
+    store, scoring = stores[store_name], ScoringConfig()
+    query_is_text = store_name != "captions"
+    enc, rows = _queries(5, 7 if query_is_text else REGIONS), _candidates(5, 30, False)
+    whole = Reranker("cpu").rerank(enc, store, rows, query_is_text, scoring)
+    monkeypatch.setattr(rerank, "BLOCK_BUDGET_BYTES", 1)  # one query per chunk
+    chunked = Reranker("cpu").rerank(enc, store, rows, query_is_text, scoring)
+    torch.testing.assert_close(chunked.scores, whole.scores, atol=1e-6, rtol=0)
+    tokens, mask = chunked.candidates(4, np.array([1, 0]))
+    want, want_mask = store.gather(rows[4][[1, 0]])
+    assert torch.equal(tokens[:, : want.shape[1]], want) and torch.equal(mask[:, : want.shape[1]], want_mask)
+    assert not mask[:, want.shape[1] :].any()  # padding of the joined chunks stays masked
