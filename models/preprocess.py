@@ -56,10 +56,20 @@ class ImagePreprocessor:
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
 
+    def resized(self, image: Image.Image) -> np.ndarray:
+        """One image -> uint8 array size x size x 3 (the part worth a worker process: decode and resize)."""
+        return np.asarray(image.convert("RGB").resize((self.size, self.size), Image.BICUBIC), dtype=np.uint8)
+
+    def normalise(self, resized: torch.Tensor) -> torch.Tensor:
+        """N x size x size x 3 uint8 (from :meth:`resized`) -> N x 3 x size x size float32, exactly as
+        :meth:`to_array` computes it, in one vectorised step."""
+        array = resized.to(torch.float32) / 255.0
+        array = (array - torch.from_numpy(self.mean)) / torch.from_numpy(self.std)
+        return array.permute(0, 3, 1, 2).contiguous()
+
     def to_array(self, image: Image.Image) -> np.ndarray:
         """One image -> float32 array 3 x size x size."""
-        image = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
-        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = self.resized(image).astype(np.float32) / 255.0
         array = (array - self.mean) / self.std
         return np.ascontiguousarray(array.transpose(2, 0, 1))
 
