@@ -127,7 +127,9 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("build"):
         b = results["build"]
         lines += [f"Build: {b['images']} images in {b['build_seconds']} s = {b['build_images_per_s']} img/s; encoder forward only "
-                  f"{b['forward_only_images_per_s']} img/s; ratio {b['build_fraction_of_forward']}.", ""]
+                  f"{b['forward_only_images_per_s']} img/s (before / after the build: "
+                  f"{b['forward_only_images_per_s_before_after']}); ratio {b['build_fraction_of_forward']}; load average "
+                  f"(1 min) before / after the build {b['load']['build_before'][0]} / {b['load']['build_after'][0]}.", ""]
     if results.get("serving"):
         lines += ["| serving | requests | errors | throughput req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
         for label in ("batching_on", "batching_off"):

@@ -40,7 +40,9 @@ def _regions3(region_mask: torch.Tensor) -> torch.Tensor:
 def _best_region(sims: torch.Tensor, word_mask: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
     """For each word, its best region's similarity (0 for padded words or no regions): P1 x P2 x Tw."""
     words, regions = _words3(word_mask), _regions3(region_mask)
-    best = sims.masked_fill(~regions[:, :, None, :], NEG).amax(dim=-1)
+    if not bool(regions.all()):  # image grids have no padded regions: no masked copy of the block
+        sims = sims.masked_fill(~regions[:, :, None, :], NEG)
+    best = sims.amax(dim=-1)
     valid = words & regions.any(-1)[:, :, None]
     return torch.where(valid, best, torch.zeros_like(best))
 
