@@ -18,6 +18,7 @@ SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "
 DEFAULT_DATASET = Path(os.environ.get("ALIGNSEARCH_DATASET", SHARED_DATASET))
 
 
+PARTS = ("speed", "quality", "build", "serving")
 DESCRIPTION = ("Measure the design's claims (two-stage speed against exhaustive and global-only search, rerank "
                "bandwidth, codecs and quality, build throughput, serving with batching on and off) and write "
                "results-TAG.json and .md.")
@@ -42,6 +43,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="the large run only (not CI): a synthetic index of 1,000,000 images (or --sizes) with SQ8 "
                         "local codes and the global index a real build of that size would choose; index size per "
                         "store, p50/p99 search latency cold and warm, server RSS (needs ~60 GB of disk and hours)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="which benchmarks to run (default: all; targets are judged on what ran)")
     p.add_argument("--latency-queries", type=int, default=200, help="queries for p50/p99 in the --million run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--tag", default=None, help="name of the results file (default: cpu or gpu)")
@@ -158,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from alignsearch.models.factory import load_model
 
     from . import suite
+    from .synthetic import write_synthetic_index
 
     apply_progress_option(args)
     model = load_model(device=args.device)
@@ -169,18 +173,23 @@ def run(args: argparse.Namespace) -> int:
                                "environment": suite.environment(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="alignsearch-bench-") as tmp:
         work = args.work or Path(tmp)
-        print(f"speed on synthetic indexes of {sizes} images ...", flush=True)
-        results["speed"] = suite.speed_vs_exhaustive_and_global(model, sizes, work, repeats=3 if quick else 21)
+        if "speed" in args.parts:
+            print(f"speed on synthetic indexes of {sizes} images ...", flush=True)
+            results["speed"] = suite.speed_vs_exhaustive_and_global(model, sizes, work, repeats=3 if quick else 21)
         if dataset is not None:
-            print("quality and codecs on the test split ...", flush=True)
-            codecs = ["SQfp16", "SQ8"] if quick else ["SQfp16", "SQ8", "PQ96", "PQ48"]
-            results["quality"] = suite.quality_and_codecs(model, dataset, codecs, limit=8 if quick else None)
-            print("build throughput ...", flush=True)
-            results["build"] = suite.build_throughput(model, dataset / "images", 16 if quick else None, work)
+            if "quality" in args.parts:
+                print("quality and codecs on the test split ...", flush=True)
+                codecs = ["SQfp16", "SQ8"] if quick else ["SQfp16", "SQ8", "PQ96", "PQ48"]
+                results["quality"] = suite.quality_and_codecs(model, dataset, codecs, limit=8 if quick else None)
+            if "build" in args.parts:
+                print("build throughput ...", flush=True)
+                results["build"] = suite.build_throughput(model, dataset / "images", 16 if quick else None, work)
         else:
             results["skipped"] = f"no data set at {args.dataset or DEFAULT_DATASET}: quality, codecs and build not measured"
-        print("serving under concurrency ...", flush=True)
-        results["serving"] = suite.serving(work / f"synthetic-{sizes[0]}", 32 if quick else 480)
+        if "serving" in args.parts:
+            print("serving under concurrency ...", flush=True)
+            synthetic = write_synthetic_index(work / f"synthetic-{sizes[0]}", model, sizes[0])
+            results["serving"] = suite.serving(synthetic, 32 if quick else 480)
     results["targets"] = targets(results)
     args.out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or ("gpu" if "CPU" not in results["environment"]["device"] else "cpu") + ("-quick" if quick else "")
