@@ -58,6 +58,14 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (``MemAvailable`` of ``/proc/meminfo``)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def rss_bytes(pid: int) -> dict[str, int]:
     """Resident memory of process ``pid`` (VmRSS, RssAnon, RssFile) in bytes, from ``/proc``."""
     out = {}

@@ -81,9 +81,9 @@ def _exhaustive_scorer(index: Index, scoring: ScoringConfig, chunk: int = 2048):
 
 
 def _exhaustive_fits(n: int, regions: int, dim: int) -> bool:
-    """The exhaustive baseline holds every region decoded (float16): only when that is < 40% of free memory."""
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return n * regions * dim * 2 < 0.4 * free
+    """The exhaustive baseline holds every region decoded (float16): only when that is < 40% of the memory
+    available (``MemAvailable``: free plus reclaimable page cache)."""
+    return n * regions * dim * 2 < 0.4 * pagecache.available_memory()
 
 
 def rerank_bandwidth(searcher: Searcher, enc: EncoderOutput, candidates: int, repeats: int,
