@@ -117,10 +117,9 @@ class Reranker:
         counts = np.array([len(r) for r in rows_per_query], dtype=np.int64)
         q_count, width = len(counts), int(counts.max()) if len(counts) else 0
         valid = np.arange(width)[None, :] < counts[:, None]
-        listed = np.zeros((q_count, width), dtype=np.int64)  # each query's rows, padded with its first
-        for q, rows in enumerate(rows_per_query):
-            if len(rows):
-                listed[q] = np.concatenate([rows, np.full(width - len(rows), rows[0])])
+        listed = np.zeros((q_count, width), dtype=np.int64)
+        listed[valid] = np.concatenate([np.asarray(r, np.int64) for r in rows_per_query] or [np.zeros(0, np.int64)])
+        listed = np.where(valid, listed, listed[:, :1])  # each query's rows, padded with its first
         union, inverse = np.unique(listed[valid], return_inverse=True)
         if width == 0:
             return Reranked(torch.zeros(q_count, 0), torch.zeros(q_count, 0, dtype=torch.long),

@@ -178,9 +178,10 @@ class Searcher:
         coarse_ms = _ms(start)
         start = time.perf_counter()
         reranked = self.rerank(enc, col, rows_per_query, query_is_text, scoring)
-        g_all = torch.zeros(reranked.scores.shape)
-        for q, g in enumerate(global_per_query):
-            g_all[q, : len(g)] = torch.from_numpy(g.astype(np.float32))
+        global_scores = np.zeros(tuple(reranked.scores.shape), dtype=np.float32)  # padded like the local scores
+        counts = np.array([len(g) for g in global_per_query])
+        global_scores[np.arange(global_scores.shape[1])[None, :] < counts[:, None]] = np.concatenate(global_per_query or [np.zeros(0, np.float32)])
+        g_all = torch.from_numpy(global_scores)
         fused_all = scoring.fuse(g_all, reranked.scores)
         batch_ms = _ms(start)  # the batch's gather and scoring, shared by its queries
         results = []
