@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import threading
+
 import numpy as np
 import torch
 
@@ -29,6 +31,7 @@ from alignsearch.models.alignment import pair_scores
 from alignsearch.models.model import EncoderOutput
 from alignsearch.models.scoring import ScoringConfig
 
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}  # compute dtypes with a reusable CPU buffer
 DENSE_UNION_FACTOR = 2  # dense scoring when the union holds at most this many times the longest candidate list
 BLOCK_BUDGET_BYTES = 256 << 20  # at most this much of per-query candidate copies at once (block scoring)
 
@@ -47,7 +50,8 @@ class Gathered:
 @dataclass
 class Reranked:
     """Local scores of a batch: ``scores`` Q x K float32 (CPU; entries past a query's candidates are 0),
-    ``positions`` Q x K (each candidate's index in ``gathered``), what was gathered."""
+    ``positions`` Q x K (each candidate's index in ``gathered``), what was gathered (on CPU it may lie in the
+    reranker's reusable buffers: valid until the next rerank on the same thread)."""
 
     scores: torch.Tensor
     positions: torch.Tensor
@@ -65,7 +69,25 @@ def _lengths(store: Any, rows: np.ndarray) -> np.ndarray:
     return store.lengths()[rows] if offsets is None else offsets[rows + 1] - offsets[rows]
 
 
-def _uniform_rows(store: Any, rows: np.ndarray) -> np.ndarray | None:
+class Workspace:
+    """Reusable buffers, one set per thread: a batch's gathered codes and their float32 copy are tens of MB,
+    and an allocation that large is a fresh ``mmap`` each time (glibc), whose page faults cost more than the
+    copy itself. Buffers grow to the largest batch seen and stay; what they hold is valid until the next
+    rerank on the same thread."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype`` over the thread's buffer ``name``."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        if name not in buffers or len(buffers[name]) < nbytes:
+            buffers[name] = np.empty(nbytes, dtype=np.uint8)
+        return buffers[name][:nbytes].view(dtype).reshape(shape)
+
+
+def _uniform_rows(store: Any, rows: np.ndarray, workspace: Workspace | None = None) -> np.ndarray | None:
     """The codes of ``rows`` as one U x (T * code_size) uint8 array when every item of the store has the same
     token count T (one contiguous row per item), else None."""
     codes, offsets = getattr(store, "codes", None), getattr(store, "offsets", None)
@@ -76,14 +98,18 @@ def _uniform_rows(store: Any, rows: np.ndarray) -> np.ndarray | None:
         return None
     if not np.array_equal(offsets[rows], rows * width):
         return None
-    return codes.reshape(-1, width * codes.shape[1])[rows]
+    table = codes.reshape(-1, width * codes.shape[1])
+    if workspace is None:
+        return table[rows]
+    return np.take(table, rows, axis=0, out=workspace.get("codes", (len(rows), table.shape[1]), table.dtype),
+                   mode="clip")  # rows are checked above; "raise" would copy through a temporary
 
 
-def gather(store: Any, rows: np.ndarray, device: torch.device) -> Gathered:
+def gather(store: Any, rows: np.ndarray, device: torch.device, workspace: Workspace | None = None) -> Gathered:
     """Read and decode the items ``rows`` of a local store (in that order; sorted reads best cold), onto
-    ``device``."""
+    ``device``; into ``workspace``'s buffer when one is given."""
     rows = np.asarray(rows, dtype=np.int64)
-    block = _uniform_rows(store, rows)
+    block = _uniform_rows(store, rows, workspace)
     if block is None:  # captions (variable length) or a store without plain codes: its own padded gather
         tokens, mask = store.gather(rows)
         nbytes = int(_lengths(store, rows).sum()) * int(store.code_size)
@@ -110,6 +136,7 @@ class Reranker:
     def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = dtype or compute_dtype(self.device)
+        self._workspace = Workspace()
 
     def rerank(self, enc: EncoderOutput, store: Any, rows_per_query: Sequence[np.ndarray], query_is_text: bool,
                scoring: ScoringConfig) -> Reranked:
@@ -129,18 +156,20 @@ class Reranker:
         if len(union) <= DENSE_UNION_FACTOR * width:
             positions = np.zeros((q_count, width), dtype=np.int64)
             positions[valid] = inverse.ravel()
-            gathered = gather(store, union, self.device)
+            gathered = gather(store, union, self.device, self._workspace)
             at = torch.from_numpy(positions)
-            scores = self._dense(queries, q_mask, gathered.tokens.to(self.dtype), gathered.mask, query_is_text,
+            scores = self._dense(queries, q_mask, self._compute(gathered.tokens), gathered.mask, query_is_text,
                                  scoring).gather(1, at.to(self.device))
         else:
             item_bytes = max(1, int(store.dim) * max(1, int(_lengths(store, union).max())))
             step = max(1, BLOCK_BUDGET_BYTES // (width * item_bytes * torch.finfo(self.dtype).bits // 8))
             parts = []
+            workspace = self._workspace if step >= q_count else None  # chunks each keep their own gather
             for s in range(0, q_count, step):
-                part = gather(store, listed[s : s + step].ravel(), self.device)
-                parts.append((part, self._block(queries[s : s + step], q_mask[s : s + step], part, width,
-                                                query_is_text, scoring)))
+                part = gather(store, listed[s : s + step].ravel(), self.device, workspace)
+                parts.append((part, self._block(queries[s : s + step], q_mask[s : s + step],
+                                                self._compute(part.tokens), part.mask, width, query_is_text,
+                                                scoring)))
             gathered = parts[0][0] if len(parts) == 1 else _joined([p for p, _ in parts])
             scores = torch.cat([score for _, score in parts])
             at = torch.arange(q_count * width).view(q_count, width)
@@ -157,13 +186,20 @@ class Reranker:
         sims = torch.einsum("uwd,qrd->quwr", tokens, queries).float()
         return pair_scores(sims, mask[None], q_mask[:, None, :], scoring.alignment, scoring.lse_lambda)
 
+    def _compute(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` in the compute dtype; on CPU converted into the thread's reusable buffer."""
+        if tokens.dtype == self.dtype:
+            return tokens
+        if tokens.device.type != "cpu" or self.dtype not in _NUMPY:
+            return tokens.to(self.dtype)
+        return torch.from_numpy(self._workspace.get("compute", tuple(tokens.shape), _NUMPY[self.dtype])).copy_(tokens)
+
     @staticmethod
-    def _block(queries: torch.Tensor, q_mask: torch.Tensor, part: Gathered, width: int, query_is_text: bool,
-               scoring: ScoringConfig) -> torch.Tensor:
-        """Each query against its own ``width`` candidates (``part``: Q*K items, query-major): Q x K."""
-        tokens = part.tokens.to(queries.dtype)
+    def _block(queries: torch.Tensor, q_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, width: int,
+               query_is_text: bool, scoring: ScoringConfig) -> torch.Tensor:
+        """Each query against its own ``width`` candidates (``tokens``: Q*K items, query-major): Q x K."""
         candidates = tokens.view(len(queries), width, *tokens.shape[1:])
-        c_mask = part.mask.view(len(queries), width, -1)
+        c_mask = mask.view(len(queries), width, -1)
         if query_is_text:
             sims = torch.einsum("qwd,qkrd->qkwr", queries, candidates).float()
             return pair_scores(sims, q_mask[:, None, :], c_mask, scoring.alignment, scoring.lse_lambda)
