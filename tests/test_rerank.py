@@ -139,3 +139,22 @@ def test_block_batches_cut_into_chunks_give_the_same_scores(stores, store_name, 
     want, want_mask = store.gather(rows[4][[1, 0]])
     assert torch.equal(tokens[:, : want.shape[1]], want) and torch.equal(mask[:, : want.shape[1]], want_mask)
     assert not mask[:, want.shape[1] :].any()  # padding of the joined chunks stays masked
+
+
+def test_reused_buffers_give_the_same_scores_across_calls_and_threads(stores):
+    """The reranker's buffers are reused per thread: growing batches, and two threads at once, score right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store, scoring = stores["SQfp16"], ScoringConfig()
+    batches = [(_queries(q, 6, seed=q), _candidates(q, 40, shared, seed=q)) for q in (2, 7, 3) for shared in (True, False)]
+    want = [Reranker("cpu").rerank(enc, store, rows, True, scoring).scores for enc, rows in batches]
+    shared_reranker = Reranker("cpu")
+
+    def run(order: list[int]) -> list[tuple[int, torch.Tensor]]:
+        return [(i, shared_reranker.rerank(*batches[i][:1], store, batches[i][1], True, scoring).scores) for i in order]
+
+    with ThreadPoolExecutor(2) as pool:
+        results = [r for f in [pool.submit(run, list(range(len(batches))) * 8),
+                               pool.submit(run, list(reversed(range(len(batches)))) * 8)] for r in f.result()]
+    for i, scores in results:
+        assert torch.equal(scores, want[i])
