@@ -14,14 +14,19 @@ import torch
 
 from alignsearch.indexer.index import Index
 from alignsearch.indexer.search import Searcher
-from alignsearch.models.model import AlignModel
+from alignsearch.models.model import AlignModel, EncoderOutput
 from alignsearch.models.scoring import ScoringConfig
 
+from . import pagecache
 from .synthetic import write_synthetic_index
 
 QUERIES = ["a dog runs through the grass", "two children play football in a park", "a man rides a bike down a hill",
            "people walk along a busy street", "a girl in a pink dress climbs stairs", "a black dog swims in a lake",
            "a surfer rides a large wave", "a crowd watches a parade"]
+BATCH_QUERIES = QUERIES + ["an old woman sells fruit at a market", "a boy jumps into a swimming pool",
+                           "two dogs fight over a stick", "a skier goes down a snowy slope",
+                           "a band plays on a stage at night", "a cat sleeps on a red sofa",
+                           "a climber hangs from a rock face", "children run on a sandy beach"]  # one micro-batch
 
 
 def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -33,6 +38,23 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1000.0)
     return round(statistics.median(times), 3)
+
+
+def percentiles(times_ms: list[float]) -> dict[str, float]:
+    """p50 and p99 of a list of timings (ms)."""
+    values = np.array(times_ms)
+    return {"p50_ms": round(float(np.percentile(values, 50)), 3), "p99_ms": round(float(np.percentile(values, 99)), 3),
+            "count": len(values)}
+
+
+def synthetic_queries(count: int, dim: int, words: int = 12, seed: int = 7) -> EncoderOutput:
+    """Random encoded text queries shaped like real ones (``words`` tokens), for latency percentiles."""
+    rng = np.random.default_rng(seed)
+    local = rng.standard_normal((count, words, dim), dtype=np.float32)
+    local /= np.linalg.norm(local, axis=-1, keepdims=True)
+    glob = local.mean(1)
+    glob /= np.linalg.norm(glob, axis=-1, keepdims=True)
+    return EncoderOutput(torch.from_numpy(glob), torch.from_numpy(local), torch.ones(count, words, dtype=torch.bool))
 
 
 def _exhaustive_scorer(index: Index, scoring: ScoringConfig, chunk: int = 2048):
@@ -58,23 +80,122 @@ def _exhaustive_scorer(index: Index, scoring: ScoringConfig, chunk: int = 2048):
     return score
 
 
+def _exhaustive_fits(n: int, regions: int, dim: int) -> bool:
+    """The exhaustive baseline holds every region decoded (float16): only when that is < 40% of the memory
+    available (``MemAvailable``: free plus reclaimable page cache)."""
+    return n * regions * dim * 2 < 0.4 * pagecache.available_memory()
+
+
+def rerank_bandwidth(searcher: Searcher, enc: EncoderOutput, candidates: int, repeats: int,
+                     dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The batched rerank of ``enc``'s queries (gather of their candidates' union, decode, score) against a
+    plain copy of the same bytes: GB/s of each and the fraction."""
+    from alignsearch.indexer.rerank import Reranker
+
+    col = searcher.index.images
+    rows = searcher.coarse(enc.global_emb.numpy(), col, candidates)[0]
+    reranker = searcher.reranker if dtype is None else Reranker(searcher.reranker.device, dtype)
+    nbytes = reranker.rerank(enc, col.store, rows, True, searcher.scoring).gathered.nbytes
+    rerank_ms = median_ms(lambda: reranker.rerank(enc, col.store, rows, True, searcher.scoring), repeats, warmup=2)
+    source = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    target = np.empty_like(source)
+    copy_ms = median_ms(lambda: np.copyto(target, source), repeats, warmup=2)
+    out = {"queries": len(enc), "dtype": str(reranker.dtype).replace("torch.", ""), "rerank_ms": rerank_ms,
+           "rerank_bytes": nbytes, "memcpy_ms": copy_ms, "rerank_gb_s": round(nbytes / rerank_ms / 1e6, 3),
+           "memcpy_gb_s": round(nbytes / copy_ms / 1e6, 3)}
+    out["fraction_of_copy_bandwidth"] = round(out["rerank_gb_s"] / out["memcpy_gb_s"], 4)
+    return out
+
+
+def search_latency(searcher: Searcher, enc: EncoderOutput, candidates: int, cold_files: list[Path] | None
+                   ) -> dict[str, Any]:
+    """Per-query two-stage and global-only search latency (query encoded) over ``enc``'s queries; with
+    ``cold_files``, those files are dropped from the page cache before every query (cold)."""
+    col = searcher.index.images
+    two, glob = [], []
+    for q in range(len(enc)):
+        one = enc.select([q])
+        if cold_files:
+            pagecache.drop(cold_files)
+        start = time.perf_counter()
+        searcher.search_text_encoded(one, 10, candidates)
+        two.append((time.perf_counter() - start) * 1000.0)
+        start = time.perf_counter()
+        col.search(one.global_emb.numpy(), 10)
+        glob.append((time.perf_counter() - start) * 1000.0)
+    return {"two_stage": percentiles(two), "global_only": percentiles(glob)}
+
+
+def server_rss(index_dir: Path, requests: int = 32) -> dict[str, Any]:
+    """Resident memory of a real server (``alignsearch serve``) on ``index_dir`` after ``requests`` searches."""
+    import httpx
+
+    from alignsearch.service.launch import serve
+
+    with serve(index_dir, device=None, env={"ALIGNSEARCH_RELOAD_INTERVAL_S": "0"}, ready_timeout=3600) as url:
+        for i in range(requests):
+            httpx.post(f"{url}/search/text", json={"query": QUERIES[i % len(QUERIES)], "k": 10, "candidates": 100},
+                       timeout=120).raise_for_status()
+        pids = pagecache.children()
+        rss = {pid: pagecache.rss_bytes(pid) for pid in pids}
+    pid = max(rss, key=lambda p: rss[p].get("VmRSS", 0))
+    return {"requests": requests, **{k.lower(): v for k, v in rss[pid].items()}}
+
+
 def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Path, repeats: int,
-                                   candidates: int = 100) -> dict[str, Any]:
-    """Benchmarks 1, 2 and 4 on synthetic indexes of each size."""
+                                   candidates: int = 100, codec: str = "SQfp16", global_spec: str | None = "Flat",
+                                   latency_queries: int = 0, server: bool = False) -> dict[str, Any]:
+    """Benchmarks 1, 2 and 4 on synthetic indexes of each size, warm, after cold figures (labelled ``cold``).
+
+    Each index is flushed to disk and dropped from the page cache once written (:mod:`bench.pagecache`), so
+    the first timing is of a cold cache, on purpose and recorded as such; warm timings follow a warm-up.
+    ``latency_queries`` > 0 adds p50 / p99 over that many random queries, cold (the index's files dropped
+    before each) and warm; ``server`` adds the RSS of a real server on the index."""
     out: dict[str, Any] = {}
     enc_one = model.encode_texts(QUERIES[:1])
+    enc_batch = model.encode_texts(BATCH_QUERIES)
     for n in sizes:
-        index = Index(write_synthetic_index(work / f"synthetic-{n}", model, n), check="size")
+        name = f"synthetic-{n}" + ("" if codec == "SQfp16" and global_spec == "Flat" else f"-{codec}-{global_spec or 'chosen'}")
+        start = time.perf_counter()
+        folder = write_synthetic_index(work / name, model, n, codec=codec, global_spec=global_spec)
+        write_s = round(time.perf_counter() - start, 1)
+        files = pagecache.files_under(folder)
+        pagecache.drop(files)  # flush what was written; nothing of it stays cached
+        index = Index(folder, check="size")
         searcher = Searcher(index, model)
-        query = QUERIES[0]
-        row: dict[str, Any] = {"n": n, "regions": 49, "dim": model.embed_dim, "candidates": candidates}
+        store_files = pagecache.files_under(folder / "images")
+        row: dict[str, Any] = {
+            "n": n, "regions": 49, "dim": model.embed_dim, "candidates": candidates, "codec": codec,
+            "global_factory": index.manifest["collections"]["images"].get("factory"), "write_s": write_s,
+            "index_bytes": {p.relative_to(folder).as_posix(): p.stat().st_size for p in files
+                            if p.stat().st_size > 1 << 20},
+            "load_before": pagecache.load()}
+        # cold: each of the queries right after the index's files were dropped from the page cache
+        cold = []
+        for q in range(len(QUERIES)):
+            pagecache.drop(store_files)
+            one = enc_batch.select([q])
+            start = time.perf_counter()
+            searcher.search_text_encoded(one, 10, candidates)
+            cold.append((time.perf_counter() - start) * 1000.0)
+        row["cold"] = {"two_stage_search_ms": round(statistics.median(cold), 3),
+                       "how": "posix_fadvise(DONTNEED) of the index's files before each of 8 queries"}
+        for _ in range(3):  # warm-up
+            searcher.search_text_encoded(enc_batch, 10, candidates)
         # 1. two-stage vs exhaustive (query already encoded: the search itself)
         row["two_stage_search_ms"] = median_ms(lambda: searcher.search_text_encoded(enc_one, 10, candidates), repeats)
-        score = _exhaustive_scorer(index, searcher.scoring)
-        row["exhaustive_search_ms"] = median_ms(lambda: score(enc_one), max(3, repeats // 5))
-        row["speedup_two_stage_vs_exhaustive"] = round(row["exhaustive_search_ms"] / row["two_stage_search_ms"], 1)
-        score = None  # frees the decoded collection before the next size
+        if _exhaustive_fits(n, 49, model.embed_dim):
+            score = _exhaustive_scorer(index, searcher.scoring)
+            row["exhaustive_search_ms"] = median_ms(lambda: score(enc_one), max(3, repeats // 5))
+            row["speedup_two_stage_vs_exhaustive"] = round(row["exhaustive_search_ms"] / row["two_stage_search_ms"], 1)
+            score = None  # frees the decoded collection before the next size
+        else:
+            row["exhaustive_search_ms"] = None
+            row["speedup_two_stage_vs_exhaustive"] = None
+            row["exhaustive_skipped"] = "every region decoded would not fit in memory"
         # 2. end to end with encoding: global-only vs two-stage
+        query = QUERIES[0]
+
         def global_only() -> None:
             enc = model.encode_texts([query])
             index.images.index.search(enc.global_emb.numpy(), 10)
@@ -82,19 +203,25 @@ def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Pa
         row["global_only_e2e_ms"] = median_ms(global_only, repeats)
         row["two_stage_e2e_ms"] = median_ms(lambda: searcher.search_text([query], 10, candidates), repeats)
         row["two_stage_over_global_only"] = round(row["two_stage_e2e_ms"] / row["global_only_e2e_ms"], 3)
-        # 4. rerank bandwidth against a plain copy of the same bytes
-        rows = searcher.coarse(enc_one.global_emb.numpy(), index.images, candidates)[0][0]
-        store = index.images.store
-        codes = store.codes
-        bytes_gathered = int(store.lengths()[rows].sum()) * store.code_size
-        rerank_ms = median_ms(lambda: searcher.rerank_scores(enc_one, 0, index.images, rows, True), repeats)
-        source = np.ascontiguousarray(codes[: bytes_gathered // codes.shape[1]])
-        target = np.empty_like(source)
-        copy_ms = median_ms(lambda: np.copyto(target, source), repeats)
-        row.update(rerank_ms=rerank_ms, rerank_bytes=bytes_gathered, memcpy_ms=copy_ms,
-                   rerank_gb_s=round(bytes_gathered / rerank_ms / 1e6, 3),
-                   memcpy_gb_s=round(bytes_gathered / copy_ms / 1e6, 3))
-        row["rerank_fraction_of_copy_bandwidth"] = round(row["rerank_gb_s"] / row["memcpy_gb_s"], 4)
+        # 4. rerank bandwidth against a plain copy of the same bytes: one query, and a micro-batch
+        row["rerank"] = {"1": rerank_bandwidth(searcher, enc_one, candidates, repeats),
+                         str(len(enc_batch)): rerank_bandwidth(searcher, enc_batch, candidates, repeats)}
+        if searcher.reranker.device.type == "cpu":  # what half precision would do here (the default is float32)
+            for dtype in (torch.float16, torch.bfloat16):
+                row["rerank"][f"{len(enc_batch)}-{dtype}".replace("torch.", "")] = rerank_bandwidth(
+                    searcher, enc_batch, candidates, max(3, repeats // 3), dtype)
+        if latency_queries:
+            queries = synthetic_queries(latency_queries, model.embed_dim)
+            row["latency_cold"] = {**search_latency(searcher, queries, candidates, store_files),
+                                   "how": "posix_fadvise(DONTNEED) of the local store and global index before each query"}
+            search_latency(searcher, queries, candidates, None)  # warms the queries' pages
+            row["latency_warm"] = search_latency(searcher, queries, candidates, None)
+            row["latency_warm"]["two_stage_over_global_only_p50"] = round(
+                row["latency_warm"]["two_stage"]["p50_ms"] / row["latency_warm"]["global_only"]["p50_ms"], 3)
+        row["load_after"] = pagecache.load()
+        if server:
+            row["server"] = server_rss(folder)
+            row["server"]["load_after"] = pagecache.load()
         out[str(n)] = row
     return out
 
@@ -115,24 +242,43 @@ def quality_and_codecs(model: AlignModel, dataset: Path, codecs: list[str], limi
 
 
 def build_throughput(model: AlignModel, images: Path, limit: int | None, work: Path) -> dict[str, Any]:
-    """Benchmark 5: images/s of ``index build`` against the encoder's forward pass on pre-decoded images."""
+    """Benchmark 5: images/s of ``index build`` (decoding in worker processes) against the encoder's forward
+    pass alone on pre-decoded images, timed before and after the build; each timed part after a warm-up,
+    with the load average before and after it."""
     from alignsearch.indexer.build import BuildOptions, build
     from alignsearch.indexer.reader import list_images
     from alignsearch.models.preprocess import load_image
 
     files = list_images(images)[:limit]
+    pixels = torch.stack([model.preprocess_images([load_image(images / f)])[0] for f in files])
+    loads: dict[str, list[float]] = {}
+
+    def forward() -> float:
+        model.encode_pixels(pixels[:32])  # warm-up
+        loads.setdefault("forward_before", pagecache.load())
+        start = time.perf_counter()
+        for i in range(0, len(files), 32):
+            model.encode_pixels(pixels[i : i + 32])
+        seconds = time.perf_counter() - start
+        loads["forward_after"] = pagecache.load()
+        return seconds
+
+    forward_s = [forward()]
+    build(model, BuildOptions(images=images, out=work / "build-warmup", files=files[:32], progress=False,
+                              batch_size=32))  # warm-up: the image files read once, the decode processes' imports
     options = BuildOptions(images=images, out=work / "build-bench", files=files, progress=False, batch_size=32)
+    loads["build_before"] = pagecache.load()
     start = time.perf_counter()
     build(model, options)
     build_s = time.perf_counter() - start
-    pixels = torch.stack([model.preprocess_images([load_image(images / f)])[0] for f in files])
-    start = time.perf_counter()
-    for i in range(0, len(files), 32):
-        model.encode_pixels(pixels[i : i + 32])
-    forward_s = time.perf_counter() - start
+    loads["build_after"] = pagecache.load()
+    forward_s.append(forward())
+    forward_mean = statistics.mean(forward_s)
     return {"images": len(files), "build_seconds": round(build_s, 2), "build_images_per_s": round(len(files) / build_s, 1),
-            "forward_only_images_per_s": round(len(files) / forward_s, 1),
-            "build_fraction_of_forward": round(forward_s / build_s, 3)}
+            "forward_only_images_per_s": round(len(files) / forward_mean, 1),
+            "forward_only_images_per_s_before_after": [round(len(files) / s, 1) for s in forward_s],
+            "build_fraction_of_forward": round(forward_mean / build_s, 3), "decode": "worker processes",
+            "load": loads}
 
 
 def serving(index_dir: Path, requests_total: int, concurrency: int = 16) -> dict[str, Any]:
@@ -162,15 +308,19 @@ def serving(index_dir: Path, requests_total: int, concurrency: int = 16) -> dict
                                 errors += 1
 
                     await client.search_text(QUERIES[0])  # warm-up
+                    loads.append(pagecache.load())
                     start = time.perf_counter()
                     await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), 300)
                     return time.perf_counter() - start
 
+            loads: list[list[float]] = []
             seconds = asyncio.run(run())
+            loads.append(pagecache.load())
             lat = np.array(latencies)
             out[label] = {"requests": requests_total, "errors": errors, "concurrency": concurrency,
                           "throughput_rps": round(len(lat) / seconds, 2),
-                          "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2)}
+                          "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
+                          "load_before_after": loads}
     out["throughput_on_over_off"] = round(out["batching_on"]["throughput_rps"] / out["batching_off"]["throughput_rps"], 3)
     return out
 

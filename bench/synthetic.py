@@ -33,9 +33,13 @@ def _shard(local: np.ndarray, items: list[dict]) -> Shard:
 
 
 def write_synthetic_index(folder: Path, model: AlignModel, n: int, regions: int = 49, codec: str = "SQfp16",
-                          seed: int = 0) -> Path:
-    """Create (or reuse, when its ``synthetic.json`` says the same) a synthetic index at ``folder``."""
+                          seed: int = 0, global_spec: str | None = "Flat") -> Path:
+    """Create (or reuse, when its ``synthetic.json`` says the same) a synthetic index at ``folder``.
+
+    ``global_spec`` None chooses the global index as a build of real data of that size would."""
     spec = {"n": n, "regions": regions, "codec": codec, "seed": seed, "model": model.fingerprint}
+    if global_spec != "Flat":
+        spec["global_spec"] = global_spec or "chosen"
     if (folder / "synthetic.json").is_file() and json.loads((folder / "synthetic.json").read_text()) == spec:
         return folder
     dim = model.embed_dim
@@ -52,7 +56,7 @@ def write_synthetic_index(folder: Path, model: AlignModel, n: int, regions: int 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     assemble_index(folder, model, {name: read_shards(work, name) for name in ("images", "captions")}, folder, codec,
-                   global_spec="Flat")
+                   global_spec=global_spec)
     shutil.rmtree(work)
     (folder / "synthetic.json").write_text(json.dumps(spec))
     return folder

@@ -26,7 +26,7 @@ from . import layout
 from .assemble import assemble_index
 from .caption_ids import caption_items
 from .distributor import Distributor, LocalDistributor, Mapper
-from .encode import encode_task
+from .encode import decode_pool, encode_task
 from .layout import DEFAULT_CODEC
 from .plan import caption_tasks, image_tasks
 from .reader import CaptionRow, list_images, read_captions
@@ -71,7 +71,8 @@ def encode_all(model: AlignModel, options: BuildOptions, files: list[str], work:
     distributor = options.distributor or LocalDistributor(options.progress)
 
     def mapper() -> Mapper:  # a distributed distributor builds one per worker
-        return lambda task, progress: encode_task(model, task, options.batch_size, options.workers, progress)
+        pool = decode_pool(model, options.workers)  # its processes start on the first image task
+        return lambda task, progress: encode_task(model, task, options.batch_size, options.workers, progress, pool)
 
     distributor.run(image_tasks(files, str(options.images.resolve()), str(root.resolve()), options.shard_size),
                     work, mapper)

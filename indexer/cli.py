@@ -37,7 +37,7 @@ def _encoding_args(p: argparse.ArgumentParser) -> None:
                         "standalone caption, and linked if its image is added later")
     p.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped default)")
     p.add_argument("--batch-size", type=int, default=32, help="images (or captions) per forward pass")
-    p.add_argument("--workers", type=int, default=4, help="image-decoding threads")
+    p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes (threads for a features-only model)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--shard-size", type=int, default=1024, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bars of the encoding itself")

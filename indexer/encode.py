@@ -1,42 +1,60 @@
 """Encoding one shard task into a :class:`~indexer.writer.Shard`: a function of the model and the task only
-(the mapper of the build). Images are decoded in worker threads a few batches ahead of the encoder; captions
-are encoded in order of length (batches of similar lengths pad little), then put back in file order."""
+(the mapper of the build). Images are decoded and resized in worker processes (:class:`~indexer.reader.DecodePool`)
+a few batches ahead of the encoder, which only normalises them and keeps its cores; captions are encoded in
+order of length (batches of similar lengths pad little), then put back in file order."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from alignsearch.models.model import AlignModel, EncoderOutput
 
 from .plan import ShardTask
-from .reader import decode_batches
+from .reader import DecodePool, Decoded, decode_batches
 from .writer import Shard, empty_shard, shard_from_output
 
 Progress = Callable[[int], None]  # called with the number of items just done
 
 
 def encode_task(model: AlignModel, task: ShardTask, batch_size: int = 32, workers: int = 4,
-                progress: Progress | None = None) -> Shard:
-    """The shard of ``task`` (items that fail to decode are listed in its ``skipped``)."""
-    encode = encode_images if task.collection == "images" else encode_captions
-    return encode(model, task, batch_size, workers, progress or (lambda n: None))
+                progress: Progress | None = None, pool: DecodePool | None = None) -> Shard:
+    """The shard of ``task`` (items that fail to decode are listed in its ``skipped``). Images are decoded in
+    ``pool`` when given (see :func:`decode_pool`), else in ``workers`` threads."""
+    if task.collection == "images":
+        return encode_images(model, task, batch_size, workers, progress or (lambda n: None), pool)
+    return encode_captions(model, task, batch_size, workers, progress or (lambda n: None))
 
 
-def encode_images(model: AlignModel, task: ShardTask, batch_size: int, workers: int, progress: Progress) -> Shard:
+def decode_pool(model: AlignModel, workers: int) -> DecodePool | None:
+    """Decode processes for ``model``'s images, or None when it takes precomputed features."""
+    preprocessor = model.image_preprocessor
+    return None if preprocessor is None else DecodePool(workers, preprocessor)
+
+
+def _pixels(model: AlignModel, good: list[Decoded], pooled: bool) -> torch.Tensor:
+    if pooled:  # uint8 arrays from the decode processes: normalised here in one step
+        return torch.from_numpy(model.image_preprocessor.normalize(np.stack([d.array for d in good])))
+    return torch.stack([d.array for d in good])
+
+
+def encode_images(model: AlignModel, task: ShardTask, batch_size: int, workers: int, progress: Progress,
+                  pool: DecodePool | None = None) -> Shard:
     folder = Path(task.folder or ".")
     prepare = lambda image: model.preprocess_images([image])[0]  # noqa: E731  (runs in the worker threads)
     batches = [task.items[i : i + batch_size] for i in range(0, len(task.items), batch_size)]
     parts: list[EncoderOutput] = []
     items: list[dict[str, Any]] = []
     skipped = list(task.skipped)
-    for batch in decode_batches(folder, batches, workers, prepare):
+    decoded = pool.batches(folder, batches) if pool is not None else decode_batches(folder, batches, workers, prepare)
+    for batch in decoded:
         good = [d for d in batch if d.error is None]
         skipped += [{"item": d.rel, "reason": d.error} for d in batch if d.error is not None]
         if good:
-            parts.append(model.encode_pixels(torch.stack([d.array for d in good])).cpu())
+            parts.append(model.encode_pixels(_pixels(model, good, pool is not None)).cpu())
             items += [{"id": d.rel, "path": task.stored_path(d.rel), "width": d.width, "height": d.height}
                       for d in good]
         progress(len(batch))

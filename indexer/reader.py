@@ -1,18 +1,23 @@
-"""Reading inputs: image files (decoded in worker threads, batches prefetched); caption files are read by
-:mod:`models.captions`, the same reader training uses."""
+"""Reading inputs: image files (decoded and resized in worker processes, or threads for a model without a
+plain preprocessor; batches prefetched); caption files are read by :mod:`models.captions`, the same reader
+training uses."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import weakref
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from alignsearch.models.captions import CaptionRow, read_caption_rows
-from alignsearch.models.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_image
+from alignsearch.models.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, ImagePreprocessor, load_image
 
-__all__ = ["CaptionRow", "Decoded", "decode_batches", "list_images", "read_captions"]
+__all__ = ["CaptionRow", "DecodePool", "Decoded", "decode_batches", "list_images", "read_captions"]
+WORKER_NICE = 10  # decode processes yield the cores to the encoder whenever it can run
 
 
 def list_images(folder: Path) -> list[str]:
@@ -44,25 +49,76 @@ def _decode(folder: Path, rel: str, prepare: Callable) -> Decoded:
         return Decoded(rel, error=str(exc) or type(exc).__name__)
 
 
+def _prefetched(pool: Executor, batches: Iterable[Sequence[str]], submit_one: Callable[[Executor, str], Future],
+                prefetch: int) -> Iterator[list[Decoded]]:
+    """Results of each batch in order, keeping ``prefetch`` batches in flight beyond the one being consumed."""
+    pending: deque[list[Future]] = deque()
+    batches = iter(batches)
+
+    def submit() -> None:
+        batch = next(batches, None)
+        if batch is not None:
+            pending.append([submit_one(pool, rel) for rel in batch])
+
+    for _ in range(prefetch + 1):
+        submit()
+    while pending:
+        batch = pending.popleft()
+        submit()
+        yield [f.result() for f in batch]
+
+
 def decode_batches(folder: Path, batches: Iterable[Sequence[str]], workers: int, prepare: Callable,
                    prefetch: int = 2) -> Iterator[list[Decoded]]:
-    """Decode each batch of relative paths in ``workers`` threads, keeping ``prefetch`` batches in flight
-    beyond the one being consumed, so the encoder never waits for file reads or image decoding."""
+    """Decode each batch of relative paths in ``workers`` threads (``prepare`` turns an image into the
+    encoder's input), ``prefetch`` batches ahead, so the encoder never waits for file reads or decoding."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        pending: deque[list[Future]] = deque()
-        batches = iter(batches)
+        yield from _prefetched(pool, batches, lambda p, rel: p.submit(_decode, folder, rel, prepare), prefetch)
 
-        def submit() -> None:
-            batch = next(batches, None)
-            if batch is not None:
-                pending.append([pool.submit(_decode, folder, rel, prepare) for rel in batch])
 
-        for _ in range(prefetch + 1):
-            submit()
-        while pending:
-            batch = pending.popleft()
-            submit()
-            yield [f.result() for f in batch]
+_WORKER_PREPROCESSOR: ImagePreprocessor | None = None
+
+
+def _start_worker(preprocessor: ImagePreprocessor, nice: int) -> None:
+    global _WORKER_PREPROCESSOR
+    _WORKER_PREPROCESSOR = preprocessor
+    os.nice(nice)
+
+
+def _decode_resized(folder: Path, rel: str) -> Decoded:
+    assert _WORKER_PREPROCESSOR is not None
+    return _decode(folder, rel, _WORKER_PREPROCESSOR.resize)
+
+
+class DecodePool:
+    """Worker processes that read, decode and resize image files to uint8 arrays for ``preprocessor``
+    (:meth:`ImagePreprocessor.resize`); the encoder's process only normalises them, in one vectorised step.
+
+    The processes start on first use (``spawn``: no forked copy of the model or of its threads), run at a
+    lower priority (``nice``) so the encoder keeps its cores whenever it can run, and stop on :meth:`close`
+    or when the pool is collected."""
+
+    def __init__(self, workers: int, preprocessor: ImagePreprocessor, nice: int = WORKER_NICE) -> None:
+        self.workers = max(1, min(workers, os.cpu_count() or 1))
+        self.preprocessor = preprocessor
+        self.nice = nice
+        self._executor: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_start_worker, initargs=(self.preprocessor, self.nice))
+            weakref.finalize(self, self._executor.shutdown, wait=True, cancel_futures=True)
+        return self._executor
+
+    def batches(self, folder: Path, batches: Iterable[Sequence[str]], prefetch: int = 2) -> Iterator[list[Decoded]]:
+        """Each batch of relative paths as :class:`Decoded` with uint8 ``array`` (size x size x 3), in order."""
+        yield from _prefetched(self._pool(), batches, lambda p, rel: p.submit(_decode_resized, folder, rel), prefetch)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
 
 
 def read_captions(path: Path) -> list[CaptionRow]:

@@ -1,9 +1,10 @@
 """The search pipeline, the one place a score is computed: encode -> coarse (FAISS) -> rerank (alignment).
 
 The service, ``alignsearch eval`` and the benchmarks all call :class:`Searcher`. Coarse: the top
-``candidates`` items by global inner product in the global store (FAISS) (tombstones skipped). Rerank: the candidates' local
-vectors are gathered and decoded in one call, scored against the query with the model's region-word
-alignment, and mixed with the global score as TGDT does: ``S = S_global + w * S_local``.
+``candidates`` items by global inner product in the global store (FAISS) (tombstones skipped). Rerank
+(:mod:`indexer.rerank`): the local vectors of the union of all queries' candidates are gathered and decoded
+once, every query is scored against its own candidates in one batched matmul on the model's device with the
+model's region-word alignment, and mixed with the global score as TGDT does: ``S = S_global + w * S_local``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from alignsearch.models.scoring import ScoringConfig, rank
 from alignsearch.models.words import content_words
 
 from .index import Collection, Index, check_model
+from .rerank import Reranked, Reranker
 
 
 @dataclass
@@ -54,6 +56,11 @@ class SearchResult:
         return self.min_score is not None and not any(h.match for h in self.hits)
 
 
+def _device_of(model: AlignModel) -> torch.device:
+    """Where the model's parameters are (the rerank runs there too); CPU for a model without any."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
 
@@ -70,6 +77,7 @@ class Searcher:
         self.model = model
         self.scoring = scoring or model.config.scoring()
         self.grid = model.region_grid()
+        self.reranker = Reranker(_device_of(model))
 
     @classmethod
     def open(cls, index_dir: str | Path, model: str | AlignModel | None = None, device: str = "auto",
@@ -155,17 +163,10 @@ class Searcher:
             out_scores.append(s[keep][:candidates])
         return out_rows, out_scores
 
-    def rerank_scores(self, enc: EncoderOutput, q: int, col: Collection, rows: np.ndarray, query_is_text: bool,
-                      scoring: ScoringConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Local alignment scores of query ``q`` against ``rows``; also returns the decoded candidates."""
-        scoring = scoring or self.scoring
-        local, mask = col.store.gather(rows)
-        q_local, q_mask = enc.local[q : q + 1], enc.mask[q : q + 1]
-        if query_is_text:
-            scores = scoring.local(q_local, q_mask, local, mask)[0]
-        else:
-            scores = scoring.local(local, mask, q_local, q_mask)[:, 0]
-        return scores, local, mask
+    def rerank(self, enc: EncoderOutput, col: Collection, rows_per_query: list[np.ndarray], query_is_text: bool,
+               scoring: ScoringConfig | None = None) -> Reranked:
+        """Local alignment scores of every query of ``enc`` against its candidates, in one batched pass."""
+        return self.reranker.rerank(enc, col.store, rows_per_query, query_is_text, scoring or self.scoring)
 
     def _search(self, enc: EncoderOutput, col: Collection, k: int, candidates: int, explain: bool,
                 query_is_text: bool, scoring: ScoringConfig) -> list[SearchResult]:
@@ -175,20 +176,27 @@ class Searcher:
         start = time.perf_counter()
         rows_per_query, global_per_query = self.coarse(enc.global_emb.numpy(), col, candidates)
         coarse_ms = _ms(start)
+        start = time.perf_counter()
+        reranked = self.rerank(enc, col, rows_per_query, query_is_text, scoring)
+        global_scores = np.zeros(tuple(reranked.scores.shape), dtype=np.float32)  # padded like the local scores
+        counts = np.array([len(g) for g in global_per_query])
+        global_scores[np.arange(global_scores.shape[1])[None, :] < counts[:, None]] = np.concatenate(global_per_query or [np.zeros(0, np.float32)])
+        g_all = torch.from_numpy(global_scores)
+        fused_all = scoring.fuse(g_all, reranked.scores)
+        batch_ms = _ms(start)  # the batch's gather and scoring, shared by its queries
         results = []
-        for q, (rows, global_scores) in enumerate(zip(rows_per_query, global_per_query)):
+        for q, rows in enumerate(rows_per_query):
             start = time.perf_counter()
             if len(rows) == 0:
                 results.append(SearchResult([], {"coarse": coarse_ms, "rerank": 0.0, "total": coarse_ms}))
                 continue
-            local_scores, local, mask = self.rerank_scores(enc, q, col, rows, query_is_text, scoring)
-            g = torch.from_numpy(global_scores.astype(np.float32))
-            fused = scoring.fuse(g, local_scores)
+            n = len(rows)
+            fused, g, local_scores = fused_all[q, :n], g_all[q, :n], reranked.scores[q, :n]
             order = rank(fused, rows, k)
             hits = self._hits(col.name, rows[order], fused[order], g[order], local_scores[order])
             if explain:
-                self._explain(enc, q, hits, local[order], mask[order], query_is_text)
-            rerank_ms = _ms(start)
+                self._explain(enc, q, hits, *reranked.candidates(q, order), query_is_text)
+            rerank_ms = round(batch_ms + _ms(start), 3)
             results.append(SearchResult(hits, {"coarse": coarse_ms, "rerank": rerank_ms,
                                                "total": round(coarse_ms + rerank_ms, 3)},
                                         bool(enc.truncated[q]) if enc.truncated else False))

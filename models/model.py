@@ -19,6 +19,7 @@ from .class_prior import ClassPrior
 from .clip_backbone import HFJointModel
 from .config import ModelConfig
 from .heads import LockedHead, TokenHead
+from .preprocess import ImagePreprocessor
 
 
 @dataclass
@@ -154,6 +155,13 @@ class AlignModel(nn.Module):
         return self
 
     # -- pieces (training uses these on cached backbone features) --------------------------------------
+    @property
+    def image_preprocessor(self) -> ImagePreprocessor | None:
+        """The plain image preprocessor (picklable: worker processes can resize for it), or None when the
+        image backbone takes precomputed features."""
+        source = self.joint if self.joint is not None else self.image_backbone
+        return getattr(source, "preprocessor", None)
+
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         source = self.joint if self.joint is not None else self.image_backbone
         return source.preprocess(images)

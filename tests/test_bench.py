@@ -18,17 +18,43 @@ def test_quick_bench_writes_every_figure(tmp_path, dataset_dir):
     results = json.loads((tmp_path / "results-ci.json").read_text())
     speed = next(iter(results["speed"].values()))
     for key in ("two_stage_search_ms", "exhaustive_search_ms", "speedup_two_stage_vs_exhaustive", "global_only_e2e_ms",
-                "two_stage_e2e_ms", "rerank_gb_s", "memcpy_gb_s", "rerank_fraction_of_copy_bandwidth"):
+                "two_stage_e2e_ms"):
         assert speed[key] > 0, key
+    assert speed["cold"]["two_stage_search_ms"] > 0 and "DONTNEED" in speed["cold"]["how"]
+    assert len(speed["load_before"]) == len(speed["load_after"]) == 3
+    assert {"1", "16", "16-float16", "16-bfloat16"} <= set(speed["rerank"])
+    for rerank in speed["rerank"].values():
+        assert rerank["rerank_bytes"] > 0 and rerank["rerank_gb_s"] > 0 and rerank["fraction_of_copy_bandwidth"] > 0
+    assert speed["rerank"]["16"]["rerank_bytes"] > speed["rerank"]["1"]["rerank_bytes"]  # the union of 16 lists
     for codec in ("SQfp16", "SQ8"):
         q = results["quality"][codec]
         assert set(q["results"]) == {"global", "exhaustive", "two-stage"}
         assert q["bytes_per_image_local"] > 0
     assert results["quality"]["SQ8"]["bytes_per_image_local"] < results["quality"]["SQfp16"]["bytes_per_image_local"]
     assert results["build"]["build_images_per_s"] > 0 and results["build"]["forward_only_images_per_s"] > 0
+    assert set(results["build"]["load"]) == {"forward_before", "forward_after", "build_before", "build_after"}
     for label in ("batching_on", "batching_off"):
         s = results["serving"][label]
         assert s["errors"] == 0 and s["p99_ms"] >= s["p50_ms"] > 0
+        assert len(s["load_before_after"]) == 2
     assert len(results["targets"]) >= 8
+    assert "cold two-stage search ms" in (tmp_path / "results-ci.md").read_text()
     table = (tmp_path / "results-ci.md").read_text()
     assert "| target | measured | met |" in table and "SQ8" in table
+
+
+@pytest.mark.slow
+def test_million_mode_at_a_small_size(tmp_path):
+    """``--million`` end to end at 3,000 images: SQ8, the chosen global index, cold and warm percentiles, RSS."""
+    run = subprocess.run([sys.executable, "-m", "alignsearch.bench", "--million", "--sizes", "3000", "--latency-queries", "12",
+                          "--out", str(tmp_path), "--work", str(tmp_path / "work"), "--tag", "m"],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads((tmp_path / "results-m.json").read_text())["speed"]["3000"]
+    assert row["codec"] == "SQ8" and row["global_factory"] == "Flat"  # what a real build of 3,000 chooses
+    assert row["index_bytes"]["images/codes.npy"] == 3000 * 49 * 384 + 128  # SQ8: a byte per dimension (+ header)
+    for state in ("latency_cold", "latency_warm"):
+        for kind in ("two_stage", "global_only"):
+            p = row[state][kind]
+            assert p["count"] == 12 and p["p99_ms"] >= p["p50_ms"] > 0
+    assert row["server"]["vmrss"] > row["server"]["rssanon"] > 0

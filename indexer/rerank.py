@@ -1,0 +1,222 @@
+"""The batched rerank: every query of a micro-batch scored against its own candidates in one pass.
+
+1. gather, in one read: when the queries share most candidates (the union holds at most
+   ``DENSE_UNION_FACTOR`` x the longest list), the union of the batch's candidates (rows sorted, so a cold
+   page cache reads forward); otherwise each query's list laid out as Q x K (``block``: a candidate two queries
+   share is read twice, which costs less than reading the union and copying it into that layout). On a store
+   whose items all have the same token count (image grids) each item is one contiguous row of codes;
+2. decode once: SQfp16 codes are read as float16 in place (no copy); other codecs go through the store's
+   own decoder; variable-length items (captions) through the store's padded ``gather``;
+3. score on the model's device in one batched matmul: ``dense``, each query against the whole union, then its
+   own pairs picked; ``block``, one ``bmm`` of each query against its own K candidates. The pooling is
+   :func:`models.alignment.pair_scores`, the same functions the per-pair path uses. Block batches are cut
+   into chunks of queries only to bound memory (``BLOCK_BUDGET_BYTES``).
+
+The matmul runs in ``float32`` on CPU (fp16 and bf16 were measured slower there: the fp16 -> bf16/fp32
+conversion costs more than the matmul saves, see README "Benchmarks") and in ``float16`` on CUDA, whose
+tensor cores read the SQfp16 codes as they are. The similarities are pooled in float32 either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import threading
+
+import numpy as np
+import torch
+
+from alignsearch.models.alignment import pair_scores
+from alignsearch.models.model import EncoderOutput
+from alignsearch.models.scoring import ScoringConfig
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}  # compute dtypes with a reusable CPU buffer
+DENSE_UNION_FACTOR = 2  # dense scoring when the union holds at most this many times the longest candidate list
+BLOCK_BUDGET_BYTES = 256 << 20  # at most this much of per-query candidate copies at once (block scoring)
+
+
+@dataclass
+class Gathered:
+    """The items read for a batch: ``rows`` (the union, sorted; or every query's list, in order, for block
+    scoring), ``tokens`` U x T x D, ``mask`` U x T (on device)."""
+
+    rows: np.ndarray
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    nbytes: int  # bytes of codes read from the store
+
+
+@dataclass
+class Reranked:
+    """Local scores of a batch: ``scores`` Q x K float32 (CPU; entries past a query's candidates are 0),
+    ``positions`` Q x K (each candidate's index in ``gathered``), what was gathered (on CPU it may lie in the
+    reranker's reusable buffers: valid until the next rerank on the same thread)."""
+
+    scores: torch.Tensor
+    positions: torch.Tensor
+    gathered: Gathered
+
+    def candidates(self, q: int, order: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query ``q``'s candidates at ``order`` (positions in its list): float32 tokens and mask, on CPU."""
+        at = self.positions[q, torch.as_tensor(order, dtype=torch.long)].to(self.gathered.tokens.device)
+        return self.gathered.tokens[at].float().cpu(), self.gathered.mask[at].cpu()
+
+
+def _lengths(store: Any, rows: np.ndarray) -> np.ndarray:
+    """Token counts of ``rows`` (from the offsets, without a pass over the whole store)."""
+    offsets = getattr(store, "offsets", None)
+    return store.lengths()[rows] if offsets is None else offsets[rows + 1] - offsets[rows]
+
+
+class Workspace:
+    """Reusable buffers, one set per thread: a batch's gathered codes and their float32 copy are tens of MB,
+    and an allocation that large is a fresh ``mmap`` each time (glibc), whose page faults cost more than the
+    copy itself. Buffers grow to the largest batch seen and stay; what they hold is valid until the next
+    rerank on the same thread."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype`` over the thread's buffer ``name``."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        if name not in buffers or len(buffers[name]) < nbytes:
+            buffers[name] = np.empty(nbytes, dtype=np.uint8)
+        return buffers[name][:nbytes].view(dtype).reshape(shape)
+
+
+def _uniform_rows(store: Any, rows: np.ndarray, workspace: Workspace | None = None) -> np.ndarray | None:
+    """The codes of ``rows`` as one U x (T * code_size) uint8 array when every item of the store has the same
+    token count T (one contiguous row per item), else None."""
+    codes, offsets = getattr(store, "codes", None), getattr(store, "offsets", None)
+    if codes is None or offsets is None or len(rows) == 0:
+        return None
+    width = int(offsets[rows[0] + 1] - offsets[rows[0]])
+    if width == 0 or len(codes) % width or int(offsets[-1]) != len(offsets[:-1]) * width:
+        return None
+    if not np.array_equal(offsets[rows], rows * width):
+        return None
+    table = codes.reshape(-1, width * codes.shape[1])
+    if workspace is None:
+        return table[rows]
+    return np.take(table, rows, axis=0, out=workspace.get("codes", (len(rows), table.shape[1]), table.dtype),
+                   mode="clip")  # rows are checked above; "raise" would copy through a temporary
+
+
+def gather(store: Any, rows: np.ndarray, device: torch.device, workspace: Workspace | None = None) -> Gathered:
+    """Read and decode the items ``rows`` of a local store (in that order; sorted reads best cold), onto
+    ``device``; into ``workspace``'s buffer when one is given."""
+    rows = np.asarray(rows, dtype=np.int64)
+    block = _uniform_rows(store, rows, workspace)
+    if block is None:  # captions (variable length) or a store without plain codes: its own padded gather
+        tokens, mask = store.gather(rows)
+        nbytes = int(_lengths(store, rows).sum()) * int(store.code_size)
+    else:
+        n, dim = len(rows), int(store.dim)
+        flat = block.reshape(-1, store.codes.shape[1])
+        if getattr(store, "fp16", False):
+            tokens = torch.from_numpy(block).view(torch.float16).view(n, -1, dim)
+        else:
+            tokens = store.decode(flat).view(n, -1, dim)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
+        nbytes = block.nbytes
+    return Gathered(rows, tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True), nbytes)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """float16 on CUDA (tensor cores; SQfp16 codes as stored), float32 on CPU (measured fastest there)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+class Reranker:
+    """Scores a batch of encoded queries against their candidates on ``device`` in ``dtype``."""
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype or compute_dtype(self.device)
+        self._workspace = Workspace()
+
+    def rerank(self, enc: EncoderOutput, store: Any, rows_per_query: Sequence[np.ndarray], query_is_text: bool,
+               scoring: ScoringConfig) -> Reranked:
+        """Local alignment scores of each query ``q`` of ``enc`` against its candidates ``rows_per_query[q]``."""
+        counts = np.array([len(r) for r in rows_per_query], dtype=np.int64)
+        q_count, width = len(counts), int(counts.max()) if len(counts) else 0
+        valid = np.arange(width)[None, :] < counts[:, None]
+        listed = np.zeros((q_count, width), dtype=np.int64)
+        listed[valid] = np.concatenate([np.asarray(r, np.int64) for r in rows_per_query] or [np.zeros(0, np.int64)])
+        listed = np.where(valid, listed, listed[:, :1])  # each query's rows, padded with its first
+        union, inverse = np.unique(listed[valid], return_inverse=True)
+        if width == 0:
+            return Reranked(torch.zeros(q_count, 0), torch.zeros(q_count, 0, dtype=torch.long),
+                            gather(store, union, self.device))
+        queries = enc.local.to(self.device, self.dtype)
+        q_mask = enc.mask.to(self.device).bool()
+        if len(union) <= DENSE_UNION_FACTOR * width:
+            positions = np.zeros((q_count, width), dtype=np.int64)
+            positions[valid] = inverse.ravel()
+            gathered = gather(store, union, self.device, self._workspace)
+            at = torch.from_numpy(positions)
+            scores = self._dense(queries, q_mask, self._compute(gathered.tokens), gathered.mask, query_is_text,
+                                 scoring).gather(1, at.to(self.device))
+        else:
+            item_bytes = max(1, int(store.dim) * max(1, int(_lengths(store, union).max())))
+            step = max(1, BLOCK_BUDGET_BYTES // (width * item_bytes * torch.finfo(self.dtype).bits // 8))
+            parts = []
+            workspace = self._workspace if step >= q_count else None  # chunks each keep their own gather
+            for s in range(0, q_count, step):
+                part = gather(store, listed[s : s + step].ravel(), self.device, workspace)
+                parts.append((part, self._block(queries[s : s + step], q_mask[s : s + step],
+                                                self._compute(part.tokens), part.mask, width, query_is_text,
+                                                scoring)))
+            gathered = parts[0][0] if len(parts) == 1 else _joined([p for p, _ in parts])
+            scores = torch.cat([score for _, score in parts])
+            at = torch.arange(q_count * width).view(q_count, width)
+        scores = scores.float().cpu().masked_fill(torch.from_numpy(~valid), 0.0)
+        return Reranked(scores, at, gathered)
+
+    @staticmethod
+    def _dense(queries: torch.Tensor, q_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+               query_is_text: bool, scoring: ScoringConfig) -> torch.Tensor:
+        """Every query against every gathered item: Q x U."""
+        if query_is_text:
+            sims = torch.einsum("qwd,urd->quwr", queries, tokens).float()
+            return pair_scores(sims, q_mask[:, None, :], mask[None], scoring.alignment, scoring.lse_lambda)
+        sims = torch.einsum("uwd,qrd->quwr", tokens, queries).float()
+        return pair_scores(sims, mask[None], q_mask[:, None, :], scoring.alignment, scoring.lse_lambda)
+
+    def _compute(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` in the compute dtype; on CPU converted into the thread's reusable buffer."""
+        if tokens.dtype == self.dtype:
+            return tokens
+        if tokens.device.type != "cpu" or self.dtype not in _NUMPY:
+            return tokens.to(self.dtype)
+        return torch.from_numpy(self._workspace.get("compute", tuple(tokens.shape), _NUMPY[self.dtype])).copy_(tokens)
+
+    @staticmethod
+    def _block(queries: torch.Tensor, q_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, width: int,
+               query_is_text: bool, scoring: ScoringConfig) -> torch.Tensor:
+        """Each query against its own ``width`` candidates (``tokens``: Q*K items, query-major): Q x K."""
+        candidates = tokens.view(len(queries), width, *tokens.shape[1:])
+        c_mask = mask.view(len(queries), width, -1)
+        if query_is_text:
+            sims = torch.einsum("qwd,qkrd->qkwr", queries, candidates).float()
+            return pair_scores(sims, q_mask[:, None, :], c_mask, scoring.alignment, scoring.lse_lambda)
+        sims = torch.einsum("qkwd,qrd->qkwr", candidates, queries).float()
+        return pair_scores(sims, c_mask, q_mask[:, None, :], scoring.alignment, scoring.lse_lambda)
+
+
+def _joined(parts: list[Gathered]) -> Gathered:
+    """Chunks of a block batch as one (their token axes padded to the longest)."""
+    width = max(p.tokens.shape[1] for p in parts)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        extra = width - x.shape[1]
+        return x if extra == 0 else torch.cat([x, x.new_zeros((x.shape[0], extra, *x.shape[2:]))], dim=1)
+
+    return Gathered(np.concatenate([p.rows for p in parts]), torch.cat([pad(p.tokens) for p in parts]),
+                    torch.cat([pad(p.mask) for p in parts]), sum(p.nbytes for p in parts))
+
+
+__all__ = ["Gathered", "Reranked", "Reranker", "compute_dtype", "gather"]

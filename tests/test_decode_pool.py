@@ -1,0 +1,69 @@
+"""Image decoding in worker processes: the same pixels and vectors as decoding in the encoder's process."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alignsearch.indexer.encode import decode_pool, encode_task
+from alignsearch.indexer.plan import image_tasks
+from alignsearch.indexer.reader import DecodePool, list_images
+from alignsearch.models import load_model
+from alignsearch.models.preprocess import ImagePreprocessor, load_image
+
+from conftest import sample_files
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(device="cpu")
+
+
+def test_normalise_of_resized_equals_to_array_bit_for_bit(photos):
+    pre = ImagePreprocessor(224, (0.48, 0.45, 0.40), (0.26, 0.26, 0.27))
+    images = [load_image(p) for p in sample_files(photos[0])[:4]]
+    batch = torch.from_numpy(pre.normalize(np.stack([pre.resize(im) for im in images])))
+    assert batch.dtype == torch.float32 and batch.shape == (4, 3, 224, 224)
+    assert torch.equal(batch, pre(images))
+
+
+def test_pool_decodes_in_other_processes_in_order_with_errors(photos):
+    images = photos[0]
+    files = list_images(images)
+    pool = DecodePool(2, ImagePreprocessor(32, (0.5,) * 3, (0.5,) * 3))
+    try:
+        got = [d for batch in pool.batches(images, [files[i : i + 3] for i in range(0, len(files), 3)]) for d in batch]
+        workers = multiprocessing.active_children()
+        assert workers and all(w.pid != os.getpid() for w in workers)
+    finally:
+        pool.close()
+    assert [d.rel for d in got] == files
+    broken = {d.rel for d in got if d.error}
+    assert broken == {"garbage.jpg", "empty.png", "truncated.jpg"}
+    for d in got:
+        if d.error is None:
+            assert d.array.dtype == np.uint8 and d.array.shape == (32, 32, 3)
+            with Image.open(images / d.rel) as im:
+                assert (d.width, d.height) == im.size
+    assert not multiprocessing.active_children()  # close() stopped them
+
+
+@pytest.mark.slow
+def test_encode_task_with_the_pool_equals_threads(photos, model):
+    images = photos[0]
+    files = [f for f in list_images(images) if not f.startswith(("garbage", "empty", "truncated"))][:5]
+    task = image_tasks(files, str(images), str(images), 64)[0]
+    pool = decode_pool(model, 1)
+    try:
+        pooled = encode_task(model, task, batch_size=2, pool=pool)
+    finally:
+        pool.close()
+    threaded = encode_task(model, task, batch_size=2)
+    assert [i["id"] for i in pooled.items] == [i["id"] for i in threaded.items] == files
+    assert np.array_equal(np.asarray(pooled.global_vectors), np.asarray(threaded.global_vectors))
+    assert np.array_equal(np.asarray(pooled.local_vectors), np.asarray(threaded.local_vectors))
