@@ -85,3 +85,11 @@ def test_compact_index_searches_like_the_sqfp16_one(compact, built, model):
         assert all(h.global_score == pytest.approx(by_id[h.id].global_score, abs=1e-6) for h in g.hits)
         local = np.array([[h.local_score, by_id[h.id].local_score] for h in g.hits])
         assert np.corrcoef(local.T)[0, 1] > 0.9
+
+
+def test_the_suite_times_gather_and_decode_per_codec():
+    from alignsearch.bench.suite import decode_speed
+
+    for codec in ("SQfp16", "compact"):
+        speed = decode_speed(codec, 384, candidates=4, photos=12, repeats=3)
+        assert speed["gather_ms"] > 0 and speed["decode_mvectors_per_s"] > 0
