@@ -228,7 +228,8 @@ def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Pa
 
 def quality_and_codecs(model: AlignModel, dataset: Path, codecs: list[str], limit: int | None,
                        candidates: int = 20) -> dict[str, Any]:
-    """Benchmarks 3 and 6: the three modes on the test split, per local codec, with bytes per item."""
+    """Benchmarks 3 and 6: the three modes on the test split, per local codec, with bytes per item and the
+    speed of gathering and decoding ``candidates`` photos' region vectors (:func:`decode_speed`)."""
     from alignsearch.indexer.evaluate import evaluate_split
 
     out = {}
@@ -237,8 +238,32 @@ def quality_and_codecs(model: AlignModel, dataset: Path, codecs: list[str], limi
                                 progress=False, local_codec=codec, limit=limit)
         out[codec] = {"results": report["results"], "images": report["images"], "captions": report["captions"],
                       "bytes_per_image_local": report["bytes_per_item"]["images"]["local"],
-                      "bytes_per_caption_local": report["bytes_per_item"]["captions"]["local"]}
+                      "bytes_per_caption_local": report["bytes_per_item"]["captions"]["local"],
+                      **decode_speed(codec, model.embed_dim, candidates)}
     return out
+
+
+def decode_speed(codec: str, dim: int, candidates: int = 20, photos: int = 1_000, regions: int = 49,
+                 repeats: int = 51) -> dict[str, float]:
+    """Median time to gather and decode ``candidates`` random photos' region vectors (what one query's rerank
+    reads) from a store of ``photos`` unit vectors in the images' codec of ``codec``, trained on 4,096 of them;
+    with the decoded float32 rate in million vectors per second."""
+    import tempfile
+
+    from alignsearch.indexer.stores import local_backend
+
+    backend = local_backend()
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((photos * regions, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    coder = backend.make_codec(dim, backend.spec_for(codec, "images"), vectors[:4_096])
+    with tempfile.TemporaryDirectory(prefix="alignsearch-decode-") as tmp:
+        backend.write(Path(tmp), coder, [vectors], np.full(photos, regions))
+        store = backend.open(Path(tmp))
+        picks = [rng.choice(photos, candidates, replace=False) for _ in range(repeats + 1)]
+        calls = iter(picks)
+        ms = median_ms(lambda: store.gather(next(calls)), repeats)
+    return {"gather_ms": ms, "decode_mvectors_per_s": round(candidates * regions / ms / 1e3, 2)}
 
 
 def build_throughput(model: AlignModel, images: Path, limit: int | None, work: Path) -> dict[str, Any]:
@@ -335,4 +360,4 @@ def environment() -> dict[str, Any]:
             "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0}
 
 
-__all__ = ["speed_vs_exhaustive_and_global", "quality_and_codecs", "build_throughput", "serving", "environment"]
+__all__ = ["speed_vs_exhaustive_and_global", "quality_and_codecs", "decode_speed", "build_throughput", "serving", "environment"]

@@ -122,9 +122,11 @@ def assemble_index(final: Path, model: AlignModel, shards: dict[str, list[Shard]
     collections = {}
     for name, other in (("images", "captions"), ("captions", "images")):
         spec = global_spec or backend.choose(counts[name], model.embed_dim, memory_budget_bytes)
-        codec = train_codec(model.embed_dim, local_codec, shards[name], shards[other], local)
+        codec_spec = local.spec_for(local_codec, name)
+        codec = train_codec(model.embed_dim, codec_spec, shards[name], shards[other], local)
         collections[name] = write_collection(final / name, shards[name], 0, spec, codec, dim=model.embed_dim,
                                              fallback=shards[other], backend=backend, local=local)
+        collections[name]["local_codec"] = codec_spec
     conn = metadata.connect(final / METADATA)
     for name in COLLECTIONS:
         insert_metadata(conn, name, 0, shards[name])

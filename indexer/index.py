@@ -111,6 +111,7 @@ class Index:
                                for f in global_backend(entry.get("backend")).files)
             out[name] = {
                 "backend": col.index.backend, "local_backend": col.store.backend,
+                "local_codec": entry.get("local_codec", self.manifest["local_codec"]),
                 "faiss": entry["factory"], "faiss_type": entry["type"],
                 "items": len(col.store), "live": col.live,
                 "local_vectors": col.store.total_vectors,

@@ -1,7 +1,8 @@
 """Per-region / per-word vectors in FAISS's own standalone codecs, memory-mapped.
 
-A codec from a factory string (``SQfp16`` default, ``SQ8``, ``PQ{m}``) turns each vector into a fixed number of
-bytes with ``sa_encode``. Codes of all items lie back to back in one uint8 array (``codes.npy``, opened with
+A codec from a factory string (``SQfp16`` default, ``SQ8``, ``PQ{m}``, ``OPQ{m},PQ{m}``, ...) turns each vector into
+a fixed number of bytes with ``sa_encode``; a preset (:data:`PRESETS`, e.g. ``compact``) names one factory string
+per collection. Codes of all items lie back to back in one uint8 array (``codes.npy``, opened with
 ``mmap_mode='r'``); ``offsets.npy`` says where each item starts. A query's K candidates are gathered and
 decoded in one ``sa_decode`` call, so the cost is K items' bytes, not the collection's.
 """
@@ -16,10 +17,22 @@ import faiss
 import numpy as np
 import torch
 
-from .layout import CODEC_FILE, CODES_FILE, OFFSETS_FILE, atomic_path
+from .layout import CODEC_FILE, CODES_FILE, COLLECTIONS, OFFSETS_FILE, atomic_path
 
 TRAIN_SAMPLE = 65_536
 COPY_CHUNK = 262_144  # vectors encoded / codes copied per step while writing a store
+
+PRESETS: dict[str, dict[str, str]] = {
+    # chosen on the validation images (README, Benchmarks): region codes <= 4 kB per photo within 1 rsum of
+    # SQfp16; the caption side keeps SQfp16, where the word vectors lose most to PQ (image-to-text recall)
+    "compact": {"images": "PQ64", "captions": "SQfp16"},
+}
+
+
+def collection_spec(spec: str, collection: str) -> str:
+    """The factory string ``spec`` gives ``collection`` (``images`` / ``captions``): a preset's entry for it,
+    otherwise ``spec`` itself (one codec for both)."""
+    return PRESETS[spec][collection] if spec in PRESETS else spec
 
 
 def make_codec(dim: int, factory: str, sample: np.ndarray, train: bool = True) -> faiss.Index:
@@ -179,7 +192,12 @@ class CodecBackend:
 
     @staticmethod
     def validate(spec: str, dim: int) -> None:
-        make_codec(dim, spec, np.zeros((0, dim), np.float32), train=False)
+        for factory in sorted({collection_spec(spec, name) for name in COLLECTIONS}):
+            make_codec(dim, factory, np.zeros((0, dim), np.float32), train=False)
+
+    @staticmethod
+    def spec_for(spec: str, collection: str) -> str:
+        return collection_spec(spec, collection)
 
     @staticmethod
     def make_codec(dim: int, spec: str, sample: np.ndarray) -> faiss.Index:

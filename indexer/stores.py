@@ -116,6 +116,10 @@ class LocalBackend(Protocol):
 
     def validate(self, spec: str, dim: int) -> None: ...
 
+    def spec_for(self, spec: str, collection: str) -> str:
+        """The spec ``collection``'s store uses when the index is built with ``spec`` (a preset may name one
+        codec per collection)."""
+
     def make_codec(self, dim: int, spec: str, sample: np.ndarray) -> Any:
         """The codec, trained on ``sample`` when it needs training."""
 

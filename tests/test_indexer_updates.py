@@ -158,7 +158,7 @@ def test_delete_through_a_symlink_changes_the_real_index_under_its_one_lock(inde
     assert not list(link.parent.glob(".current*"))  # no lock, copy or leftovers beside the symlink
 
 
-@pytest.mark.parametrize("codec", ["SQ8", "PQ16"])
+@pytest.mark.parametrize("codec", ["SQ8", "PQ16", "compact"])
 def test_trained_codecs_without_captions_then_add_captions(photos, tmp_path, model, codec, capsys):
     out = tmp_path / "idx"
     assert main(["index", "build", "--images", str(photos[0]), "--out", str(out), "--local-codec", codec,
@@ -168,7 +168,7 @@ def test_trained_codecs_without_captions_then_add_captions(photos, tmp_path, mod
     assert main(["index", "info", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["counts"]["captions"] == N_CAPTIONS + 1 and info["local_codec"] == codec
-    code_size = 384 if codec == "SQ8" else 16
+    code_size = {"SQ8": 384, "PQ16": 16, "compact": 64}[codec]
     assert info["images"]["bytes_per_item"]["local"] == pytest.approx(49 * code_size + 8, abs=30)
     searcher = Searcher(Index(out), model)
     caption = searcher.index.conn.execute("SELECT text, image_id FROM captions WHERE image_id IS NOT NULL").fetchone()
