@@ -62,6 +62,15 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
                    help="FAISS index-factory string for the global vectors (default: chosen from size and memory)")
     p.add_argument("--local-codec", default=DEFAULT_CODEC, help="FAISS codec for local vectors: SQfp16, SQ8, PQ32, ...")
     p.add_argument("--memory-budget-gb", type=float, default=4.0, help="memory the global index may use")
+    p.add_argument("--store", choices=("faiss", "qdrant"), default="faiss",
+                   help="where the vectors live: FAISS files in the index folder, or one Qdrant collection per side")
+    p.add_argument("--qdrant-url", default=None,
+                   help="with --store qdrant: a Qdrant server or cluster, e.g. http://localhost:6333 (API key from "
+                        "$QDRANT_API_KEY)")
+    p.add_argument("--qdrant-path", type=Path, default=None,
+                   help="with --store qdrant: a folder for an embedded Qdrant (its core in this process)")
+    p.add_argument("--qdrant-quantization", choices=("none", "scalar", "binary"), default="none",
+                   help="with --store qdrant: Qdrant's own quantization of the region / word multivectors")
     p.set_defaults(func=run_build)
 
     p = isub.add_parser("add", help="add new images / captions to an index without a rebuild")
@@ -90,11 +99,34 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
 def _options(args: argparse.Namespace, out: Path):
     from .build import BuildOptions
 
-    return BuildOptions(images=args.images, out=out, captions=args.captions, batch_size=args.batch_size,
-                        workers=args.workers, shard_size=args.shard_size,
-                        faiss_factory=getattr(args, "faiss_factory", None),
-                        local_codec=getattr(args, "local_codec", DEFAULT_CODEC),
-                        memory_budget_gb=getattr(args, "memory_budget_gb", 4.0), progress=not args.quiet)
+    options = BuildOptions(images=args.images, out=out, captions=args.captions, batch_size=args.batch_size,
+                           workers=args.workers, shard_size=args.shard_size,
+                           faiss_factory=getattr(args, "faiss_factory", None),
+                           local_codec=getattr(args, "local_codec", DEFAULT_CODEC),
+                           memory_budget_gb=getattr(args, "memory_budget_gb", 4.0), progress=not args.quiet)
+    return _store_options(args, options)
+
+
+def _store_options(args: argparse.Namespace, options):
+    """``options`` with the store backends that ``--store`` and its ``--qdrant-*`` settings name."""
+    from dataclasses import replace
+
+    store = getattr(args, "store", "faiss")
+    qdrant = {"--qdrant-url": getattr(args, "qdrant_url", None), "--qdrant-path": getattr(args, "qdrant_path", None)}
+    if store != "qdrant":
+        given = [name for name, value in qdrant.items() if value]
+        if given or getattr(args, "qdrant_quantization", "none") != "none":
+            raise ValueError(f"{' and '.join(given) or '--qdrant-quantization'} needs --store qdrant")
+        return options
+    from . import qdrant_store
+
+    if args.local_codec != DEFAULT_CODEC:
+        raise ValueError("--local-codec does not apply to --store qdrant (see --qdrant-quantization)")
+    path = qdrant["--qdrant-path"]
+    settings = qdrant_store.QdrantSettings(url=qdrant["--qdrant-url"], path=str(path) if path else None)
+    return replace(options, backend=qdrant_store.QdrantGlobalBackend(settings),
+                   local_backend=qdrant_store.QdrantLocalBackend(settings), local_codec=args.qdrant_quantization,
+                   faiss_factory=options.faiss_factory or qdrant_store.NAME)
 
 
 def _summary(report: dict) -> None:
