@@ -68,6 +68,10 @@ class QdrantSettings:
         if self.url:
             qdrant_engines.check_url(self.url)
 
+    def engine(self) -> Engine:
+        """The engine these settings reach (connected: a server that cannot be reached raises here)."""
+        return qdrant_engines.engine(self.connection())
+
     def connection(self) -> dict[str, Any]:
         """The manifest's record of the connection (no secret: the key's environment variable, not the key)."""
         if self.path:
@@ -244,6 +248,11 @@ class QdrantGlobalBackend:
         if not isinstance(codec, QdrantCollection):
             raise ValueError("the Qdrant global store needs the Qdrant local store of its collection")
         return QdrantGlobalStore(codec)
+
+    def discard(self, folder: Path, entry: dict[str, Any]) -> None:
+        """Drop the collection of a temporary index (see :func:`indexer.index.discard_stores`)."""
+        collection = QdrantCollection.of(entry["qdrant"])
+        collection.engine.drop(collection.name)
 
     def open(self, folder: Path, entry: dict[str, Any], use_gpu: bool = False,
              writable: bool = False) -> QdrantGlobalStore:
