@@ -55,9 +55,9 @@ class Engine:
         """Per query, (row ids, scores) of the top ``k`` by ``global``."""
 
     def fused(self, name: str, query: np.ndarray, words: np.ndarray, weight: float, candidates: int, k: int,
-              below: int | None) -> tuple[np.ndarray, np.ndarray]:
+              below: int | None, quantized: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(row ids, scores) of the top ``k`` of ``global + weight * MAX_SIM(words, local)`` over the top
-        ``candidates`` by ``global``."""
+        ``candidates`` by ``global``; ``quantized``: MAX_SIM on the quantized multivectors, not rescored."""
 
 
 def _split(ids: np.ndarray, vectors: np.ndarray) -> Iterable[tuple[list[int], np.ndarray]]:
@@ -91,12 +91,14 @@ class EdgeEngine(Engine):
         e = self.edge
         quant = {"none": None, "scalar": lambda: e.ScalarQuantizationConfig(e.ScalarType.Int8, always_ram=True),
                  "binary": lambda: e.BinaryQuantizationConfig(always_ram=True)}[quantization]
-        config = e.EdgeConfig(vectors={
+        # quantized copies are made when a segment is optimized: with quantization, every segment is (threshold 1 kB)
+        config = e.EdgeConfig(optimizers=e.EdgeOptimizersConfig(indexing_threshold=1) if quant else None, vectors={
             GLOBAL: e.EdgeVectorParams(size=dim, distance=e.Distance.Dot),
             LOCAL: e.EdgeVectorParams(size=dim, distance=e.Distance.Dot,
                                       multivector_config=e.MultiVectorConfig(e.MultiVectorComparator.MaxSim),
                                       hnsw_config=e.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10000),
-                                      quantization_config=quant() if quant else None)})
+                                      quantization_config=quant() if quant else None,
+                                      on_disk=True if quant else None)})
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self.shards[name] = e.EdgeShard.create(str(self.path / name), config)
@@ -144,6 +146,9 @@ class EdgeEngine(Engine):
         return {int(r.id): np.asarray(r.vector[which], dtype=np.float32) for r in records}
 
     def flush(self, name: str) -> None:
+        """Run Qdrant's optimizers (merge segments; an HNSW graph on ``global`` once a segment passes the
+        indexing threshold, as a server does in the background), then persist."""
+        self._shard(name).optimize()
         self._shard(name).flush()
 
     def disk_bytes(self, name: str) -> int | None:
@@ -156,11 +161,13 @@ class EdgeEngine(Engine):
         return [_unpack(points) for points in self._shard(name).query_batch(batch)]
 
     def fused(self, name: str, query: np.ndarray, words: np.ndarray, weight: float, candidates: int, k: int,
-              below: int | None) -> tuple[np.ndarray, np.ndarray]:
+              below: int | None, quantized: bool = False) -> tuple[np.ndarray, np.ndarray]:
         e, x = self.edge, self.edge.Expression
         first = e.Prefetch(limit=candidates, query=e.Query.Nearest(query.tolist(), using=GLOBAL),
                            filter=self._below(below))
-        local = e.Prefetch(limit=candidates, query=e.Query.Nearest(words.tolist(), using=LOCAL), prefetches=[first])
+        params = e.SearchParams(quantization=e.QuantizationSearchParams(rescore=False)) if quantized else None
+        local = e.Prefetch(limit=candidates, query=e.Query.Nearest(words.tolist(), using=LOCAL), prefetches=[first],
+                           params=params)
         formula = e.Formula(x.Sum([x.Variable("$score[0]"), x.Mult([x.Constant(weight), x.Variable("$score[1]")])]))
         return _unpack(self._shard(name).query(e.QueryRequest(limit=k, query=formula, prefetches=[first, local])))
 
@@ -213,7 +220,8 @@ class ClientEngine(Engine):
             GLOBAL: m.VectorParams(size=dim, distance=m.Distance.DOT),
             LOCAL: m.VectorParams(size=dim, distance=m.Distance.DOT, hnsw_config=m.HnswConfigDiff(m=0),
                                   multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM),
-                                  quantization_config=quant() if quant else None)})
+                                  quantization_config=quant() if quant else None, on_disk=True if quant else None)},
+            optimizers_config=m.OptimizersConfigDiff(indexing_threshold=1) if quant else None)
         if self.where != ":memory:":  # the client's local mode has no payload indexes (and says so)
             self._call(self.client.create_payload_index, name, "row", m.PayloadSchemaType.INTEGER)
 
@@ -264,10 +272,11 @@ class ClientEngine(Engine):
         return [_unpack(r.points) for r in self._call(self.client.query_batch_points, name, requests)]
 
     def fused(self, name: str, query: np.ndarray, words: np.ndarray, weight: float, candidates: int, k: int,
-              below: int | None) -> tuple[np.ndarray, np.ndarray]:
+              below: int | None, quantized: bool = False) -> tuple[np.ndarray, np.ndarray]:
         m = self.m
         first = m.Prefetch(query=query.tolist(), using=GLOBAL, limit=candidates, filter=self._below(below))
-        local = m.Prefetch(query=words.tolist(), using=LOCAL, limit=candidates, prefetch=[first])
+        params = m.SearchParams(quantization=m.QuantizationSearchParams(rescore=False)) if quantized else None
+        local = m.Prefetch(query=words.tolist(), using=LOCAL, limit=candidates, prefetch=[first], params=params)
         formula = m.FormulaQuery(formula=m.SumExpression(sum=["$score[0]", m.MultExpression(mult=[weight, "$score[1]"])]))
         return _unpack(self._call(self.client.query_points, name, query=formula, prefetch=[first, local], limit=k).points)
 

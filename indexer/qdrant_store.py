@@ -23,8 +23,12 @@ the global search in Qdrant, the candidates' local vectors fetched from Qdrant, 
 **Image -> captions** always takes that path: MAX_SIM would sum over the query's (the image's) vectors, i.e.
 MwSr, not the MrSw the model is scored with.
 
-Quantization (``--qdrant-quantization scalar|binary``) is Qdrant's own on the ``local`` multivectors (kept in
-RAM beside the float32 originals); the local store spec (the manifest's ``local_codec``) names it.
+Quantization (``--qdrant-quantization scalar|binary``) is Qdrant's own on the ``local`` multivectors: the codes
+in RAM, the float32 originals on disk, every segment optimized (quantized copies are made only then), and the
+MAX_SIM stage scores the codes without rescoring (the point: the rerank reads the small codes), so the fused
+score is approximate; the local store spec (the manifest's ``local_codec``) names it. Binary codes score on
+another scale than cosine similarities (Qdrant's own), which the fused score inherits. Image -> captions
+fetches the originals, so it is unchanged.
 
 Not transactional: the index folder is swapped atomically, but points are written to Qdrant in place. A failed
 ``index add`` leaves points for rows the metadata does not have (hidden by the row bound; the retry overwrites
@@ -143,7 +147,7 @@ class QdrantGlobalStore:
         col, out = self.collection, []
         for query, word_vectors, weight in zip(np.asarray(queries, np.float32), words, weights):
             rows, fused = col.engine.fused(col.name, query, np.asarray(word_vectors, np.float32), weight,
-                                           candidates, k, self.below)
+                                           candidates, k, self.below, quantized=col.quantization != "none")
             stored = col.engine.vectors(col.name, rows.tolist(), GLOBAL)
             g = np.array([stored[r] @ query for r in rows.tolist()], dtype=np.float32).reshape(len(rows))
             out.append((rows, fused, g, ((fused - g) / np.float32(scoring.local_weight)).astype(np.float32)))

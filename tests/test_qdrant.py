@@ -180,3 +180,40 @@ def test_served_through_a_real_server_and_the_embedded_store_is_locked(qdrant_in
         err = capsys.readouterr().err.strip().splitlines()
         assert err and "is open in another process" in err[-1]
 
+
+
+@pytest.mark.slow
+def test_flickr8k_800_gives_the_same_top_10_both_ways(dataset_dir, tmp_path_factory, model):
+    """The shared set (800 images, 4000 captions), encoded once into both stores (about 2 minutes on 2 cores)."""
+    from alignsearch.bench.qdrant import build_pair, differences
+
+    root = tmp_path_factory.mktemp("flickr-qdrant")
+    faiss_dir, qdrant_dir = build_pair(model, dataset_dir / "images", dataset_dir / "captions.csv", root)
+    reference, searcher = Searcher(Index(faiss_dir), model), Searcher(Index(qdrant_dir), model)
+    assert searcher.index.manifest["counts"]["images"] == 800 and verify(qdrant_dir) == []
+    texts = [r[0] for r in reference.index.conn.execute("SELECT text FROM captions ORDER BY row")][::20]
+    got = differences(reference.search_text(texts, k=10, candidates=100),
+                      searcher.search_text(texts, k=10, candidates=100))
+    assert got["same_top_ids"] == got["queries"] == 200 and got["max_score_difference"] < 1e-4
+    files = [dataset_dir / "images" / r[0] for r in reference.index.conn.execute("SELECT path FROM images")][::16]
+    queries = [Image.open(f).convert("RGB") for f in files]
+    got = differences(reference.search_image(queries, k=10, candidates=100),
+                      searcher.search_image(queries, k=10, candidates=100))
+    assert got["same_top_ids"] == got["queries"] == 50 and got["max_score_difference"] < 1e-4
+
+
+def test_scalar_quantization_scores_the_codes(faiss_index, photos, model, tmp_path):
+    """With --qdrant-quantization scalar the MAX_SIM stage reads int8 codes: scores move a little, ranks hold."""
+    root = tmp_path / "q"
+    assert build_index(*photos, root / "index", "--store", "qdrant", "--qdrant-path", str(root / "qdrant"),
+                       "--qdrant-quantization", "scalar") == 0
+    qdrant_engines.release()
+    searcher = Searcher(Index(root / "index"), model)
+    assert searcher.index.manifest["local_codec"] == "scalar"
+    exact = Searcher(Index(faiss_index), model).search_text(TEXTS, k=3, candidates=20)
+    got = searcher.search_text(TEXTS, k=3, candidates=20)
+    gaps = [abs(x.score - y.score) for a, b in zip(exact, got) for x, y in zip(a.hits, b.hits) if x.id == y.id]
+    assert 0 < max(gaps) < 0.1  # the codes, not the float originals
+    assert sum(a.hits[0].id == b.hits[0].id for a, b in zip(exact, got)) >= len(TEXTS) - 1
+    assert_same(Searcher(Index(faiss_index), model).search_image(photo_queries(photos)[:2], k=5, candidates=20),
+                searcher.search_image(photo_queries(photos)[:2], k=5, candidates=20))  # originals: exact
