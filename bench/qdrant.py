@@ -59,14 +59,15 @@ def differences(expected: list, got: list) -> dict[str, Any]:
     return {"queries": len(expected), "same_top_ids": same, "max_score_difference": float(gap)}
 
 
-def disk_bytes(index: Path) -> dict[str, float]:
-    """Bytes per item on disk of each collection's stores (a Qdrant collection's folder, or the FAISS files)."""
+def disk_bytes(index: Path) -> dict[str, dict[str, float]]:
+    """Bytes per item allocated on disk by each collection's stores: the files in the index folder, and for
+    Qdrant its collection's segments and write-ahead log."""
     out = {}
     opened = Index(index, check="none", use_gpu=False)
     for name, col in opened.collections.items():
-        inside = sum(p.stat().st_size for p in (index / name).rglob("*") if p.is_file())
-        outside = getattr(col.store, "disk_bytes", lambda: 0)() or 0
-        out[name] = round((inside + outside) / max(len(col.store), 1), 1)
+        parts = {"index_folder": sum(p.stat().st_blocks * 512 for p in (index / name).rglob("*") if p.is_file()),
+                 **(getattr(col.store, "disk_bytes", lambda: None)() or {})}
+        out[name] = {part: round(n / max(len(col.store), 1), 1) for part, n in parts.items()}
     return out
 
 
@@ -104,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))[: args.queries + 30]]
     report: dict[str, Any] = {"equality_t2i": differences(reference.search_text(texts[:200], k=10, candidates=100),
                                                           searcher.search_text(texts[:200], k=10, candidates=100))}
+    from alignsearch.models.preprocess import load_image
+
+    files = [reference.index.images_root / r[0] for r in reference.index.conn.execute("SELECT path FROM images")]
+    photos = [load_image(f) for f in files[::16]]
+    report["equality_i2t"] = differences(reference.search_image(photos, k=10, candidates=100),
+                                         searcher.search_image(photos, k=10, candidates=100))
     report["bytes_per_item_on_disk"] = {"faiss": disk_bytes(faiss_dir), "qdrant": disk_bytes(qdrant_dir)}
     report["load_before"] = os.getloadavg()
     report["latency_ms"] = {name: latency_ms(s, texts, 30) for name, s in (("faiss", reference), ("qdrant", searcher),

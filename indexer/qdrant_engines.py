@@ -49,7 +49,8 @@ class Engine:
     def ids(self, name: str, below: int | None) -> np.ndarray: ...
     def vectors(self, name: str, ids: list[int], which: str) -> dict[int, np.ndarray]: ...
     def flush(self, name: str) -> None: ...
-    def disk_bytes(self, name: str) -> int | None: ...
+    def disk_bytes(self, name: str) -> dict[str, int] | None:
+        """Bytes on disk by part, or None where the data is on a server."""
 
     def nearest(self, name: str, queries: np.ndarray, k: int, below: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query, (row ids, scores) of the top ``k`` by ``global``."""
@@ -151,8 +152,14 @@ class EdgeEngine(Engine):
         self._shard(name).optimize()
         self._shard(name).flush()
 
-    def disk_bytes(self, name: str) -> int | None:
-        return sum(p.stat().st_size for p in (self.path / name).rglob("*") if p.is_file())
+    def disk_bytes(self, name: str) -> dict[str, int] | None:
+        """Bytes allocated on disk (not the files' preallocated sizes): the segments and the write-ahead log."""
+        out = {"segments": 0, "wal": 0}
+        for p in (self.path / name).rglob("*"):
+            if p.is_file():
+                part = "wal" if "wal" in p.relative_to(self.path / name).parts[:1] else "segments"
+                out[part] += p.stat().st_blocks * 512
+        return out
 
     def nearest(self, name: str, queries: np.ndarray, k: int, below: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
         e = self.edge
@@ -263,7 +270,7 @@ class ClientEngine(Engine):
     def flush(self, name: str) -> None:
         pass  # the server persists its own writes
 
-    def disk_bytes(self, name: str) -> int | None:
+    def disk_bytes(self, name: str) -> dict[str, int] | None:
         return None  # on the server's disk
 
     def nearest(self, name: str, queries: np.ndarray, k: int, below: int | None) -> list[tuple[np.ndarray, np.ndarray]]:

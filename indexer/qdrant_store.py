@@ -205,8 +205,9 @@ class QdrantLocalStore:
     def nbytes(self) -> int:
         return self.total_vectors * self.code_size
 
-    def disk_bytes(self) -> int | None:
-        """Bytes the collection takes on disk (embedded store only; None on a server)."""
+    def disk_bytes(self) -> dict[str, int] | None:
+        """Bytes the collection takes on disk, segments and write-ahead log (embedded store only; None on a
+        server)."""
         return self.codec.engine.disk_bytes(self.codec.name)
 
     def lengths(self) -> np.ndarray:
