@@ -208,10 +208,11 @@ class Searcher:
             return None
         if k < 1 or candidates < 1:
             raise ValueError("k and candidates must be >= 1")
+        if not col.live:
+            return [SearchResult([], {"coarse": 0.0, "rerank": 0.0, "total": 0.0}) for _ in range(len(enc.local))]
         start = time.perf_counter()
         words = [enc.local[q][enc.mask[q].bool()].numpy() for q in range(len(enc.local))]
-        found = search_fused(enc.global_emb.numpy(), words, k, max(candidates, k), scoring) if col.live else \
-            [(np.zeros(0, np.int64),) + (np.zeros(0, np.float32),) * 3] * len(words)
+        found = search_fused(enc.global_emb.numpy(), words, k, max(candidates, k), scoring)
         if found is None:
             return None
         store_ms = _ms(start)
