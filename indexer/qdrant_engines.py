@@ -55,10 +55,11 @@ class Engine:
     def nearest(self, name: str, queries: np.ndarray, k: int, below: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query, (row ids, scores) of the top ``k`` by ``global``."""
 
-    def fused(self, name: str, query: np.ndarray, words: np.ndarray, weight: float, candidates: int, k: int,
-              below: int | None, quantized: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(row ids, scores) of the top ``k`` of ``global + weight * MAX_SIM(words, local)`` over the top
-        ``candidates`` by ``global``; ``quantized``: MAX_SIM on the quantized multivectors, not rescored."""
+    def fused(self, name: str, queries: np.ndarray, words: list[np.ndarray], weights: list[float], candidates: int,
+              k: int, below: int | None, quantized: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query (one request for all), (row ids, scores) of the top ``k`` of
+        ``global + weight * MAX_SIM(words, local)`` over the top ``candidates`` by ``global``; ``quantized``:
+        MAX_SIM on the quantized multivectors, not rescored."""
 
 
 def _split(ids: np.ndarray, vectors: np.ndarray) -> Iterable[tuple[list[int], np.ndarray]]:
@@ -70,7 +71,7 @@ class EdgeEngine(Engine):
     """Qdrant's core in this process (``qdrant-edge-py``): one shard per collection under ``path``.
 
     A shard is locked by the process that opens it (its write-ahead log), so shards are opened once per
-    process and shared (:func:`edge_engine`); a second process gets a one-line error."""
+    process and shared (:func:`engine`); a second process gets a one-line error."""
 
     def __init__(self, path: str) -> None:
         self.edge = _require("qdrant_edge")
@@ -167,16 +168,20 @@ class EdgeEngine(Engine):
                                                     filter=self._below(below)) for q in queries])
         return [_unpack(points) for points in self._shard(name).query_batch(batch)]
 
-    def fused(self, name: str, query: np.ndarray, words: np.ndarray, weight: float, candidates: int, k: int,
-              below: int | None, quantized: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def fused(self, name: str, queries: np.ndarray, words: list[np.ndarray], weights: list[float], candidates: int,
+              k: int, below: int | None, quantized: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
         e, x = self.edge, self.edge.Expression
-        first = e.Prefetch(limit=candidates, query=e.Query.Nearest(query.tolist(), using=GLOBAL),
-                           filter=self._below(below))
         params = e.SearchParams(quantization=e.QuantizationSearchParams(rescore=False)) if quantized else None
-        local = e.Prefetch(limit=candidates, query=e.Query.Nearest(words.tolist(), using=LOCAL), prefetches=[first],
-                           params=params)
-        formula = e.Formula(x.Sum([x.Variable("$score[0]"), x.Mult([x.Constant(weight), x.Variable("$score[1]")])]))
-        return _unpack(self._shard(name).query(e.QueryRequest(limit=k, query=formula, prefetches=[first, local])))
+        requests = []
+        for query, word_vectors, weight in zip(queries, words, weights):
+            first = e.Prefetch(limit=candidates, query=e.Query.Nearest(query.tolist(), using=GLOBAL),
+                               filter=self._below(below))
+            local = e.Prefetch(limit=candidates, query=e.Query.Nearest(word_vectors.tolist(), using=LOCAL),
+                               prefetches=[first], params=params)
+            formula = e.Formula(x.Sum([x.Variable("$score[0]"),
+                                       x.Mult([x.Constant(weight), x.Variable("$score[1]")])]))
+            requests.append(e.QueryRequest(limit=k, query=formula, prefetches=[first, local]))
+        return [_unpack(points) for points in self._shard(name).query_batch(e.QueryBatchRequest(requests))]
 
 
 def _unpack(points: list[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -278,14 +283,19 @@ class ClientEngine(Engine):
         requests = [m.QueryRequest(query=q.tolist(), using=GLOBAL, limit=k, filter=self._below(below)) for q in queries]
         return [_unpack(r.points) for r in self._call(self.client.query_batch_points, name, requests)]
 
-    def fused(self, name: str, query: np.ndarray, words: np.ndarray, weight: float, candidates: int, k: int,
-              below: int | None, quantized: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def fused(self, name: str, queries: np.ndarray, words: list[np.ndarray], weights: list[float], candidates: int,
+              k: int, below: int | None, quantized: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
         m = self.m
-        first = m.Prefetch(query=query.tolist(), using=GLOBAL, limit=candidates, filter=self._below(below))
         params = m.SearchParams(quantization=m.QuantizationSearchParams(rescore=False)) if quantized else None
-        local = m.Prefetch(query=words.tolist(), using=LOCAL, limit=candidates, prefetch=[first], params=params)
-        formula = m.FormulaQuery(formula=m.SumExpression(sum=["$score[0]", m.MultExpression(mult=[weight, "$score[1]"])]))
-        return _unpack(self._call(self.client.query_points, name, query=formula, prefetch=[first, local], limit=k).points)
+        requests = []
+        for query, word_vectors, weight in zip(queries, words, weights):
+            first = m.Prefetch(query=query.tolist(), using=GLOBAL, limit=candidates, filter=self._below(below))
+            local = m.Prefetch(query=word_vectors.tolist(), using=LOCAL, limit=candidates, prefetch=[first],
+                               params=params)
+            formula = m.FormulaQuery(formula=m.SumExpression(sum=["$score[0]",
+                                                                  m.MultExpression(mult=[weight, "$score[1]"])]))
+            requests.append(m.QueryRequest(query=formula, prefetch=[first, local], limit=k))
+        return [_unpack(r.points) for r in self._call(self.client.query_batch_points, name, requests)]
 
 
 def describe_url(url: str) -> str:

@@ -144,11 +144,12 @@ class QdrantGlobalStore:
         weights = [maxsim_weight(scoring, len(w)) for w in words]
         if any(w is None for w in weights):
             return None
-        col, out = self.collection, []
-        for query, word_vectors, weight in zip(np.asarray(queries, np.float32), words, weights):
-            rows, fused = col.engine.fused(col.name, query, np.asarray(word_vectors, np.float32), weight,
-                                           candidates, k, self.below, quantized=col.quantization != "none")
-            stored = col.engine.vectors(col.name, rows.tolist(), GLOBAL)
+        col, queries = self.collection, np.asarray(queries, np.float32)
+        found = col.engine.fused(col.name, queries, [np.asarray(w, np.float32) for w in words], weights, candidates,
+                                 k, self.below, quantized=col.quantization != "none")
+        stored = col.engine.vectors(col.name, sorted({int(r) for rows, _ in found for r in rows}), GLOBAL)
+        out = []
+        for query, (rows, fused) in zip(queries, found):  # the global part, from the hits' stored vectors
             g = np.array([stored[r] @ query for r in rows.tolist()], dtype=np.float32).reshape(len(rows))
             out.append((rows, fused, g, ((fused - g) / np.float32(scoring.local_weight)).astype(np.float32)))
         return out
