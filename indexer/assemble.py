@@ -81,7 +81,8 @@ def write_collection(folder: Path, shards: list[Shard], first_row: int, spec: st
     dim = dim or previous[1].dim
     if previous is None:
         index = backend.create(dim, spec, lambda: _sample([shards, list(fallback)], "global_vectors",
-                                                          lambda total: backend.training_size(spec, total), dim))
+                                                          lambda total: backend.training_size(spec, total), dim),
+                               codec=codec)
         store = None
     else:
         index, store = previous

@@ -30,7 +30,7 @@ from .encode import decode_pool, encode_task
 from .layout import DEFAULT_CODEC
 from .plan import caption_tasks, image_tasks
 from .reader import CaptionRow, list_images, read_captions
-from .stores import DEFAULT_GLOBAL, DEFAULT_LOCAL, global_backend, local_backend
+from .stores import DEFAULT_GLOBAL, DEFAULT_LOCAL, GlobalBackend, LocalBackend, global_backend, local_backend
 from .writer import Shard, read_shards
 
 DEFAULT_SHARD_SIZE = 1024
@@ -50,8 +50,8 @@ class BuildOptions:
     memory_budget_gb: float = 4.0
     progress: bool = True
     files: list[str] | None = None  # index only these files of ``images`` (relative paths)
-    backend: str = DEFAULT_GLOBAL  # the global store's backend (see indexer.stores)
-    local_backend: str = DEFAULT_LOCAL
+    backend: str | GlobalBackend = DEFAULT_GLOBAL  # the global store's backend, a name or a configured one
+    local_backend: str | LocalBackend = DEFAULT_LOCAL  # (see indexer.stores)
     distributor: Distributor | None = field(default=None, repr=False)  # None: LocalDistributor
 
 

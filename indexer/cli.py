@@ -51,6 +51,18 @@ def _codec_arg(p: argparse.ArgumentParser) -> None:
                         "OPQ64,PQ64, ...) or a preset: compact (photos PQ64, 3.1 kB; captions SQfp16)")
 
 
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", choices=("faiss", "qdrant"), default="faiss",
+                   help="where the vectors live: FAISS files in the index folder, or one Qdrant collection per side")
+    p.add_argument("--qdrant-url", default=None,
+                   help="with --store qdrant: a Qdrant server or cluster, e.g. http://localhost:6333 (API key from "
+                        "$QDRANT_API_KEY)")
+    p.add_argument("--qdrant-path", type=Path, default=None,
+                   help="with --store qdrant: a folder for an embedded Qdrant (its core in this process)")
+    p.add_argument("--qdrant-quantization", choices=("none", "scalar", "binary"), default="none",
+                   help="with --store qdrant: Qdrant's own quantization of the region / word multivectors")
+
+
 def _index_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("index", type=Path, help="index folder (the --out of `alignsearch index build`)")
 
@@ -78,6 +90,7 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", default=None,
                    help="with --engine ray: the cluster (HOST:PORT, ray://HOST:PORT or auto); default: a local "
                         "Ray instance started for this build")
+    _store_args(p)
     p.set_defaults(func=run_build)
 
     p = isub.add_parser("add", help="add new images / captions to an index without a rebuild")
@@ -106,11 +119,33 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
 def _options(args: argparse.Namespace, out: Path):
     from .build import BuildOptions
 
-    return BuildOptions(images=args.images, out=out, captions=args.captions, batch_size=args.batch_size,
-                        workers=args.workers, shard_size=args.shard_size,
-                        faiss_factory=getattr(args, "faiss_factory", None),
-                        local_codec=getattr(args, "local_codec", DEFAULT_CODEC),
-                        memory_budget_gb=getattr(args, "memory_budget_gb", 4.0), progress=not args.quiet)
+    options = BuildOptions(images=args.images, out=out, captions=args.captions, batch_size=args.batch_size,
+                           workers=args.workers, shard_size=args.shard_size,
+                           faiss_factory=getattr(args, "faiss_factory", None),
+                           local_codec=getattr(args, "local_codec", DEFAULT_CODEC),
+                           memory_budget_gb=getattr(args, "memory_budget_gb", 4.0), progress=not args.quiet)
+    return replace(options, **_store_fields(args))
+
+
+def _store_fields(args: argparse.Namespace) -> dict:
+    """The build options that ``--store`` and its ``--qdrant-*`` settings set (none for FAISS)."""
+    store = getattr(args, "store", "faiss")
+    qdrant = {"--qdrant-url": getattr(args, "qdrant_url", None), "--qdrant-path": getattr(args, "qdrant_path", None)}
+    if store != "qdrant":
+        given = [name for name, value in qdrant.items() if value]
+        if given or getattr(args, "qdrant_quantization", "none") != "none":
+            raise ValueError(f"{' and '.join(given) or '--qdrant-quantization'} needs --store qdrant")
+        return {}
+    from . import qdrant_store
+
+    if getattr(args, "local_codec", DEFAULT_CODEC) != DEFAULT_CODEC:
+        raise ValueError("--local-codec does not apply to --store qdrant (see --qdrant-quantization)")
+    path = qdrant["--qdrant-path"]
+    settings = qdrant_store.QdrantSettings(url=qdrant["--qdrant-url"], path=str(path) if path else None)
+    settings.engine()  # a server that cannot be reached fails here, before any encoding
+    return {"backend": qdrant_store.QdrantGlobalBackend(settings),
+            "local_backend": qdrant_store.QdrantLocalBackend(settings), "local_codec": args.qdrant_quantization,
+            "faiss_factory": getattr(args, "faiss_factory", None) or qdrant_store.NAME}
 
 
 def _summary(report: dict) -> None:
@@ -217,6 +252,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--candidates", type=int, default=20, help="first-stage K for two-stage search")
     _codec_arg(p)
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    _store_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars of the encoding itself")
     add_progress_option(p)
@@ -231,12 +267,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_split
 
     load_dataset(args.dataset)  # fail on a bad dataset before loading any model
+    store = _store_fields(args)  # and on bad store settings
     if not args.images.is_dir():
         raise FileNotFoundError(f"images folder not found: {args.images}")
     apply_progress_option(args)
     model = load_model(args.model, device=args.device)
     report = evaluate_split(model, args.dataset, args.images, args.split, args.candidates, progress=not args.quiet,
-                            local_codec=args.local_codec)
+                            local_codec=args.local_codec, store=store)
     report.update(model=model.source, fingerprint=model.fingerprint, split=args.split, candidates=args.candidates,
                   local_codec=args.local_codec)
     print(f"model {model.source} ({model.fingerprint}), split {args.split}: "

@@ -20,7 +20,7 @@ from alignsearch.models.evaluation import recall_metrics
 from alignsearch.models.model import AlignModel
 
 from .build import BuildOptions, build
-from .index import Index
+from .index import Index, discard_stores
 from .search import Searcher
 
 
@@ -36,10 +36,12 @@ def _score_matrix(results, n_rows: int, n_cols: int, column_of: dict[str, int], 
 
 def evaluate_split(model: AlignModel, dataset: Path, images_dir: Path, split: str = "test",
                    candidates: int = 20, val_size: int = 100, seed: int = 0, progress: bool = True,
-                   local_codec: str = "SQfp16", limit: int | None = None) -> dict:
+                   local_codec: str = "SQfp16", limit: int | None = None, store: dict | None = None) -> dict:
     """Build a temporary index of ``split`` with ``model`` and measure the three modes through the Searcher.
 
-    ``local_codec`` is the local store's FAISS codec; ``limit`` keeps only the first images (quick runs)."""
+    ``local_codec`` is the local store's FAISS codec; ``limit`` keeps only the first images (quick runs);
+    ``store`` holds build options that pick other store backends (``--store qdrant``: the temporary
+    collections are dropped at the end)."""
     if not images_dir.is_dir():
         raise FileNotFoundError(f"images folder not found: {images_dir}")
     records = select_split(load_dataset(dataset), split, val_size, seed)[:limit]
@@ -49,49 +51,57 @@ def evaluate_split(model: AlignModel, dataset: Path, images_dir: Path, split: st
                                     for r in records for c in r.captions))
         report = build(model, BuildOptions(images=images_dir, out=Path(tmp) / "index", captions=captions,
                                            files=[r.filename for r in records], progress=progress,
-                                           local_codec=local_codec))
-        searcher = Searcher(Index(Path(tmp) / "index"), model)
-        index = searcher.index
-        image_ids = [r["id"] for r in index.conn.execute("SELECT id FROM images ORDER BY row")]
-        image_col = {i: n for n, i in enumerate(image_ids)}
-        all_captions = index.conn.execute("SELECT id, text, image_id FROM captions ORDER BY row").fetchall()
-        # captions whose image could not be indexed have no ground truth: they are left out (and reported)
-        cap_rows = [r for r in all_captions if r["image_id"] in image_col]
-        dropped = len(all_captions) - len(cap_rows)
-        caption_col = {r["id"]: n for n, r in enumerate(cap_rows)}
-        text_to_image = torch.tensor([image_col[r["image_id"]] for r in cap_rows])
-        n_img, n_cap = len(image_ids), len(cap_rows)
-        texts = [r["text"] for r in cap_rows]
+                                           **{"local_codec": local_codec, **(store or {})}))
+        try:
+            return _measure(model, Path(tmp) / "index", candidates, progress, report)
+        finally:
+            discard_stores(Path(tmp) / "index")
 
-        def t2i(k: int) -> list:
-            out = []
-            for start in tqdm(range(0, n_cap, 128), desc=f"text queries (K={k})", disable=not progress):
-                out += searcher.search_text(texts[start : start + 128], k=k, candidates=k)
-            return out
 
-        def i2t(k: int) -> list:
-            from alignsearch.models.preprocess import load_image
+def _measure(model: AlignModel, folder: Path, candidates: int, progress: bool, report: dict) -> dict:
+    """The three modes' recall on the index in ``folder`` (see :func:`evaluate_split`)."""
+    searcher = Searcher(Index(folder), model)
+    index = searcher.index
+    image_ids = [r["id"] for r in index.conn.execute("SELECT id FROM images ORDER BY row")]
+    image_col = {i: n for n, i in enumerate(image_ids)}
+    all_captions = index.conn.execute("SELECT id, text, image_id FROM captions ORDER BY row").fetchall()
+    # captions whose image could not be indexed have no ground truth: they are left out (and reported)
+    cap_rows = [r for r in all_captions if r["image_id"] in image_col]
+    dropped = len(all_captions) - len(cap_rows)
+    caption_col = {r["id"]: n for n, r in enumerate(cap_rows)}
+    text_to_image = torch.tensor([image_col[r["image_id"]] for r in cap_rows])
+    n_img, n_cap = len(image_ids), len(cap_rows)
+    texts = [r["text"] for r in cap_rows]
 
-            out = []
-            for start in tqdm(range(0, n_img, 32), desc=f"image queries (K={k})", disable=not progress):
-                batch = [load_image(index.images_root / i) for i in image_ids[start : start + 32]]
-                out += searcher.search_image(batch, k=k, candidates=k)
-            return out
+    def t2i(k: int) -> list:
+        out = []
+        for start in tqdm(range(0, n_cap, 128), desc=f"text queries (K={k})", disable=not progress):
+            out += searcher.search_text(texts[start : start + 128], k=k, candidates=k)
+        return out
 
-        full_t2i, full_i2t = t2i(n_img), i2t(len(all_captions))  # every item, dropped ones too
-        cut_t2i, cut_i2t = t2i(min(candidates, n_img)), i2t(min(candidates, n_cap))
+    def i2t(k: int) -> list:
+        from alignsearch.models.preprocess import load_image
 
-        def metrics(t2i_res, i2t_res, use_global: bool) -> dict[str, float]:
-            t2i_scores = _score_matrix(t2i_res, n_cap, n_img, image_col, use_global)
-            i2t_scores = _score_matrix(i2t_res, n_img, n_cap, caption_col, use_global).T
-            return recall_metrics(t2i_scores, text_to_image, i2t_scores)
+        out = []
+        for start in tqdm(range(0, n_img, 32), desc=f"image queries (K={k})", disable=not progress):
+            batch = [load_image(index.images_root / i) for i in image_ids[start : start + 32]]
+            out += searcher.search_image(batch, k=k, candidates=k)
+        return out
 
-        results = {
-            "global": metrics(full_t2i, full_i2t, use_global=True),
-            "exhaustive": metrics(full_t2i, full_i2t, use_global=False),
-            "two-stage": metrics(cut_t2i, cut_i2t, use_global=False),
-        }
-        sizes = index.info()
+    full_t2i, full_i2t = t2i(n_img), i2t(len(all_captions))  # every item, dropped ones too
+    cut_t2i, cut_i2t = t2i(min(candidates, n_img)), i2t(min(candidates, n_cap))
+
+    def metrics(t2i_res, i2t_res, use_global: bool) -> dict[str, float]:
+        t2i_scores = _score_matrix(t2i_res, n_cap, n_img, image_col, use_global)
+        i2t_scores = _score_matrix(i2t_res, n_img, n_cap, caption_col, use_global).T
+        return recall_metrics(t2i_scores, text_to_image, i2t_scores)
+
+    results = {
+        "global": metrics(full_t2i, full_i2t, use_global=True),
+        "exhaustive": metrics(full_t2i, full_i2t, use_global=False),
+        "two-stage": metrics(cut_t2i, cut_i2t, use_global=False),
+    }
+    sizes = index.info()
     skipped = [s["item"] for s in report["skipped"]]
     if dropped:
         skipped.append(f"{dropped} caption(s) whose image was skipped: left out of the evaluation")

@@ -290,7 +290,8 @@ class FaissBackend:
         return training_size(spec, n)
 
     @staticmethod
-    def create(dim: int, spec: str, sample: np.ndarray | Callable[[], np.ndarray]) -> FaissGlobalStore:
+    def create(dim: int, spec: str, sample: np.ndarray | Callable[[], np.ndarray], codec: Any = None
+               ) -> FaissGlobalStore:
         return FaissGlobalStore(new_index(dim, spec, sample), spec)
 
     @staticmethod

@@ -60,6 +60,17 @@ def open_collection(folder: Path, name: str, manifest: dict[str, Any], conn: Any
     return Collection(name, index, store, metadata.deleted_rows(conn, name))
 
 
+def discard_stores(folder: Path) -> None:
+    """Drop what the index in ``folder`` keeps outside its folder (a Qdrant backend's collections), for a
+    temporary index about to be removed; nothing for backends whose files are all in the folder."""
+    manifest = layout.read_manifest(folder)
+    for name in layout.COLLECTIONS:
+        entry = manifest["collections"][name]
+        discard = getattr(global_backend(entry.get("backend")), "discard", None)
+        if discard is not None:
+            discard(folder / name, entry)
+
+
 class Index:
     """A read-only view of an index folder."""
 

@@ -109,7 +109,11 @@ class Searcher:
     def search_text_encoded(self, enc: EncoderOutput, k: int, candidates: int, explain: bool = False,
                             scoring: ScoringConfig | None = None) -> list[SearchResult]:
         """Encoded text queries -> ranked images (words are the query side)."""
-        return self._search(enc, self.index.images, k, candidates, explain, True, scoring or self.scoring)
+        scoring = scoring or self.scoring
+        in_store = self._search_in_store(enc, self.index.images, k, candidates, explain, scoring)
+        if in_store is not None:
+            return in_store
+        return self._search(enc, self.index.images, k, candidates, explain, True, scoring)
 
     def search_image_encoded(self, enc: EncoderOutput, k: int, candidates: int, explain: bool = False,
                              scoring: ScoringConfig | None = None) -> list[SearchResult]:
@@ -199,6 +203,37 @@ class Searcher:
             rerank_ms = round(batch_ms + _ms(start), 3)
             results.append(SearchResult(hits, {"coarse": coarse_ms, "rerank": rerank_ms,
                                                "total": round(coarse_ms + rerank_ms, 3)},
+                                        bool(enc.truncated[q]) if enc.truncated else False))
+        return results
+
+    def _search_in_store(self, enc: EncoderOutput, col: Collection, k: int, candidates: int, explain: bool,
+                         scoring: ScoringConfig) -> list[SearchResult] | None:
+        """Text -> images where the global store ranks by the fused score itself (Qdrant: prefetch on global,
+        MAX_SIM on local, a formula; :mod:`indexer.qdrant_store`); None where it cannot, for this store or
+        this scoring (then :meth:`_search` runs). Same hits, scores and groundings as :meth:`_search`."""
+        search_fused = getattr(col.index, "search_fused", None)
+        if search_fused is None:
+            return None
+        if k < 1 or candidates < 1:
+            raise ValueError("k and candidates must be >= 1")
+        if not col.live:
+            return [SearchResult([], {"coarse": 0.0, "rerank": 0.0, "total": 0.0}) for _ in range(len(enc.local))]
+        start = time.perf_counter()
+        words = [enc.local[q][enc.mask[q].bool()].numpy() for q in range(len(enc.local))]
+        found = search_fused(enc.global_emb.numpy(), words, k, max(candidates, k), scoring)
+        if found is None:
+            return None
+        store_ms = _ms(start)
+        results = []
+        for q, (rows, fused, g, local) in enumerate(found):
+            start = time.perf_counter()
+            order = rank(fused, rows, k)
+            hits = self._hits(col.name, rows[order], *(torch.from_numpy(x[order]) for x in (fused, g, local)))
+            if explain and len(hits):
+                self._explain(enc, q, hits, *col.store.gather(rows[order]), True)
+            rerank_ms = _ms(start)  # the store ranked: this is metadata and groundings
+            results.append(SearchResult(hits, {"coarse": store_ms, "rerank": rerank_ms,
+                                               "total": round(store_ms + rerank_ms, 3)},
                                         bool(enc.truncated[q]) if enc.truncated else False))
         return results
 

@@ -6,10 +6,12 @@ A collection (images or captions) keeps its items in two stores:
 - a **local store** (rerank): the per-region / per-word vectors of every item, gathered for K candidates.
 
 FAISS (:mod:`indexer.faiss_index`) and FAISS standalone codecs over memory-mapped files
-(:mod:`indexer.local_store`) are the implementations today. Another backend (e.g. Qdrant) implements the
-protocols below and adds one entry to :data:`GLOBAL_BACKENDS` or :data:`LOCAL_BACKENDS`; the manifest
-records which backend each collection uses (``"backend"`` and ``"local_backend"``; indexes written before
-these fields use the FAISS ones). Nothing outside the backends' own modules imports FAISS.
+(:mod:`indexer.local_store`) are the default implementations; Qdrant (:mod:`indexer.qdrant_store`) keeps both
+stores of a collection in one Qdrant collection. Another backend implements the protocols below and adds one
+entry to :data:`GLOBAL_BACKENDS` or :data:`LOCAL_BACKENDS`; the manifest records which backend each collection
+uses (``"backend"`` and ``"local_backend"``; indexes written before these fields use the FAISS ones). A build
+may pass a configured backend object instead of a name (``--store qdrant`` with its connection). Nothing
+outside the backends' own modules imports FAISS or Qdrant.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Callable, Iterable, Protocol
 import numpy as np
 import torch
 
-from . import faiss_index, local_store
+from . import faiss_index, local_store, qdrant_store
 from .layout import IndexError_
 
 
@@ -69,8 +71,10 @@ class GlobalBackend(Protocol):
     def training_size(self, spec: str, n: int) -> int:
         """How many of ``n`` vectors to sample for training (0: no training)."""
 
-    def create(self, dim: int, spec: str, sample: np.ndarray | Callable[[], np.ndarray]) -> GlobalStore:
-        """An empty store, trained on ``sample`` (or its result) when the spec needs training."""
+    def create(self, dim: int, spec: str, sample: np.ndarray | Callable[[], np.ndarray],
+               codec: Any = None) -> GlobalStore:
+        """An empty store, trained on ``sample`` (or its result) when the spec needs training. ``codec`` is the
+        collection's local codec: a backend that keeps both stores in one place (Qdrant) writes where it says."""
 
     def open(self, folder: Path, entry: dict[str, Any], use_gpu: bool = False,
              writable: bool = False) -> GlobalStore: ...
@@ -133,16 +137,23 @@ class LocalBackend(Protocol):
 
 DEFAULT_GLOBAL = "faiss"
 DEFAULT_LOCAL = "faiss-codec"
-GLOBAL_BACKENDS: dict[str, GlobalBackend] = {faiss_index.BACKEND.name: faiss_index.BACKEND}
-LOCAL_BACKENDS: dict[str, LocalBackend] = {local_store.BACKEND.name: local_store.BACKEND}
+GLOBAL_BACKENDS: dict[str, GlobalBackend] = {faiss_index.BACKEND.name: faiss_index.BACKEND,
+                                              qdrant_store.NAME: qdrant_store.GLOBAL_BACKEND}
+LOCAL_BACKENDS: dict[str, LocalBackend] = {local_store.BACKEND.name: local_store.BACKEND,
+                                           qdrant_store.NAME: qdrant_store.LOCAL_BACKEND}
 
 
-def global_backend(name: str | None = None) -> GlobalBackend:
-    """The global backend called ``name`` (``None``: the default, as in manifests that predate the field)."""
+def global_backend(name: str | GlobalBackend | None = None) -> GlobalBackend:
+    """The global backend called ``name`` (``None``: the default, as in manifests that predate the field); a
+    backend object is returned as it is."""
+    if name is not None and not isinstance(name, str):
+        return name
     return _lookup(GLOBAL_BACKENDS, name or DEFAULT_GLOBAL, "global")
 
 
-def local_backend(name: str | None = None) -> LocalBackend:
+def local_backend(name: str | LocalBackend | None = None) -> LocalBackend:
+    if name is not None and not isinstance(name, str):
+        return name
     return _lookup(LOCAL_BACKENDS, name or DEFAULT_LOCAL, "local")
 
 

@@ -170,3 +170,25 @@ def test_compose_passes_a_key_from_the_environment_and_serves_openly_only_on_loo
     assert consent, "the consent must be the caller's to withdraw"
     if consent.group(1) not in ("", "0"):  # open by default: then only the host's loopback may reach it
         assert all(str(port).startswith("127.0.0.1:") for port in compose["services"]["serve"]["ports"])
+
+
+def test_qdrant_compose_indexes_into_the_official_qdrant_image_then_serves():
+    compose = yaml.safe_load((DOCKER / "compose.qdrant.yaml").read_text())
+    qdrant, build, serve = (compose["services"][name] for name in ("qdrant", "build-index", "serve"))
+    assert qdrant["image"].split(":-")[-1].startswith("qdrant/qdrant:v")  # the official image, a pinned release
+    assert "ports" not in qdrant  # reachable only inside the compose network
+    b, s = parse(build["command"]), parse(serve["command"])
+    assert (b.command, b.index_command, b.store, s.command) == ("index", "build", "qdrant", "serve")
+    assert urlparse(b.qdrant_url).hostname == "qdrant" and b.out == s.index and s.host == "0.0.0.0"
+    assert build["depends_on"]["qdrant"] and serve["depends_on"]["build-index"]["condition"] == \
+        "service_completed_successfully"
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for service in (build, serve):
+        assert service["build"]["args"]["EXTRAS"] == "[qdrant]" and "qdrant" in extras
+        assert (DOCKER / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        assert service["environment"]["QDRANT_API_KEY"] == "${QDRANT_API_KEY:-}"  # the caller's key, if any
+    assert qdrant["environment"]["QDRANT__SERVICE__API_KEY"] == "${QDRANT_API_KEY:-}"
+    assert 'ARG EXTRAS=""' in (DOCKER / "Dockerfile.cpu").read_text()
+    assert all(str(port).startswith("127.0.0.1:") for port in serve["ports"])

@@ -43,8 +43,8 @@ def test_faiss_global_store_round_trip_and_capabilities(tmp_path, spec, real_del
 
 
 def test_unknown_backend_is_a_clear_error():
-    with pytest.raises(layout.IndexError_, match="unknown global store backend 'qdrant'"):
-        stores.global_backend("qdrant")
+    with pytest.raises(layout.IndexError_, match="unknown global store backend 'milvus'"):
+        stores.global_backend("milvus")
 
 
 def test_manifest_names_the_backends_and_old_manifests_still_open(built, tmp_path):

@@ -1,0 +1,336 @@
+"""Qdrant as the store backend of a collection (``index build --store qdrant``): both stores in one Qdrant
+collection per side, reached in process (``--qdrant-path DIR``, Qdrant's core through ``qdrant-edge-py``) or on a
+server or cluster (``--qdrant-url URL``, ``qdrant-client``; an API key comes from ``$QDRANT_API_KEY``, never
+from the manifest). Engines: :mod:`indexer.qdrant_engines`.
+
+Each collection holds one point per item (id = the metadata's row id, payload ``{"row": id}``) with the named
+vectors ``global`` (dense, dot product) and ``local`` (the item's region or word vectors as a multivector,
+``MAX_SIM`` comparator). The index folder keeps, per collection, ``qdrant.json`` (connection, collection, item
+count) and ``lengths.npy`` (tokens per item); the manifest entry records the same connection. Searches only
+see rows below the item count the folder records, so a server on the previous version of an index never meets
+the rows an ``index add`` is writing.
+
+**Text -> images runs inside Qdrant** (:meth:`QdrantGlobalStore.search_fused`): prefetch the top ``candidates``
+by ``global``; score those same candidates with ``MAX_SIM`` on ``local`` (sum over the query's words of the best
+region: TERAN's MrSw, exactly); rank by a *formula query* ``$score[0] + w * $score[1]``. The formula is exact
+(the engine adds the two float32 scores it computed) and ranks inside the engine, so only ``k`` points come back;
+the ``k`` hits' global scores are then recomputed from their stored global vectors (one retrieve) to report
+``global_score`` and ``local_score = (S - S_global) / w`` separately. Alignments map as: ``MrSw`` -> weight
+``w``; ``MrAVGw`` / ``CHAN-mean`` (MrSw over the number of words) -> weight ``w / n_words``; any other
+(``MwSr``, ``Symm``, LSE forms) or ``w = 0`` has no MAX_SIM form, and the pipeline's own path runs instead:
+the global search in Qdrant, the candidates' local vectors fetched from Qdrant, scored with our alignment.
+
+**Image -> captions** always takes that path: MAX_SIM would sum over the query's (the image's) vectors, i.e.
+MwSr, not the MrSw the model is scored with.
+
+Quantization (``--qdrant-quantization scalar|binary``) is Qdrant's own on the ``local`` multivectors: the codes
+in RAM, the float32 originals on disk, every segment optimized (quantized copies are made only then), and the
+MAX_SIM stage scores the codes without rescoring (the point: the rerank reads the small codes), so the fused
+score is approximate; the local store spec (the manifest's ``local_codec``) names it. Binary codes score on
+another scale than cosine similarities (Qdrant's own), which the fused score inherits. Image -> captions
+fetches the originals, so it is unchanged.
+
+Not transactional: the index folder is swapped atomically, but points are written to Qdrant in place. A failed
+``index add`` leaves points for rows the metadata does not have (hidden by the row bound; the retry overwrites
+them, ids being rows); a failed ``index delete`` may have removed points whose rows stay live (they no longer
+come back from a search).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from alignsearch.models.scoring import ScoringConfig
+
+from . import qdrant_engines
+from .layout import atomic_path
+from .qdrant_engines import GLOBAL, LOCAL, QUANTIZATIONS, Engine
+
+NAME = "qdrant"
+STATE_FILE, LENGTHS_FILE = "qdrant.json", "lengths.npy"
+
+
+@dataclass(frozen=True)
+class QdrantSettings:
+    """Where the collections live: ``path`` (embedded) or ``url`` (server), and the local quantization."""
+
+    url: str | None = None
+    path: str | None = None
+    api_key_env: str = qdrant_engines.API_KEY_ENV
+    prefix: str = "alignsearch"
+
+    def __post_init__(self) -> None:
+        if bool(self.url) == bool(self.path):
+            raise ValueError("--store qdrant needs exactly one of --qdrant-url URL and --qdrant-path DIR")
+        if self.url:
+            qdrant_engines.check_url(self.url)
+
+    def engine(self) -> Engine:
+        """The engine these settings reach (connected: a server that cannot be reached raises here)."""
+        return qdrant_engines.engine(self.connection())
+
+    def connection(self) -> dict[str, Any]:
+        """The manifest's record of the connection (no secret: the key's environment variable, not the key)."""
+        if self.path:
+            return {"path": str(Path(self.path).resolve())}
+        return {"url": self.url, "api_key_env": self.api_key_env}
+
+
+def maxsim_weight(scoring: ScoringConfig, n_words: int) -> float | None:
+    """The weight of Qdrant's MAX_SIM score that gives ``w * S_local`` for this alignment, or None when the
+    alignment is not a multiple of MrSw (or ``w`` is 0, which leaves the local score unrecoverable)."""
+    if scoring.local_weight == 0 or n_words == 0:
+        return None
+    if scoring.alignment == "MrSw":
+        return scoring.local_weight
+    if scoring.alignment == "MrAVGw":
+        return scoring.local_weight / n_words
+    return None
+
+
+@dataclass
+class QdrantCollection:
+    """One Qdrant collection: the engine, its name, the dimension and the local quantization (the 'codec' of
+    the local store: what new items are written through)."""
+
+    connection: dict[str, Any]
+    name: str
+    dim: int
+    quantization: str
+
+    @property
+    def engine(self) -> Engine:
+        return qdrant_engines.engine(self.connection)
+
+    def entry(self) -> dict[str, Any]:
+        return {**self.connection, "collection": self.name, "dim": self.dim, "quantization": self.quantization}
+
+    @classmethod
+    def of(cls, entry: dict[str, Any]) -> "QdrantCollection":
+        connection = {k: entry[k] for k in ("path", "url", "api_key_env") if entry.get(k)}
+        return cls(connection, entry["collection"], int(entry["dim"]), entry.get("quantization", "none"))
+
+
+class QdrantGlobalStore:
+    """The ``global`` vectors of a Qdrant collection; removes really delete points."""
+
+    backend = NAME
+    real_deletes = True
+
+    def __init__(self, collection: QdrantCollection, below: int | None = None) -> None:
+        self.collection = collection
+        self.below = below  # rows at or above it are not (yet) this version's: never returned
+        self._count = collection.engine.count(collection.name, below) if below is not None else 0
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        found = self.collection.engine.nearest(self.collection.name, np.asarray(queries, np.float32), k, self.below)
+        scores = np.full((len(found), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(found), k), -1, dtype=np.int64)
+        for i, (rows, s) in enumerate(found):
+            ids[i, : len(rows)], scores[i, : len(rows)] = rows, s
+        return scores, ids
+
+    def search_fused(self, queries: np.ndarray, words: list[np.ndarray], k: int, candidates: int,
+                     scoring: ScoringConfig) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None:
+        """Text -> items ranked inside Qdrant by ``S_global + w * S_local`` (see the module's docstring): per
+        query (rows, fused, global, local scores), best first; None when the scoring has no MAX_SIM form."""
+        weights = [maxsim_weight(scoring, len(w)) for w in words]
+        if any(w is None for w in weights):
+            return None
+        col, queries = self.collection, np.asarray(queries, np.float32)
+        found = col.engine.fused(col.name, queries, [np.asarray(w, np.float32) for w in words], weights, candidates,
+                                 k, self.below, quantized=col.quantization != "none")
+        stored = col.engine.vectors(col.name, sorted({int(r) for rows, _ in found for r in rows}), GLOBAL)
+        out = []
+        for query, (rows, fused) in zip(queries, found):  # the global part, from the hits' stored vectors
+            g = np.array([stored[r] @ query for r in rows.tolist()], dtype=np.float32).reshape(len(rows))
+            out.append((rows, fused, g, ((fused - g) / np.float32(scoring.local_weight)).astype(np.float32)))
+        return out
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.collection.engine.upsert_global(self.collection.name, np.asarray(ids), np.asarray(vectors, np.float32))
+        self._count += len(ids)
+
+    def remove(self, ids: np.ndarray) -> int:
+        ids = [int(i) for i in ids]
+        present = self.collection.engine.vectors(self.collection.name, ids, GLOBAL)
+        self.collection.engine.delete(self.collection.name, ids)
+        self._count -= len(present)
+        return len(present)
+
+    def count(self) -> int:
+        return self._count
+
+    def ids(self) -> np.ndarray | None:
+        return self.collection.engine.ids(self.collection.name, self.below)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": NAME, "factory": NAME, "type": NAME, "qdrant": self.collection.entry()}
+
+    def save(self, folder: Path) -> None:
+        self.collection.engine.flush(self.collection.name)
+
+
+class QdrantLocalStore:
+    """The ``local`` multivectors of a Qdrant collection, gathered for K candidates in one retrieve."""
+
+    backend = NAME
+
+    def __init__(self, collection: QdrantCollection, lengths: np.ndarray) -> None:
+        self.codec = collection
+        self._lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    @property
+    def dim(self) -> int:
+        return self.codec.dim
+
+    @property
+    def code_size(self) -> int:
+        return 4 * self.codec.dim  # float32 originals (quantized copies come on top)
+
+    @property
+    def total_vectors(self) -> int:
+        return int(self._lengths.sum())
+
+    @property
+    def nbytes(self) -> int:
+        return self.total_vectors * self.code_size
+
+    def disk_bytes(self) -> dict[str, int] | None:
+        """Bytes the collection takes on disk, segments and write-ahead log (embedded store only; None on a
+        server)."""
+        return self.codec.engine.disk_bytes(self.codec.name)
+
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    def check(self) -> list[str]:
+        return []
+
+    def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [int(r) for r in rows]
+        found = self.codec.engine.vectors(self.codec.name, rows, LOCAL)
+        longest = max([len(found[r]) for r in rows if r in found] or [0])
+        local = torch.zeros(len(rows), longest, self.dim)
+        mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            if r in found and len(found[r]):
+                local[i, : len(found[r])] = torch.from_numpy(found[r].reshape(-1, self.dim))
+                mask[i, : len(found[r])] = True
+        return local, mask
+
+
+class QdrantGlobalBackend:
+    """Creates (from :class:`QdrantSettings`) and opens the global side of Qdrant collections."""
+
+    name = NAME
+    files: tuple[str, ...] = ()
+
+    def __init__(self, settings: QdrantSettings | None = None) -> None:
+        self.settings = settings
+
+    def validate(self, spec: str, dim: int) -> None:
+        if spec != NAME:
+            raise ValueError(f"--faiss-factory does not apply to --store qdrant (got {spec!r})")
+
+    def choose(self, n: int, dim: int, memory_budget_bytes: float) -> str:
+        return NAME
+
+    def training_size(self, spec: str, n: int) -> int:
+        return 0
+
+    def create(self, dim: int, spec: str, sample: np.ndarray | Callable[[], np.ndarray],
+               codec: Any = None) -> QdrantGlobalStore:
+        if not isinstance(codec, QdrantCollection):
+            raise ValueError("the Qdrant global store needs the Qdrant local store of its collection")
+        return QdrantGlobalStore(codec)
+
+    def discard(self, folder: Path, entry: dict[str, Any]) -> None:
+        """Drop the collection of a temporary index (see :func:`indexer.index.discard_stores`)."""
+        collection = QdrantCollection.of(entry["qdrant"])
+        collection.engine.drop(collection.name)
+
+    def open(self, folder: Path, entry: dict[str, Any], use_gpu: bool = False,
+             writable: bool = False) -> QdrantGlobalStore:
+        state = _read_state(folder)
+        return QdrantGlobalStore(QdrantCollection.of(entry.get("qdrant") or state["collection"]), state["items"])
+
+
+class QdrantLocalBackend:
+    """Creates the Qdrant collection (its ``make_codec``), writes the items' local vectors, opens the local side."""
+
+    name = NAME
+    files = (STATE_FILE, LENGTHS_FILE)
+
+    def __init__(self, settings: QdrantSettings | None = None) -> None:
+        self.settings = settings
+
+    @staticmethod
+    def spec_for(spec: str, collection: str) -> str:
+        """The same quantization for both collections (Qdrant has no per-collection presets)."""
+        return spec
+
+    def validate(self, spec: str, dim: int) -> None:
+        if spec not in QUANTIZATIONS:
+            raise ValueError(f"unknown Qdrant quantization {spec!r} (choose from {', '.join(QUANTIZATIONS)})")
+
+    def make_codec(self, dim: int, spec: str, sample: np.ndarray) -> QdrantCollection:
+        """A new, empty Qdrant collection (a fresh name: a live index's collections are never touched)."""
+        if self.settings is None:
+            raise ValueError("a new Qdrant collection needs --qdrant-url or --qdrant-path")
+        collection = QdrantCollection(self.settings.connection(), f"{self.settings.prefix}-{uuid.uuid4().hex[:12]}",
+                                      dim, spec)
+        collection.engine.create(collection.name, dim, spec)
+        return collection
+
+    def write(self, folder: Path, codec: QdrantCollection, parts: Iterable[np.ndarray], lengths: np.ndarray,
+              previous: QdrantLocalStore | None = None) -> None:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        row = 0 if previous is None else len(previous)
+        ends = np.cumsum(lengths)  # item i's vectors end at ends[i] (counted over all parts)
+        buffer, base, item, ids, vectors = np.zeros((0, codec.dim), np.float32), 0, 0, [], []
+        for part in parts:
+            buffer = np.concatenate([buffer, np.asarray(part, dtype=np.float32).reshape(-1, codec.dim)])
+            while item < len(lengths) and ends[item] - base <= len(buffer):
+                if lengths[item]:  # an item without tokens has no local vectors
+                    ids.append(row + item)
+                    vectors.append(buffer[ends[item] - lengths[item] - base : ends[item] - base])
+                item += 1
+                if len(ids) == qdrant_engines.BATCH:
+                    codec.engine.set_local(codec.name, ids, vectors)
+                    ids, vectors = [], []
+            consumed = int(ends[item - 1]) - base if item else 0
+            buffer, base = buffer[consumed:], base + consumed
+        if ids:
+            codec.engine.set_local(codec.name, ids, vectors)
+        codec.engine.flush(codec.name)
+        all_lengths = lengths if previous is None else np.concatenate([previous.lengths(), lengths])
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / LENGTHS_FILE) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, all_lengths.astype(np.int64))
+        with atomic_path(folder / STATE_FILE) as tmp:
+            tmp.write_text(json.dumps({"collection": codec.entry(), "items": len(all_lengths)}, indent=2))
+
+    def open(self, folder: Path) -> QdrantLocalStore:
+        state = _read_state(folder)
+        return QdrantLocalStore(QdrantCollection.of(state["collection"]), np.load(folder / LENGTHS_FILE))
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {STATE_FILE} (not a Qdrant-backed collection)")
+    return json.loads(path.read_text())
+
+
+GLOBAL_BACKEND, LOCAL_BACKEND = QdrantGlobalBackend(), QdrantLocalBackend()
