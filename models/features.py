@@ -8,7 +8,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -125,26 +125,32 @@ def image_features(
     return feats, failures
 
 
+def _cached_features(cached: Path | None, compute: Callable[[], list[TokenFeatures]]) -> CachedFeatures:
+    """The features saved at ``cached``, else ``compute()``'s batches concatenated (and saved there)."""
+    if cached and cached.is_file():
+        return CachedFeatures.load(cached)
+    tokens, mask, pooled = _concat(compute())
+    feats = CachedFeatures(tokens, mask, pooled, torch.ones(len(tokens), dtype=torch.bool))
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        feats.save(cached)
+    return feats
+
+
 def mosaic_features(
     model: AlignModel, paths: Sequence[Path], mosaics: Sequence[Mosaic], cache_dir: Path | None, batch_size: int = 32,
 ) -> CachedFeatures:
     """Backbone region features of the mosaics of ``paths`` (see :mod:`models.mosaic`), cached like images'."""
     stamp = [f"{p}:{p.stat().st_size}" for p in paths] + [",".join(map(str, m.items)) for m in mosaics]
     key = _cache_key("mosaic", model.config.image_backbone.__dict__, stamp)
-    cached = cache_dir / f"mosaic-{key}.safetensors" if cache_dir else None
-    if cached and cached.is_file():
-        return CachedFeatures.load(cached)
-    parts = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(mosaics), batch_size), desc="mosaic features", unit="batch"):
-            images = make_mosaics(paths, mosaics[start : start + batch_size])
-            parts.append(model.image_features(model.preprocess_images(images).to(model.device)))
-    tokens, mask, pooled = _concat(parts)
-    feats = CachedFeatures(tokens, mask, pooled, torch.ones(len(mosaics), dtype=torch.bool))
-    if cached:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        feats.save(cached)
-    return feats
+
+    @torch.inference_mode()
+    def compute() -> list[TokenFeatures]:
+        return [model.image_features(model.preprocess_images(make_mosaics(paths, mosaics[i : i + batch_size]))
+                                     .to(model.device))
+                for i in tqdm(range(0, len(mosaics), batch_size), desc="mosaic features", unit="batch")]
+
+    return _cached_features(cache_dir / f"mosaic-{key}.safetensors" if cache_dir else None, compute)
 
 
 def text_features(
@@ -152,20 +158,13 @@ def text_features(
 ) -> CachedFeatures:
     """Backbone word-piece features of ``texts`` (padded to the longest)."""
     key = _cache_key("text", model.config.text_backbone.__dict__, texts)
-    cached = cache_dir / f"text-{key}.safetensors" if cache_dir else None
-    if cached and cached.is_file():
-        return CachedFeatures.load(cached)
-    parts = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(texts), batch_size), desc="text features", unit="batch"):
-            tok = model.tokenize(texts[start : start + batch_size]).to(model.device)
-            parts.append(model.text_features(tok))
-    tokens, mask, pooled = _concat(parts)
-    feats = CachedFeatures(tokens, mask, pooled, torch.ones(len(texts), dtype=torch.bool))
-    if cached:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        feats.save(cached)
-    return feats
+
+    @torch.inference_mode()
+    def compute() -> list[TokenFeatures]:
+        return [model.text_features(model.tokenize(texts[i : i + batch_size]).to(model.device))
+                for i in tqdm(range(0, len(texts), batch_size), desc="text features", unit="batch")]
+
+    return _cached_features(cache_dir / f"text-{key}.safetensors" if cache_dir else None, compute)
 
 
 class LiveImageFeatures:
