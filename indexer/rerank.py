@@ -125,6 +125,19 @@ def gather(store: Any, rows: np.ndarray, device: torch.device, workspace: Worksp
     return Gathered(rows, tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True), nbytes)
 
 
+PRECISIONS = ("auto", "float32", "float16")
+
+
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The rerank's compute dtype for a precision name (``auto``: None, i.e. :func:`compute_dtype` of the device).
+
+    float16 on CPU is 2-2.4x faster than float32 here (41% of memcpy bandwidth against 18%, README) with scores
+    within 2e-3; float32 keeps scores equal to the per-query path's."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown rerank precision (choose from {', '.join(PRECISIONS)})")
+    return None if precision == "auto" else getattr(torch, precision)
+
+
 def compute_dtype(device: torch.device) -> torch.dtype:
     """float16 on CUDA (tensor cores; SQfp16 codes as stored), float32 on CPU (measured fastest there)."""
     return torch.float16 if device.type == "cuda" else torch.float32
@@ -219,4 +232,4 @@ def _joined(parts: list[Gathered]) -> Gathered:
                     torch.cat([pad(p.mask) for p in parts]), sum(p.nbytes for p in parts))
 
 
-__all__ = ["Gathered", "Reranked", "Reranker", "compute_dtype", "gather"]
+__all__ = ["PRECISIONS", "Gathered", "Reranked", "Reranker", "compute_dtype", "gather", "precision_dtype"]

@@ -25,7 +25,7 @@ from alignsearch.models.scoring import ScoringConfig, rank
 from alignsearch.models.words import content_words
 
 from .index import Collection, Index, check_model
-from .rerank import Reranked, Reranker
+from .rerank import Reranked, Reranker, precision_dtype
 
 
 @dataclass
@@ -69,27 +69,31 @@ class Searcher:
     """Two-stage search over an :class:`Index` with the model it was built with.
 
     ``scoring`` (alignment, local weight, LSE lambda) defaults to the model's; every search method takes a
-    ``scoring`` that overrides it for that call (the index does not depend on it)."""
+    ``scoring`` that overrides it for that call (the index does not depend on it). ``rerank_precision``:
+    ``auto`` (float16 on CUDA, float32 on CPU), ``float32`` or ``float16``."""
 
-    def __init__(self, index: Index, model: AlignModel, scoring: ScoringConfig | None = None) -> None:
+    def __init__(self, index: Index, model: AlignModel, scoring: ScoringConfig | None = None,
+                 rerank_precision: str = "auto") -> None:
         check_model(index.manifest, model)
         self.index = index
         self.model = model
         self.scoring = scoring or model.config.scoring()
         self.grid = model.region_grid()
-        self.reranker = Reranker(_device_of(model))
+        self.rerank_precision = rerank_precision
+        self.reranker = Reranker(_device_of(model), precision_dtype(rerank_precision))
 
     @classmethod
     def open(cls, index_dir: str | Path, model: str | AlignModel | None = None, device: str = "auto",
-             scoring: ScoringConfig | None = None) -> "Searcher":
+             scoring: ScoringConfig | None = None, rerank_precision: str = "auto") -> "Searcher":
         """Open an index; ``model`` None loads the model named in its manifest."""
+        precision_dtype(rerank_precision)  # a bad name fails before anything loads
         index = Index(index_dir)
         if model is None:
             source = index.manifest["model"].get("source")
             model = source if source and Path(source).is_dir() else None
         if not isinstance(model, AlignModel):
             model = load_model(model, device=device)
-        return cls(index, model, scoring)
+        return cls(index, model, scoring, rerank_precision)
 
     # -- public API -------------------------------------------------------------------------------------
     def search_text(self, queries: list[str], k: int = 10, candidates: int = 100, explain: bool = False,

@@ -54,7 +54,8 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = state.settings
-        opened = searcher or await asyncio.to_thread(Searcher.open, s.index, s.model, s.device)
+        opened = searcher or await asyncio.to_thread(lambda: Searcher.open(s.index, s.model, s.device,
+                                                                          rerank_precision=s.rerank_precision))
         follower = IndexFollower(opened.index.folder, opened, s.reload_interval_s,
                                  on_swap=lambda _: state.metrics.reloads.inc())
         current = lambda: follower.searcher  # noqa: E731  (read once per batch, when the batch starts)

@@ -83,7 +83,8 @@ class IndexFollower:
                 return False
             current = self.searcher
             try:
-                fresh = await asyncio.to_thread(lambda: Searcher(Index(self.folder), current.model))
+                fresh = await asyncio.to_thread(lambda: Searcher(Index(self.folder), current.model,
+                                                                       rerank_precision=current.rerank_precision))
             except Exception as exc:  # noqa: BLE001  (keep serving the version that works)
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("a new version of %s could not be opened, still serving the old one: %s",

@@ -27,6 +27,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda; env ALIGNSEARCH_DEVICE")
+    p.add_argument("--rerank-precision", choices=("auto", "float32", "float16"), default=defaults.rerank_precision,
+                   help="the rerank's arithmetic: auto = float16 on a GPU, float32 on CPU (scores equal to the "
+                        "per-query path); float16 on CPU is about 2x faster, scores within 2e-3; "
+                        "env ALIGNSEARCH_RERANK_PRECISION")
     p.add_argument("--api-key", default=defaults.api_key,
                    help="require 'Authorization: Bearer KEY' on the API (default: none; env ALIGNSEARCH_API_KEY)")
     add_allow_open_option(p, defaults.allow_open)
@@ -129,8 +133,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
         settings = Settings(index=args.index, model=args.model, device=args.device, api_key=args.api_key,
                             allow_open=args.allow_open, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                            max_upload_bytes=args.max_upload_bytes)
-        searcher = Searcher.open(settings.index, settings.model, settings.device)  # fails clearly on a mismatch
+                            max_upload_bytes=args.max_upload_bytes, rerank_precision=args.rerank_precision)
+        searcher = Searcher.open(settings.index, settings.model, settings.device,
+                                 rerank_precision=settings.rerank_precision)  # fails clearly on a mismatch
         print(serving_line(args.index, searcher.index.manifest["counts"], args.host, args.port), flush=True)
         run_app(create_app(settings, searcher), sock, args.log_level)
     finally:

@@ -217,3 +217,18 @@ def test_min_score_tells_weak_hits_from_strong_ones(searcher, model):
     unmarked = bare.mark_matches(nonsense)
     assert bare.default_min_score is None and unmarked.min_score is None and not unmarked.no_match
     assert all(h.match is None for h in unmarked.hits)
+
+
+def test_float16_rerank_precision_keeps_the_ranking_within_its_tolerance(built, model, searcher):
+    half = Searcher(Index(built), model, rerank_precision="float16")
+    assert half.reranker.dtype == torch.float16 and searcher.reranker.dtype == torch.float32
+    queries = ["a cat", "a man with a camera", "a rocket on the launch pad", "coins on a table"]
+    for exact, approx in zip(searcher.search_text(queries, k=5, candidates=10),
+                             half.search_text(queries, k=5, candidates=10)):
+        assert exact.hits[0].id == approx.hits[0].id
+        scores = {h.id: h.local_score for h in exact.hits}
+        for h in approx.hits:
+            if h.id in scores:
+                assert h.local_score == pytest.approx(scores[h.id], abs=2e-2)  # a sum over words of 2e-3 steps
+    with pytest.raises(ValueError, match="unknown rerank precision"):
+        Searcher.open(built, model, rerank_precision="float8")
