@@ -211,7 +211,7 @@ class MosaicTask:
     val: CachedFeatures | None
     val_plan: list[Mosaic]
     inside: torch.Tensor  # tiles x cells
-    captions: list[str]  # every text feature row's caption
+    content: torch.Tensor  # text feature rows x tokens: the content-word positions of every caption
 
 
 def _mosaic_task(model: AlignModel, options: TrainOptions, paths: list[Path], train_pairs: Pairs, val_pairs: Pairs,
@@ -231,16 +231,13 @@ def _mosaic_task(model: AlignModel, options: TrainOptions, paths: list[Path], tr
     val, val_plan = None, []  # too few validation photos for a mosaic: no measure
     if len(val_pairs.image_rows) >= len(MOSAIC_TILES):
         val, val_plan = build(val_pairs, len(val_pairs.image_rows), options.seed + 1)
-    return MosaicTask(train, train_plan, val, val_plan, tile_cells(grid), captions)
+    return MosaicTask(train, train_plan, val, val_plan, tile_cells(grid), _content(model, captions))
 
 
-def _content(model: AlignModel, texts: list[str], width: int) -> torch.Tensor:
-    """B x ``width`` content-word mask aligned with the text features' token axis."""
+def _content(model: AlignModel, texts: list[str]) -> torch.Tensor:
+    """Texts x tokens content-word mask on the text features' token axis (tokenized once, before training)."""
     tok = model.tokenize(texts)
-    content = content_token_mask(tok.words, tok.attention_mask.bool() & ~tok.special_mask)
-    if content.shape[1] < width:
-        content = torch.cat([content, content.new_zeros(len(texts), width - content.shape[1])], 1)
-    return content[:, :width]
+    return content_token_mask(tok.words, tok.attention_mask.bool() & ~tok.special_mask)
 
 
 def _mosaic_batch(run: TrainRun, feats: CachedFeatures, mosaic_rows: torch.Tensor, tiles: torch.Tensor,
@@ -249,7 +246,7 @@ def _mosaic_batch(run: TrainRun, feats: CachedFeatures, mosaic_rows: torch.Tenso
     model, task = run.model, run.mosaic
     img = model.image_head_forward(feats.batch(mosaic_rows, run.device))
     txt = model.text_head_forward(run.texts.batch(caption_rows, run.device))
-    content = _content(model, [task.captions[int(r)] for r in caption_rows], txt.local.shape[1]).to(run.device)
+    content = task.content[caption_rows, : txt.local.shape[1]].to(run.device)  # batches cut the padding
     inside = task.inside[tiles].to(run.device)[:, : img.local.shape[1]]
     return img, txt, content, inside
 
