@@ -67,6 +67,8 @@ class ClassPrior(nn.Module):
         init = torch.tensor(float(cfg.weight_init)).log()
         self.log_weight_global = nn.Parameter(init.clone(), requires_grad=cfg.learn_weights)
         self.log_weight_local = nn.Parameter(init.clone(), requires_grad=cfg.learn_weights and cfg.local)
+        self.gate_slope_global: nn.Parameter | None = None  # the confidence gate's slopes, when it is on
+        self.gate_slope_local: nn.Parameter | None = None
         if cfg.confidence_gate:
             self.gate_slope_global = nn.Parameter(torch.zeros(()), requires_grad=cfg.learn_weights)
             self.gate_slope_local = nn.Parameter(torch.zeros(()), requires_grad=cfg.learn_weights and cfg.local)
@@ -93,12 +95,12 @@ class ClassPrior(nn.Module):
         """Mix the prior into the learned global (B x D) and per-region (B x T x D) embeddings."""
         cfg = self.cfg
         prior_global = class_name_mixture(global_logits, self.name_global, cfg.top_k, cfg.temperature)
-        weight = self._weight(self.log_weight_global, getattr(self, "gate_slope_global", None), global_logits)
+        weight = self._weight(self.log_weight_global, self.gate_slope_global, global_logits)
         out_global = F.normalize(learned_global + weight * prior_global, dim=-1)
         if not cfg.local:
             return out_global, learned_local
         prior_local = class_name_mixture(region_logits, self.name_local, cfg.top_k, cfg.temperature)
-        weight = self._weight(self.log_weight_local, getattr(self, "gate_slope_local", None), region_logits)
+        weight = self._weight(self.log_weight_local, self.gate_slope_local, region_logits)
         out_local = F.normalize(learned_local + weight * prior_local, dim=-1)
         return out_global, out_local * mask.unsqueeze(-1)
 
