@@ -65,6 +65,13 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
 
 
+def _result(hits: list[Hit], coarse_ms: float, rerank_ms: float, enc: EncoderOutput | None = None,
+            q: int = 0) -> SearchResult:
+    """A result with its stage timings; with ``enc``, whether query ``q``'s text was cut to the model's length."""
+    return SearchResult(hits, {"coarse": coarse_ms, "rerank": rerank_ms, "total": round(coarse_ms + rerank_ms, 3)},
+                        bool(enc.truncated[q]) if enc is not None and enc.truncated else False)
+
+
 class Searcher:
     """Two-stage search over an :class:`Index` with the model it was built with.
 
@@ -196,7 +203,7 @@ class Searcher:
         for q, rows in enumerate(rows_per_query):
             start = time.perf_counter()
             if len(rows) == 0:
-                results.append(SearchResult([], {"coarse": coarse_ms, "rerank": 0.0, "total": coarse_ms}))
+                results.append(_result([], coarse_ms, 0.0))
                 continue
             n = len(rows)
             fused, g, local_scores = fused_all[q, :n], g_all[q, :n], reranked.scores[q, :n]
@@ -204,10 +211,7 @@ class Searcher:
             hits = self._hits(col.name, rows[order], fused[order], g[order], local_scores[order])
             if explain:
                 self._explain(enc, q, hits, *reranked.candidates(q, order), query_is_text)
-            rerank_ms = round(batch_ms + _ms(start), 3)
-            results.append(SearchResult(hits, {"coarse": coarse_ms, "rerank": rerank_ms,
-                                               "total": round(coarse_ms + rerank_ms, 3)},
-                                        bool(enc.truncated[q]) if enc.truncated else False))
+            results.append(_result(hits, coarse_ms, round(batch_ms + _ms(start), 3), enc, q))
         return results
 
     def _search_in_store(self, enc: EncoderOutput, col: Collection, k: int, candidates: int, explain: bool,
@@ -221,7 +225,7 @@ class Searcher:
         if k < 1 or candidates < 1:
             raise ValueError("k and candidates must be >= 1")
         if not col.live:
-            return [SearchResult([], {"coarse": 0.0, "rerank": 0.0, "total": 0.0}) for _ in range(len(enc.local))]
+            return [_result([], 0.0, 0.0) for _ in range(len(enc.local))]
         start = time.perf_counter()
         words = [enc.local[q][enc.mask[q].bool()].numpy() for q in range(len(enc.local))]
         found = search_fused(enc.global_emb.numpy(), words, k, max(candidates, k), scoring)
@@ -235,10 +239,7 @@ class Searcher:
             hits = self._hits(col.name, rows[order], *(torch.from_numpy(x[order]) for x in (fused, g, local)))
             if explain and len(hits):
                 self._explain(enc, q, hits, *col.store.gather(rows[order]), True)
-            rerank_ms = _ms(start)  # the store ranked: this is metadata and groundings
-            results.append(SearchResult(hits, {"coarse": store_ms, "rerank": rerank_ms,
-                                               "total": round(store_ms + rerank_ms, 3)},
-                                        bool(enc.truncated[q]) if enc.truncated else False))
+            results.append(_result(hits, store_ms, _ms(start), enc, q))  # the store ranked: rerank = metadata
         return results
 
     def _hits(self, collection: str, rows: np.ndarray, fused: torch.Tensor, g: torch.Tensor,
