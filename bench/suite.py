@@ -104,6 +104,49 @@ def rerank_bandwidth(searcher: Searcher, enc: EncoderOutput, candidates: int, re
            "rerank_bytes": nbytes, "memcpy_ms": copy_ms, "rerank_gb_s": round(nbytes / rerank_ms / 1e6, 3),
            "memcpy_gb_s": round(nbytes / copy_ms / 1e6, 3)}
     out["fraction_of_copy_bandwidth"] = round(out["rerank_gb_s"] / out["memcpy_gb_s"], 4)
+    if reranker.device.type == "cuda":
+        out["gpu"] = _gpu_bandwidth(reranker, enc, col.store, rows, source, searcher.scoring, repeats)
+    return out
+
+
+def _synced(fn: Callable[[], Any]) -> Callable[[], None]:
+    def call() -> None:
+        fn()
+        torch.cuda.synchronize()
+    return call
+
+
+def _gpu_bandwidth(reranker: Any, enc: EncoderOutput, store: Any, rows: list[np.ndarray], source: np.ndarray,
+                   scoring: Any, repeats: int) -> dict[str, Any]:
+    """Where a GPU rerank's time goes: the host-to-device copy of the gathered bytes (pageable, as the rerank
+    does it, and pinned), and the scoring alone on tokens already on the GPU against a device-to-device copy of
+    the same bytes (the GPU's memory limit)."""
+    from alignsearch.indexer.rerank import gather
+
+    union = np.unique(np.concatenate(rows))
+    gathered = gather(store, union, reranker.device)
+    tokens = reranker._compute(gathered.tokens)
+    queries, q_mask = enc.local.to(reranker.device, reranker.dtype), enc.mask.to(reranker.device).bool()
+    host, on_device = torch.from_numpy(source), torch.empty(len(source), dtype=torch.uint8, device=reranker.device)
+    pinned = host.pin_memory()
+    score_bytes = tokens.numel() * tokens.element_size()
+    big = torch.empty(score_bytes, dtype=torch.uint8, device=reranker.device)
+    big_copy = torch.empty_like(big)
+    ms = {
+        "h2d_pageable_ms": median_ms(_synced(lambda: on_device.copy_(host)), repeats, warmup=2),
+        "h2d_pinned_ms": median_ms(_synced(lambda: on_device.copy_(pinned, non_blocking=True)), repeats, warmup=2),
+        "score_only_ms": median_ms(_synced(lambda: reranker._dense(queries, q_mask, tokens, gathered.mask, True,
+                                                                   scoring)), repeats, warmup=2),
+        "device_copy_ms": median_ms(_synced(lambda: big_copy.copy_(big)), repeats, warmup=2),
+    }
+    out: dict[str, Any] = {**ms, "gathered_bytes": len(source), "scored_bytes": score_bytes,
+                           "h2d_pageable_gb_s": round(len(source) / ms["h2d_pageable_ms"] / 1e6, 2),
+                           "h2d_pinned_gb_s": round(len(source) / ms["h2d_pinned_ms"] / 1e6, 2),
+                           "score_gb_s": round(score_bytes / ms["score_only_ms"] / 1e6, 2),
+                           "device_copy_gb_s": round(2 * score_bytes / ms["device_copy_ms"] / 1e6, 2)}
+    out["score_fraction_of_device_copy"] = round(out["score_gb_s"] / out["device_copy_gb_s"], 4)
+    out["how"] = ("score: the rerank's scoring alone on the gathered tokens already on the GPU, bytes read once; "
+                  "device copy: read + write bytes of a copy of as many bytes")
     return out
 
 
@@ -275,23 +318,29 @@ def build_throughput(model: AlignModel, images: Path, limit: int | None, work: P
     from alignsearch.models.preprocess import load_image
 
     files = list_images(images)[:limit]
+    on_gpu = model.device.type == "cuda"
+    workers = max(4, (os.cpu_count() or 4) - 2) if on_gpu else 4  # on a GPU, decoding is what limits
+    batch = 128 if on_gpu else 32
     pixels = torch.stack([model.preprocess_images([load_image(images / f)])[0] for f in files])
     loads: dict[str, list[float]] = {}
 
     def forward() -> float:
-        model.encode_pixels(pixels[:32])  # warm-up
+        model.encode_pixels(pixels[:batch])  # warm-up
         loads.setdefault("forward_before", pagecache.load())
         start = time.perf_counter()
-        for i in range(0, len(files), 32):
-            model.encode_pixels(pixels[i : i + 32])
+        for i in range(0, len(files), batch):
+            model.encode_pixels(pixels[i : i + batch])
+        if on_gpu:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         loads["forward_after"] = pagecache.load()
         return seconds
 
     forward_s = [forward()]
-    build(model, BuildOptions(images=images, out=work / "build-warmup", files=files[:32], progress=False,
-                              batch_size=32))  # warm-up: the image files read once, the decode processes' imports
-    options = BuildOptions(images=images, out=work / "build-bench", files=files, progress=False, batch_size=32)
+    build(model, BuildOptions(images=images, out=work / "build-warmup", files=files[:batch], progress=False,
+                              batch_size=batch, workers=workers))  # warm-up: the decode processes' imports
+    options = BuildOptions(images=images, out=work / "build-bench", files=files, progress=False, batch_size=batch,
+                           workers=workers)
     loads["build_before"] = pagecache.load()
     start = time.perf_counter()
     build(model, options)
@@ -303,6 +352,7 @@ def build_throughput(model: AlignModel, images: Path, limit: int | None, work: P
             "forward_only_images_per_s": round(len(files) / forward_mean, 1),
             "forward_only_images_per_s_before_after": [round(len(files) / s, 1) for s in forward_s],
             "build_fraction_of_forward": round(forward_mean / build_s, 3), "decode": "worker processes",
+            "decode_workers": workers, "batch_size": batch,
             "load": loads}
 
 

@@ -45,14 +45,14 @@ def test_quick_bench_writes_every_figure(tmp_path, dataset_dir):
 
 @pytest.mark.slow
 def test_million_mode_at_a_small_size(tmp_path):
-    """``--million`` end to end at 3,000 images: SQ8, the chosen global index, cold and warm percentiles, RSS."""
+    """``--million`` end to end at 3,000 images: compact codes, the chosen global index, cold and warm percentiles, RSS."""
     run = subprocess.run([sys.executable, "-m", "alignsearch.bench", "--million", "--sizes", "3000", "--latency-queries", "12",
                           "--out", str(tmp_path), "--work", str(tmp_path / "work"), "--tag", "m"],
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     row = json.loads((tmp_path / "results-m.json").read_text())["speed"]["3000"]
-    assert row["codec"] == "SQ8" and row["global_factory"] == "Flat"  # what a real build of 3,000 chooses
-    assert row["index_bytes"]["images/codes.npy"] == 3000 * 49 * 384 + 128  # SQ8: a byte per dimension (+ header)
+    assert row["codec"] == "compact" and row["global_factory"] == "Flat"  # what a real build of 3,000 chooses
+    assert row["index_bytes"]["images/codes.npy"] == 3000 * 49 * 64 + 128  # PQ64: 64 bytes per region (+ header)
     for state in ("latency_cold", "latency_warm"):
         for kind in ("two_stage", "global_only"):
             p = row[state][kind]
