@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # torch loads on first use: the decode processes (indexer.reader) never import it
+    import torch
 
 # Above this many pixels an image is refused as a likely decompression bomb.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -70,7 +72,9 @@ class ImagePreprocessor:
         array = (np.asarray(pixels, dtype=np.float32) / 255.0 - self.mean) / self.std
         return np.ascontiguousarray(np.moveaxis(array, -1, -3))
 
-    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def __call__(self, images: Sequence[Image.Image]) -> "torch.Tensor":
+        import torch
+
         return torch.from_numpy(np.stack([self.to_array(im) for im in images]))
 
 

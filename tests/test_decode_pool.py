@@ -40,6 +40,9 @@ def test_pool_decodes_in_other_processes_in_order_with_errors(photos):
         got = [d for batch in pool.batches(images, [files[i : i + 3] for i in range(0, len(files), 3)]) for d in batch]
         workers = multiprocessing.active_children()
         assert workers and all(w.pid != os.getpid() for w in workers)
+        for w in workers:  # a decode process loads Pillow and numpy, not torch (its start competes with the encoder)
+            maps = open(f"/proc/{w.pid}/maps").read() if os.path.exists(f"/proc/{w.pid}/maps") else ""
+            assert "libtorch" not in maps
     finally:
         pool.close()
     assert [d.rel for d in got] == files
