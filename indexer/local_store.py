@@ -117,6 +117,28 @@ class LocalStore:
         codec = faiss.downcast_index(self.codec)
         # SQfp16 codes are IEEE half floats: reading them as float16 gives sa_decode's exact result, faster
         self.fp16 = isinstance(codec, faiss.IndexScalarQuantizer) and codec.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+        self._tables: dict[str, torch.Tensor] = {}
+        self._pq_table: np.ndarray | None = None
+        if isinstance(codec, faiss.IndexPQ) and codec.pq.nbits == 8:
+            pq = codec.pq  # a plain PQ decode is a table lookup: (M * 256) x dsub centroids, one row per code byte
+            self._pq_table = faiss.vector_to_array(pq.centroids).reshape(pq.M * pq.ksub, pq.dsub)
+
+    @property
+    def decodes_on_device(self) -> bool:
+        """Whether :meth:`decode_tensor` can decode on the device that holds the codes (plain 8-bit PQ codecs)."""
+        return self._pq_table is not None
+
+    def decode_tensor(self, codes: torch.Tensor) -> torch.Tensor:
+        """n x code_size uint8 codes on any device -> n x dim float32 vectors there, equal to :meth:`decode`: the
+        PQ centroid table gathered where the codes are (a GPU decodes the bytes it was sent, the CPU is spared)."""
+        if self._pq_table is None:
+            raise TypeError("this codec has no device decoder (decodes_on_device is False)")
+        key = str(codes.device)
+        if key not in self._tables:
+            self._tables[key] = torch.from_numpy(self._pq_table).to(codes.device)
+        m = codes.shape[1]
+        rows = codes.long() + torch.arange(m, device=codes.device) * (len(self._pq_table) // m)
+        return self._tables[key][rows.view(-1)].view(len(codes), -1)
 
     def decode(self, codes: np.ndarray) -> torch.Tensor:
         """n x code_size codes -> n x dim float32 vectors (one ``sa_decode`` call)."""

@@ -105,9 +105,12 @@ def _uniform_rows(store: Any, rows: np.ndarray, workspace: Workspace | None = No
                    mode="clip")  # rows are checked above; "raise" would copy through a temporary
 
 
-def gather(store: Any, rows: np.ndarray, device: torch.device, workspace: Workspace | None = None) -> Gathered:
+def gather(store: Any, rows: np.ndarray, device: torch.device, workspace: Workspace | None = None,
+           decode_on_device: bool | None = None) -> Gathered:
     """Read and decode the items ``rows`` of a local store (in that order; sorted reads best cold), onto
-    ``device``; into ``workspace``'s buffer when one is given."""
+    ``device``; into ``workspace``'s buffer when one is given. A store that can decode on the device
+    (``decodes_on_device``: PQ codes) sends its codes there and decodes them there, when ``device`` is not the
+    CPU (``decode_on_device`` None) or when asked to."""
     rows = np.asarray(rows, dtype=np.int64)
     block = _uniform_rows(store, rows, workspace)
     if block is None:  # captions (variable length) or a store without plain codes: its own padded gather
@@ -116,8 +119,14 @@ def gather(store: Any, rows: np.ndarray, device: torch.device, workspace: Worksp
     else:
         n, dim = len(rows), int(store.dim)
         flat = block.reshape(-1, store.codes.shape[1])
+        if decode_on_device is None:
+            decode_on_device = device.type != "cpu"
         if getattr(store, "fp16", False):
             tokens = torch.from_numpy(block).view(torch.float16).view(n, -1, dim)
+        elif decode_on_device and getattr(store, "decodes_on_device", False):
+            codes = torch.from_numpy(flat).to(device, non_blocking=True)
+            tokens = store.decode_tensor(codes).view(n, -1, dim)
+            return Gathered(rows, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=device), block.nbytes)
         else:
             tokens = store.decode(flat).view(n, -1, dim)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
@@ -146,9 +155,11 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 class Reranker:
     """Scores a batch of encoded queries against their candidates on ``device`` in ``dtype``."""
 
-    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 decode_on_device: bool | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = dtype or compute_dtype(self.device)
+        self.decode_on_device = decode_on_device  # None: PQ codes are decoded on the device unless it is the CPU
         self._workspace = Workspace()
 
     def rerank(self, enc: EncoderOutput, store: Any, rows_per_query: Sequence[np.ndarray], query_is_text: bool,
@@ -163,13 +174,13 @@ class Reranker:
         union, inverse = np.unique(listed[valid], return_inverse=True)
         if width == 0:
             return Reranked(torch.zeros(q_count, 0), torch.zeros(q_count, 0, dtype=torch.long),
-                            gather(store, union, self.device))
+                            gather(store, union, self.device, decode_on_device=self.decode_on_device))
         queries = enc.local.to(self.device, self.dtype)
         q_mask = enc.mask.to(self.device).bool()
         if len(union) <= DENSE_UNION_FACTOR * width:
             positions = np.zeros((q_count, width), dtype=np.int64)
             positions[valid] = inverse.ravel()
-            gathered = gather(store, union, self.device, self._workspace)
+            gathered = gather(store, union, self.device, self._workspace, self.decode_on_device)
             at = torch.from_numpy(positions)
             scores = self._dense(queries, q_mask, self._compute(gathered.tokens), gathered.mask, query_is_text,
                                  scoring).gather(1, at.to(self.device))
@@ -179,7 +190,7 @@ class Reranker:
             parts = []
             workspace = self._workspace if step >= q_count else None  # chunks each keep their own gather
             for s in range(0, q_count, step):
-                part = gather(store, listed[s : s + step].ravel(), self.device, workspace)
+                part = gather(store, listed[s : s + step].ravel(), self.device, workspace, self.decode_on_device)
                 parts.append((part, self._block(queries[s : s + step], q_mask[s : s + step],
                                                 self._compute(part.tokens), part.mask, width, query_is_text,
                                                 scoring)))

@@ -62,7 +62,27 @@ def stores(tmp_path_factory) -> dict[str, local_store.LocalStore]:
     grid = np.full(N, REGIONS, np.int64)
     varying = np.random.default_rng(5).integers(1, 12, N)
     return {"SQfp16": _store(root / "fp16", "SQfp16", grid), "SQ8": _store(root / "sq8", "SQ8", grid),
-            "captions": _store(root / "captions", "SQfp16", varying)}
+            "captions": _store(root / "captions", "SQfp16", varying), "PQ8": _store(root / "pq8", "PQ8", grid)}
+
+
+def test_pq_codes_decode_on_the_codes_device_as_faiss_does(stores):
+    store = stores["PQ8"]
+    assert store.decodes_on_device and not stores["SQ8"].decodes_on_device
+    codes = np.array(store.codes[:50])
+    np.testing.assert_array_equal(store.decode_tensor(torch.from_numpy(codes)).numpy(), store.decode(codes).numpy())
+    with pytest.raises(TypeError, match="no device decoder"):
+        stores["SQ8"].decode_tensor(torch.from_numpy(np.array(stores["SQ8"].codes[:2])))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["dense", "block"])
+def test_decoding_on_the_device_gives_the_same_scores(stores, shared):
+    """What a GPU does with PQ codes (they travel as bytes, the device decodes them), run on the CPU."""
+    store, scoring = stores["PQ8"], ScoringConfig()
+    enc, rows = _queries(4, 7), _candidates(4, 40, shared)
+    on_host = Reranker("cpu").rerank(enc, store, rows, True, scoring)
+    on_device = Reranker("cpu", decode_on_device=True).rerank(enc, store, rows, True, scoring)
+    torch.testing.assert_close(on_device.scores, on_host.scores, atol=1e-6, rtol=0)
+    assert on_device.gathered.nbytes == on_host.gathered.nbytes  # the codes' bytes, not the decoded floats
 
 
 @pytest.mark.parametrize("alignment", ["MrSw", "MrAVGw", "MwSr", "Symm", "LSE-norm", "CHAN-logsumexp"])
