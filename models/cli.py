@@ -61,6 +61,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="image-caption pairs per step")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    p.add_argument("--prior-lr", type=float, default=None,
+                   help="peak learning rate of the class prior's weights, without weight decay (default: --lr, "
+                        "at which they barely move)")
     p.add_argument("--dropout", type=float, default=None, help="dropout in the head transformer layers")
     p.add_argument("--loss", choices=("triplet", "infonce"), default="triplet",
                    help="triplet: hardest-negative hinge (VSE++); infonce: contrastive cross-entropy")
@@ -154,7 +157,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, margin=args.margin, val_size=args.val_size, candidates=args.candidates,
         seed=args.seed, cache_dir=args.cache_dir.expanduser(), device=args.device, resume=not args.no_resume,
         tune_local_weight=not args.no_tune_weight, augment_views=args.augment_views,
-        mosaic_loss_weight=args.mosaic_loss, mosaics=args.mosaics,
+        mosaic_loss_weight=args.mosaic_loss, mosaics=args.mosaics, prior_lr=args.prior_lr,
     )
     summary = train(options, config_from_args(args))
     print(json.dumps({"model": str(args.out / "model"), "best_epoch": summary["best_epoch"],

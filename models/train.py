@@ -8,7 +8,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,6 +38,7 @@ class TrainOptions:
     batch_size: int = 128
     lr: float = 5e-4
     weight_decay: float = 0.05
+    prior_lr: float | None = None  # the class prior's scalars (weights, gate slopes); None: ``lr``
     loss: str = "triplet"
     margin: float = 0.2
     temperature: float = 0.05
@@ -156,6 +157,20 @@ def tune_local_weight(global_scores: torch.Tensor, local: torch.Tensor, text_to_
 
 ImageSource = CachedFeatures | LiveImageFeatures
 TextSource = CachedFeatures | LiveTextFeatures
+
+
+def parameter_groups(model: torch.nn.Module, options: TrainOptions) -> list[dict[str, Any]]:
+    """AdamW groups: the class prior's scalars at ``prior_lr`` without weight decay (when set), the rest at
+    ``lr``; each group keeps its peak rate as ``peak_lr`` for the schedule."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if options.prior_lr is None:
+        return [{"params": [p for _, p in trainable], "peak_lr": options.lr}]
+    prior = [p for n, p in trainable if n.startswith("class_prior.")]
+    rest = [p for n, p in trainable if not n.startswith("class_prior.")]
+    groups = [{"params": rest, "peak_lr": options.lr}]
+    if prior:
+        groups.append({"params": prior, "peak_lr": options.prior_lr, "lr": options.prior_lr, "weight_decay": 0.0})
+    return groups
 
 
 @dataclass
@@ -312,7 +327,7 @@ def prepare_run(options: TrainOptions, config: ModelConfig) -> TrainRun:
     val_pairs = _pairs(val_records, row_of, views[0].ok, offsets)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    opt = torch.optim.AdamW(parameter_groups(model, options), lr=options.lr, weight_decay=options.weight_decay)
     steps_per_epoch = max(1, len(train_pairs.image_rows) // options.batch_size) * 5
     run = TrainRun(
         options, model, device, views[0], views, txt_feats, failures, train_pairs, val_pairs, params, opt,
@@ -357,7 +372,8 @@ def train_epoch(run: TrainRun, epoch: int) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(run.params, 2.0)
         for group in run.optimizer.param_groups:
-            group["lr"] = options.lr * learning_rate_factor(step, run.steps_per_epoch, run.total_steps)
+            group["lr"] = group.get("peak_lr", options.lr) * learning_rate_factor(step, run.steps_per_epoch,
+                                                                                  run.total_steps)
         run.optimizer.step()
         step += 1
         total += loss.item()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from alignsearch.models import BackboneConfig, ModelConfig, create_model, load_model, save_model
 from alignsearch.models.class_prior import ClassPrior, class_name_mixture, load_class_names, sparse_distribution
@@ -121,3 +122,24 @@ def test_confidence_gate_starts_neutral_and_then_lets_a_sure_classifier_say_more
     g = gated(learned, regions, mask, logits, logits[:, None])[0]
     assert g[0, 1] > g[1, 1]  # the sure image moved further towards the class name
     assert "gate_slope_global" in gated.state_dict() and "gate_slope_global" not in plain.state_dict()
+
+
+def test_the_prior_scalars_get_their_own_learning_rate_without_weight_decay():
+    from pathlib import Path
+
+    from alignsearch.models.train import TrainOptions, parameter_groups
+
+    model = nn.Module()
+    model.head = nn.Linear(4, 4)
+    model.class_prior = ClassPrior(PriorConfig(top_k=1, weight_init=0.5, local=True), 3, 4)
+    options = TrainOptions(dataset=Path("d"), images=Path("i"), out=Path("o"), lr=5e-4)
+    (only,) = parameter_groups(model, options)
+    assert len(only["params"]) == 4 and only["peak_lr"] == 5e-4
+    options.prior_lr = 5e-2
+    rest, prior = parameter_groups(model, options)
+    assert {id(p) for p in prior["params"]} == {id(p) for p in model.class_prior.parameters()}
+    assert prior["peak_lr"] == prior["lr"] == 5e-2 and prior["weight_decay"] == 0.0
+    assert rest["peak_lr"] == 5e-4 and "weight_decay" not in rest  # the optimizer's own default applies
+    opt = torch.optim.AdamW(parameter_groups(model, options), lr=options.lr, weight_decay=0.05)
+    assert [g["lr"] for g in opt.param_groups] == [5e-4, 5e-2]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
