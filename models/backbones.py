@@ -103,6 +103,8 @@ class EfficientNetBackbone(ImageBackbone):
         top = list(self.net._blocks)[-cfg.trainable_layers:] if cfg.trainable_layers else []
         if cfg.trainable_layers:
             top += [self.net._conv_head, self.net._bn1]
+        else:  # frozen: batch norms folded into the convolutions (same function, a pass fewer per layer)
+            self.net.fold_batch_norms()
         _freeze(self.net, top)
 
     def forward(self, pixel_values: torch.Tensor) -> TokenFeatures:

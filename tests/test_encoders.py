@@ -45,6 +45,24 @@ def test_efficientnet_grid_regions(size, grid):
     assert model.region_grid() == (grid, grid)
 
 
+def test_folded_batch_norms_compute_the_same_features():
+    from alignsearch.models.backbones import EfficientNetBackbone
+    from alignsearch.models.efficientnet_lite import load_efficientnet_lite
+
+    plain = load_efficientnet_lite("lite0").eval()
+    folded = load_efficientnet_lite("lite0").eval().fold_batch_norms()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), plain(x), atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(folded.classify(x), plain.classify(x), atol=2e-4, rtol=1e-4)
+    # a frozen backbone is folded; one with trainable layers keeps its batch norms (they train)
+    frozen = EfficientNetBackbone(BackboneConfig("efficientnet", "lite0"))
+    tuned = EfficientNetBackbone(BackboneConfig("efficientnet", "lite0", trainable_layers=1))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+    assert isinstance(tuned.net._bn1, torch.nn.BatchNorm2d) and tuned.net._bn1.weight.requires_grad
+
+
 def test_minilm_words_exclude_special_tokens_and_report_truncation():
     model = create_model(_small_heads(
         image_backbone=BackboneConfig("precomputed", feature_dim=8),
