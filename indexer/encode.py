@@ -29,10 +29,22 @@ def encode_task(model: AlignModel, task: ShardTask, batch_size: int = 32, worker
     return encode_captions(model, task, batch_size, workers, progress or (lambda n: None))
 
 
+_SHARED_POOLS: dict[tuple, DecodePool] = {}
+
+
 def decode_pool(model: AlignModel, workers: int) -> DecodePool | None:
-    """Decode processes for ``model``'s images, or None when it takes precomputed features."""
+    """Decode processes for ``model``'s images, or None when it takes precomputed features.
+
+    One pool per setting (workers, input size, normalisation) is shared by every build of this process: starting
+    the processes costs about a second (a Python interpreter each), paid once; they wait idle between builds
+    and stop when the process exits."""
     preprocessor = model.image_preprocessor
-    return None if preprocessor is None else DecodePool(workers, preprocessor)
+    if preprocessor is None:
+        return None
+    key = (workers, preprocessor.size, tuple(preprocessor.mean.tolist()), tuple(preprocessor.std.tolist()))
+    if key not in _SHARED_POOLS:
+        _SHARED_POOLS[key] = DecodePool(workers, preprocessor)
+    return _SHARED_POOLS[key]
 
 
 def _pixels(model: AlignModel, good: list[Decoded], pooled: bool) -> torch.Tensor:

@@ -105,6 +105,9 @@ class DecodePool:
         self._executor: ProcessPoolExecutor | None = None
 
     def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is not None and getattr(self._executor, "_broken", False):
+            self._executor.shutdown(wait=False, cancel_futures=True)  # a worker died: start afresh
+            self._executor = None
         if self._executor is None:
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=_start_worker, initargs=(self.preprocessor, self.nice))

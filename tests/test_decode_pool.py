@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 
 import numpy as np
 import pytest
@@ -35,10 +36,11 @@ def test_normalise_of_resized_equals_to_array_bit_for_bit(photos):
 def test_pool_decodes_in_other_processes_in_order_with_errors(photos):
     images = photos[0]
     files = list_images(images)
+    before = {p.pid for p in multiprocessing.active_children()}  # e.g. the shared pools of earlier builds
     pool = DecodePool(2, ImagePreprocessor(32, (0.5,) * 3, (0.5,) * 3))
     try:
         got = [d for batch in pool.batches(images, [files[i : i + 3] for i in range(0, len(files), 3)]) for d in batch]
-        workers = multiprocessing.active_children()
+        workers = [w for w in multiprocessing.active_children() if w.pid not in before]
         assert workers and all(w.pid != os.getpid() for w in workers)
         for w in workers:  # a decode process loads Pillow and numpy, not torch (its start competes with the encoder)
             maps = open(f"/proc/{w.pid}/maps").read() if os.path.exists(f"/proc/{w.pid}/maps") else ""
@@ -53,7 +55,29 @@ def test_pool_decodes_in_other_processes_in_order_with_errors(photos):
             assert d.array.dtype == np.uint8 and d.array.shape == (32, 32, 3)
             with Image.open(images / d.rel) as im:
                 assert (d.width, d.height) == im.size
-    assert not multiprocessing.active_children()  # close() stopped them
+    assert {p.pid for p in multiprocessing.active_children()} <= before  # close() stopped them
+
+
+def test_builds_of_one_process_share_a_pool_that_survives_a_dead_worker(photos):
+    from types import SimpleNamespace
+
+    images = photos[0]
+    files = [f for f in list_images(images) if f.endswith(".jpg")][:4]
+    pre = ImagePreprocessor(32, (0.5,) * 3, (0.5,) * 3)
+    model = SimpleNamespace(image_preprocessor=pre)
+    pool = decode_pool(model, 2)
+    assert decode_pool(SimpleNamespace(image_preprocessor=pre), 2) is pool  # the next build: no new processes
+    assert decode_pool(model, 1) is not pool
+    assert decode_pool(SimpleNamespace(image_preprocessor=None), 2) is None
+    first = [d.rel for batch in pool.batches(images, [files]) for d in batch]
+    victim = next(iter(pool._pool()._processes.values()))
+    victim.kill()
+    victim.join()
+    deadline = time.monotonic() + 10
+    while not pool._executor._broken and time.monotonic() < deadline:
+        time.sleep(0.05)  # the executor notices the dead worker and marks itself broken
+    again = [d.rel for batch in pool.batches(images, [files]) for d in batch]  # a fresh set of processes
+    assert first == again == files
 
 
 @pytest.mark.slow
