@@ -309,19 +309,21 @@ def decode_speed(codec: str, dim: int, candidates: int = 20, photos: int = 1_000
     return {"gather_ms": ms, "decode_mvectors_per_s": round(candidates * regions / ms / 1e3, 2)}
 
 
-def build_throughput(model: AlignModel, images: Path, limit: int | None, work: Path, rounds: int = 3
-                     ) -> dict[str, Any]:
+def build_throughput(model: AlignModel, images: Path, limit: int | None, work: Path, rounds: int = 3,
+                     workers: int | None = None) -> dict[str, Any]:
     """Benchmark 5: images/s of ``index build`` (decoding in worker processes) against the encoder's forward
     pass alone on pre-decoded images. ``rounds`` builds, each between two forward-only timings (each after a
     warm-up, with the load average around it): a round's ratio sets its build against the forward passes just
-    before and after it, and the median round is reported, since this machine's own speed drifts between runs."""
+    before and after it, and the median round is reported, since this machine's own speed drifts between runs.
+    ``workers``: decode processes (default 4 on a CPU, all cores but two on a GPU)."""
     from alignsearch.indexer.build import BuildOptions, build
     from alignsearch.indexer.reader import list_images
     from alignsearch.models.preprocess import load_image
 
     files = list_images(images)[:limit]
     on_gpu = model.device.type == "cuda"
-    workers = max(4, (os.cpu_count() or 4) - 2) if on_gpu else 4  # on a GPU, decoding is what limits
+    if workers is None:
+        workers = max(4, (os.cpu_count() or 4) - 2) if on_gpu else 4  # on a GPU, decoding is what limits
     batch = 128 if on_gpu else 32
     pixels = torch.stack([model.preprocess_images([load_image(images / f)])[0] for f in files])
     loads: dict[str, list[float]] = {}
