@@ -57,11 +57,36 @@ def make_codec(dim: int, factory: str, sample: np.ndarray, train: bool = True) -
     return codec
 
 
-def encode(codec: faiss.Index, vectors: np.ndarray) -> np.ndarray:
-    """n x d float vectors -> n x code_size uint8 codes."""
+def encode(codec: faiss.Index, vectors: np.ndarray, device: str | torch.device | None = None) -> np.ndarray:
+    """n x d float vectors -> n x code_size uint8 codes.
+
+    A plain 8-bit PQ codec encodes on ``device`` (default: the GPU when there is one) by matrix products, which a
+    GPU does far faster than FAISS's per-vector CPU loop (about 14k vectors/s per core here, so 1M photos' 49M
+    region vectors took most of an hour on 2 cores); anything else, or no GPU, uses FAISS's ``sa_encode``."""
     if len(vectors) == 0:
         return np.zeros((0, codec.sa_code_size()), dtype=np.uint8)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else None
+    inner = faiss.downcast_index(codec)
+    if device is not None and isinstance(inner, faiss.IndexPQ) and inner.pq.nbits == 8:
+        return pq_encode(inner.pq, vectors, torch.device(device))
     return codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def pq_encode(pq: faiss.ProductQuantizer, vectors: np.ndarray, device: torch.device, chunk: int = 65_536
+              ) -> np.ndarray:
+    """FAISS's PQ codes computed with matrix products on ``device``: each sub-vector's nearest centroid by
+    ``|c|^2 - 2 x.c`` (the ``|x|^2`` term is the same for every centroid). Equal to ``sa_encode`` but for exact
+    ties between two centroids' distances, which float rounding may break the other way."""
+    centroids = torch.from_numpy(faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)).to(device)
+    norms = (centroids * centroids).sum(-1)  # M x ksub
+    out = np.empty((len(vectors), pq.M), dtype=np.uint8)
+    for start in range(0, len(vectors), chunk):
+        x = torch.as_tensor(np.asarray(vectors[start : start + chunk], dtype=np.float32)).to(device)
+        x = x.view(len(x), pq.M, pq.dsub).transpose(0, 1)  # M x n x dsub
+        distances = norms[:, None, :] - 2 * torch.bmm(x, centroids.transpose(1, 2))  # M x n x ksub
+        out[start : start + len(x[0])] = distances.argmin(-1).T.to(torch.uint8).cpu().numpy()
+    return out
 
 
 def write_store(folder: Path, codec: faiss.Index, codes: np.ndarray, lengths: np.ndarray) -> None:

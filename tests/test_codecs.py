@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from alignsearch.indexer import local_store, stores
 from alignsearch.indexer.index import Index, verify
@@ -93,3 +94,17 @@ def test_the_suite_times_gather_and_decode_per_codec():
     for codec in ("SQfp16", "compact"):
         speed = decode_speed(codec, 384, candidates=4, photos=12, repeats=3)
         assert speed["gather_ms"] > 0 and speed["decode_mvectors_per_s"] > 0
+
+
+def test_pq_codes_by_matrix_products_equal_faiss_codes():
+    """What a GPU computes when it writes PQ codes (run here on the CPU): FAISS's codes, but for float ties."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 48)).astype(np.float32)
+    codec = local_store.make_codec(48, "PQ8", vectors[:2000])
+    by_faiss = local_store.encode(codec, vectors)
+    by_products = local_store.pq_encode(codec.pq, vectors, torch.device("cpu"), chunk=1000)  # chunks joined in order
+    assert by_products.dtype == np.uint8 and by_products.shape == by_faiss.shape == (3000, 8)
+    assert (by_products == by_faiss).mean() > 0.999
+    assert np.array_equal(local_store.encode(codec, vectors, device="cpu"), by_products)
+    sq = local_store.make_codec(48, "SQ8", vectors[:2000])  # not PQ: FAISS's encoder wherever asked
+    assert np.array_equal(local_store.encode(sq, vectors, device="cpu"), sq.sa_encode(vectors))
