@@ -73,12 +73,17 @@ def encode(codec: faiss.Index, vectors: np.ndarray, device: str | torch.device |
     return codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
 
 
+def pq_centroids(pq: faiss.ProductQuantizer) -> np.ndarray:
+    """A product quantizer's centroids as M x ksub x dsub float32 (code byte m of a vector picks row m, code)."""
+    return faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+
+
 def pq_encode(pq: faiss.ProductQuantizer, vectors: np.ndarray, device: torch.device, chunk: int = 65_536
               ) -> np.ndarray:
     """FAISS's PQ codes computed with matrix products on ``device``: each sub-vector's nearest centroid by
     ``|c|^2 - 2 x.c`` (the ``|x|^2`` term is the same for every centroid). Equal to ``sa_encode`` but for exact
     ties between two centroids' distances, which float rounding may break the other way."""
-    centroids = torch.from_numpy(faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)).to(device)
+    centroids = torch.from_numpy(pq_centroids(pq)).to(device)
     norms = (centroids * centroids).sum(-1)  # M x ksub
     out = np.empty((len(vectors), pq.M), dtype=np.uint8)
     for start in range(0, len(vectors), chunk):
@@ -145,8 +150,8 @@ class LocalStore:
         self._tables: dict[str, torch.Tensor] = {}
         self._pq_table: np.ndarray | None = None
         if isinstance(codec, faiss.IndexPQ) and codec.pq.nbits == 8:
-            pq = codec.pq  # a plain PQ decode is a table lookup: (M * 256) x dsub centroids, one row per code byte
-            self._pq_table = faiss.vector_to_array(pq.centroids).reshape(pq.M * pq.ksub, pq.dsub)
+            # a plain PQ decode is a table lookup: (M * 256) x dsub centroids, one row per code byte
+            self._pq_table = pq_centroids(codec.pq).reshape(-1, codec.pq.dsub)
 
     @property
     def decodes_on_device(self) -> bool:

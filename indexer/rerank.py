@@ -123,10 +123,8 @@ def gather(store: Any, rows: np.ndarray, device: torch.device, workspace: Worksp
             decode_on_device = device.type != "cpu"
         if getattr(store, "fp16", False):
             tokens = torch.from_numpy(block).view(torch.float16).view(n, -1, dim)
-        elif decode_on_device and getattr(store, "decodes_on_device", False):
-            codes = torch.from_numpy(flat).to(device, non_blocking=True)
-            tokens = store.decode_tensor(codes).view(n, -1, dim)
-            return Gathered(rows, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=device), block.nbytes)
+        elif decode_on_device and getattr(store, "decodes_on_device", False):  # decoded where it is scored
+            tokens = store.decode_tensor(torch.from_numpy(flat).to(device, non_blocking=True)).view(n, -1, dim)
         else:
             tokens = store.decode(flat).view(n, -1, dim)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool)

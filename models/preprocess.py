@@ -57,6 +57,9 @@ class ImagePreprocessor:
         self.size = size
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
+        # 3 x 256: each channel's normalised value of every uint8 level (see normalize)
+        levels = np.arange(256, dtype=np.float32)[:, None]
+        self._lookup = np.ascontiguousarray(((levels / 255.0 - self.mean) / self.std).T)
 
     def to_array(self, image: Image.Image) -> np.ndarray:
         """One image -> float32 array 3 x size x size."""
@@ -73,20 +76,10 @@ class ImagePreprocessor:
         One table lookup per channel (256 values each, computed by the formula ``(v / 255 - mean) / std`` in
         float32), written straight into the channel-first result: the same values as the formula, in one pass."""
         pixels = np.asarray(pixels, dtype=np.uint8)
-        table = self._table()
         out = np.empty((*pixels.shape[:-3], 3, *pixels.shape[-3:-1]), dtype=np.float32)
         for c in range(3):
-            np.take(table[c], pixels[..., c], out=out[..., c, :, :])
+            np.take(self._lookup[c], pixels[..., c], out=out[..., c, :, :])
         return out
-
-    def _table(self) -> np.ndarray:
-        """3 x 256 float32: each channel's normalised value of every uint8 level."""
-        table = getattr(self, "_lookup", None)
-        if table is None:
-            levels = np.arange(256, dtype=np.float32)[:, None]
-            table = np.ascontiguousarray(((levels / 255.0 - self.mean) / self.std).T)
-            self._lookup = table
-        return table
 
     def __call__(self, images: Sequence[Image.Image]) -> "torch.Tensor":
         import torch
