@@ -213,15 +213,9 @@ def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Pa
             "index_bytes": {p.relative_to(folder).as_posix(): p.stat().st_size for p in files
                             if p.stat().st_size > 1 << 20},
             "load_before": pagecache.load()}
-        # cold: each of the queries right after the index's files were dropped from the page cache
-        cold = []
-        for q in range(len(QUERIES)):
-            pagecache.drop(store_files)
-            one = enc_batch.select([q])
-            start = time.perf_counter()
-            searcher.search_text_encoded(one, 10, candidates)
-            cold.append((time.perf_counter() - start) * 1000.0)
-        row["cold"] = {"two_stage_search_ms": round(statistics.median(cold), 3),
+        # cold: each of the queries right after the index's files were dropped from the page cache (median)
+        cold = search_latency(searcher, enc_batch.select(range(len(QUERIES))), candidates, store_files)
+        row["cold"] = {"two_stage_search_ms": cold["two_stage"]["p50_ms"],
                        "how": "posix_fadvise(DONTNEED) of the index's files before each of 8 queries"}
         for _ in range(3):  # warm-up
             searcher.search_text_encoded(enc_batch, 10, candidates)
@@ -400,10 +394,8 @@ def serving(index_dir: Path, requests_total: int, concurrency: int = 16) -> dict
             loads: list[list[float]] = []
             seconds = asyncio.run(run())
             loads.append(pagecache.load())
-            lat = np.array(latencies)
             out[label] = {"requests": requests_total, "errors": errors, "concurrency": concurrency,
-                          "throughput_rps": round(len(lat) / seconds, 2),
-                          "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
+                          "throughput_rps": round(len(latencies) / seconds, 2), **percentiles(latencies),
                           "load_before_after": loads}
     out["throughput_on_over_off"] = round(out["batching_on"]["throughput_rps"] / out["batching_off"]["throughput_rps"], 3)
     return out
