@@ -125,18 +125,17 @@ def _gpu_bandwidth(reranker: Any, enc: EncoderOutput, store: Any, rows: list[np.
 
     union = np.unique(np.concatenate(rows))
     gathered = gather(store, union, reranker.device)
-    tokens = reranker._compute(gathered.tokens)
-    queries, q_mask = enc.local.to(reranker.device, reranker.dtype), enc.mask.to(reranker.device).bool()
+    queries, q_mask = reranker.queries_on_device(enc)
     host, on_device = torch.from_numpy(source), torch.empty(len(source), dtype=torch.uint8, device=reranker.device)
     pinned = host.pin_memory()
-    score_bytes = tokens.numel() * tokens.element_size()
+    score_bytes = gathered.tokens.numel() * torch.finfo(reranker.dtype).bits // 8
     big = torch.empty(score_bytes, dtype=torch.uint8, device=reranker.device)
     big_copy = torch.empty_like(big)
     ms = {
         "h2d_pageable_ms": median_ms(_synced(lambda: on_device.copy_(host)), repeats, warmup=2),
         "h2d_pinned_ms": median_ms(_synced(lambda: on_device.copy_(pinned, non_blocking=True)), repeats, warmup=2),
-        "score_only_ms": median_ms(_synced(lambda: reranker._dense(queries, q_mask, tokens, gathered.mask, True,
-                                                                   scoring)), repeats, warmup=2),
+        "score_only_ms": median_ms(_synced(lambda: reranker.score_gathered(queries, q_mask, gathered, True, scoring)),
+                                   repeats, warmup=2),
         "device_copy_ms": median_ms(_synced(lambda: big_copy.copy_(big)), repeats, warmup=2),
     }
     out: dict[str, Any] = {**ms, "gathered_bytes": len(source), "scored_bytes": score_bytes,

@@ -173,15 +173,13 @@ class Reranker:
         if width == 0:
             return Reranked(torch.zeros(q_count, 0), torch.zeros(q_count, 0, dtype=torch.long),
                             gather(store, union, self.device, decode_on_device=self.decode_on_device))
-        queries = enc.local.to(self.device, self.dtype)
-        q_mask = enc.mask.to(self.device).bool()
+        queries, q_mask = self.queries_on_device(enc)
         if len(union) <= DENSE_UNION_FACTOR * width:
             positions = np.zeros((q_count, width), dtype=np.int64)
             positions[valid] = inverse.ravel()
             gathered = gather(store, union, self.device, self._workspace, self.decode_on_device)
             at = torch.from_numpy(positions)
-            scores = self._dense(queries, q_mask, self._compute(gathered.tokens), gathered.mask, query_is_text,
-                                 scoring).gather(1, at.to(self.device))
+            scores = self.score_gathered(queries, q_mask, gathered, query_is_text, scoring).gather(1, at.to(self.device))
         else:
             item_bytes = max(1, int(store.dim) * max(1, int(_lengths(store, union).max())))
             step = max(1, BLOCK_BUDGET_BYTES // (width * item_bytes * torch.finfo(self.dtype).bits // 8))
@@ -197,6 +195,16 @@ class Reranker:
             at = torch.arange(q_count * width).view(q_count, width)
         scores = scores.float().cpu().masked_fill(torch.from_numpy(~valid), 0.0)
         return Reranked(scores, at, gathered)
+
+    def queries_on_device(self, enc: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries' local vectors in the compute dtype on the device, and their boolean mask."""
+        return enc.local.to(self.device, self.dtype), enc.mask.to(self.device).bool()
+
+    def score_gathered(self, queries: torch.Tensor, q_mask: torch.Tensor, gathered: Gathered, query_is_text: bool,
+                       scoring: ScoringConfig) -> torch.Tensor:
+        """Every query (from :meth:`queries_on_device`) against every item of ``gathered`` (from :func:`gather`
+        on this device): Q x U local scores. The scoring step of :meth:`rerank` alone, without the gather."""
+        return self._dense(queries, q_mask, self._compute(gathered.tokens), gathered.mask, query_is_text, scoring)
 
     @staticmethod
     def _dense(queries: torch.Tensor, q_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,

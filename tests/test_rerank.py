@@ -116,6 +116,21 @@ def test_half_precision_is_within_its_stated_tolerance(stores, dtype, tolerance)
     assert not torch.equal(half, exact)  # the half path really ran in half
 
 
+@pytest.mark.parametrize("query_is_text", [True, False], ids=["text-query", "image-query"])
+def test_score_gathered_is_the_scoring_step_of_rerank(stores, query_is_text):
+    """The public scoring step (what the suite times alone on a GPU): every query against every gathered item."""
+    store, scoring = stores["SQfp16"], ScoringConfig()
+    enc, rows = _queries(3, 7 if query_is_text else REGIONS), _candidates(3, 30, True)
+    reranker = Reranker("cpu", torch.float32)
+    got = reranker.rerank(enc, store, rows, query_is_text, scoring)
+    queries, q_mask = reranker.queries_on_device(enc)
+    dense = reranker.score_gathered(queries, q_mask, got.gathered, query_is_text, scoring)
+    assert dense.shape == (3, len(got.gathered.rows))
+    for q, r in enumerate(rows):
+        at = np.searchsorted(got.gathered.rows, r)
+        torch.testing.assert_close(dense[q, at], got.scores[q, : len(r)], atol=1e-6, rtol=0)
+
+
 def test_candidates_returns_the_gathered_vectors_in_the_order_asked(stores):
     store = stores["SQfp16"]
     enc, rows = _queries(3, 5), _candidates(3, 20, False)
