@@ -97,9 +97,9 @@ def test_shipped_model_keeps_its_demo_figures(demo_figures):
 
 
 def test_script_entries_answer_bad_input_in_one_line(capsys, tmp_path):
-    from alignsearch.bench import min_score
+    from alignsearch.bench import min_score, package_photos
 
-    for main in (dq.main, min_score.main):
+    for main in (dq.main, min_score.main, package_photos.main):
         assert main(["--bogus"]) == 2
         assert main([str(tmp_path / "no-model")]) == 2
         err = capsys.readouterr().err.strip()
