@@ -57,7 +57,7 @@ def cpu_costs(model: Any, folder: Path, files: list[str], batch_size: int = 32) 
         decode = time.process_time() - start
         start = time.process_time()
         for i in range(0, len(files), batch_size):
-            model.encode_pixels(torch.from_numpy(pre.normalize(pixels[i : i + batch_size])))
+            model.encode_pixels(pre.normalize_tensor(pixels[i : i + batch_size]))
         encode = time.process_time() - start
     finally:
         torch.set_num_threads(threads)

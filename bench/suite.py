@@ -309,11 +309,13 @@ def build_throughput(model: AlignModel, images: Path, limit: int | None, work: P
     warm-up, with the load average around it): a round's ratio sets its build against the forward passes just
     before and after it, and the median round is reported, since this machine's own speed drifts between runs.
     ``workers``: decode processes (default 4 on a CPU, all cores but two on a GPU)."""
+    from alignsearch.indexer.allocator import keep_freed_memory
     from alignsearch.indexer.build import BuildOptions, build
     from alignsearch.indexer.reader import list_images
     from alignsearch.models.preprocess import load_image
 
     files = list_images(images)[:limit]
+    allocator_tuned = keep_freed_memory()  # as `alignsearch index` does (indexer/allocator.py)
     on_gpu = model.device.type == "cuda"
     if workers is None:
         workers = max(4, (os.cpu_count() or 4) - 2) if on_gpu else 4  # on a GPU, decoding is what limits
@@ -355,7 +357,7 @@ def build_throughput(model: AlignModel, images: Path, limit: int | None, work: P
             "build_images_per_s_each_round": [round(len(files) / s, 1) for s in build_s],
             "build_fraction_of_forward_each_round": [round(x, 3) for x in ratios],
             "build_fraction_of_forward": round(ratios[median], 3), "decode": "worker processes",
-            "decode_workers": workers, "batch_size": batch, "load": loads}
+            "decode_workers": workers, "batch_size": batch, "malloc_tuned": allocator_tuned, "load": loads}
 
 
 def serving(index_dir: Path, requests_total: int, concurrency: int = 16) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from alignsearch.models.cli import add_progress_option, apply_progress_option
 
+from .allocator import keep_freed_memory
 from .layout import DEFAULT_CODEC, MANIFEST
 
 BUILD_HINT = "alignsearch index build --images DIR [--captions FILE] --out {}"
@@ -181,6 +182,7 @@ def run_build(args: argparse.Namespace) -> int:
 
         preflight(args.ray_address)  # before the model loads
     apply_progress_option(args)
+    keep_freed_memory()
     model = load_model(args.model, device=args.device)
     with _distributor(args, model) as distributor:  # None: the local engine
         _summary(build(model, replace(options, distributor=distributor)))
@@ -204,6 +206,7 @@ def run_add(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(require_index(args.index))
     apply_progress_option(args)
+    keep_freed_memory()
     model = load_model(args.model or manifest["model"].get("source"), device=args.device)
     _summary(add(model, args.index, _options(args, args.index)))
     return 0

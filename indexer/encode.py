@@ -49,7 +49,7 @@ def decode_pool(model: AlignModel, workers: int) -> DecodePool | None:
 
 def _pixels(model: AlignModel, good: list[Decoded], pooled: bool) -> torch.Tensor:
     if pooled:  # uint8 arrays from the decode processes: normalised here in one step
-        return torch.from_numpy(model.image_preprocessor.normalize(np.stack([d.array for d in good])))
+        return model.image_preprocessor.normalize_tensor(np.stack([d.array for d in good]))
     return torch.stack([d.array for d in good])
 
 

@@ -123,7 +123,6 @@ class Encoder:
         self.pre = image_preprocessor(self.model) if self.model.takes_images else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
 
         n, dim = len(batch["pos"]), self.model.embed_dim
         if "text" in batch:
@@ -131,7 +130,7 @@ class Encoder:
             good = np.ones(n, bool)
         else:
             good = np.array([not e for e in batch["error"]], bool)
-            out = self.model.encode_pixels(torch.from_numpy(self.pre.normalize(batch["pixels"][good]))).cpu() \
+            out = self.model.encode_pixels(self.pre.normalize_tensor(batch["pixels"][good])).cpu() \
                 if good.any() else None
         glob = np.zeros((n, dim), np.float32)
         width = out.local.shape[1] if out is not None else 1
