@@ -15,7 +15,7 @@ images/s either way; ``alignsearch index build`` end to end (process start and m
 up to ``trim_threshold`` of freed memory.
 
 Process-wide: the CLI's ``index`` and ``add`` commands call :func:`keep_freed_memory` before they load a
-model, and the benchmark suite does the same for its build timing; library calls to ``build`` do not change
+model, the Ray engine's encoder actors when they start, and the benchmark suite for its build timing; library calls to ``build`` do not change
 the allocator of the process that makes them. ``ALIGNSEARCH_MALLOC_TUNING=0`` turns it off.
 """
 

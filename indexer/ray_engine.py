@@ -113,6 +113,9 @@ class Encoder:
 
         from alignsearch.models.factory import load_model
 
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()  # an encoder process, as the local build's (indexer/allocator.py)
         if threads:
             torch.set_num_threads(threads)
         hf_logging.disable_progress_bar()  # one bar per worker would interleave with the driver's
