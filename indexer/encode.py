@@ -1,7 +1,9 @@
 """Encoding one shard task into a :class:`~indexer.writer.Shard`: a function of the model and the task only
-(the mapper of the build). Images are decoded and resized in worker processes (:class:`~indexer.reader.DecodePool`)
-a few batches ahead of the encoder, which only normalises them and keeps its cores; captions are encoded in
-order of length (batches of similar lengths pad little), then put back in file order."""
+(the mapper of the build). Images are decoded and resized in worker processes (:class:`~indexer.reader.DecodePool`):
+a few batches ahead of an encoder on a GPU; taking turns with an encoder on the CPU (256 images decoded on every
+core, then encoded with no decoder running), since decoders beside it slow its threads by more than decoding
+costs. The encoder's process only normalises them. Captions are encoded in order of length (batches of similar
+lengths pad little), then put back in file order."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from .reader import DecodePool, Decoded, decode_batches
 from .writer import Shard, empty_shard, shard_from_output
 
 Progress = Callable[[int], None]  # called with the number of items just done
+# On a CPU, images decoded per turn before the encoder takes the cores back: 256 at 224 px are 38 MB of uint8.
+TURN_IMAGES = 256
 
 
 def encode_task(model: AlignModel, task: ShardTask, batch_size: int = 32, workers: int = 4,
@@ -61,7 +65,11 @@ def encode_images(model: AlignModel, task: ShardTask, batch_size: int, workers: 
     parts: list[EncoderOutput] = []
     items: list[dict[str, Any]] = []
     skipped = list(task.skipped)
-    decoded = pool.batches(folder, batches) if pool is not None else decode_batches(folder, batches, workers, prepare)
+    if pool is None:
+        decoded = decode_batches(folder, batches, workers, prepare)
+    else:  # on a CPU the encoder and the decoders take turns on the cores (see DecodePool.batches)
+        turns = max(1, TURN_IMAGES // batch_size) if model.device.type == "cpu" else 0
+        decoded = pool.batches(folder, batches, turns=turns)
     for batch in decoded:
         good = [d for d in batch if d.error is None]
         skipped += [{"item": d.rel, "reason": d.error} for d in batch if d.error is not None]

@@ -4,6 +4,7 @@ training uses."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import weakref
@@ -68,6 +69,17 @@ def _prefetched(pool: Executor, batches: Iterable[Sequence[str]], submit_one: Ca
         yield [f.result() for f in batch]
 
 
+def _in_turns(pool: Executor, batches: Iterable[Sequence[str]], submit_one: Callable[[Executor, str], Future],
+              chunk: int) -> Iterator[list[Decoded]]:
+    """Results of each batch in order, decoded ``chunk`` batches at a time: a chunk is decoded whole before its
+    first batch is handed out, and the next one starts only once the consumer asks past its last, so the
+    decoders and the consumer take turns instead of running side by side."""
+    batches = iter(batches)
+    while group := list(itertools.islice(batches, max(1, chunk))):
+        futures = [[submit_one(pool, rel) for rel in batch] for batch in group]
+        yield from [[f.result() for f in batch] for batch in futures]
+
+
 def decode_batches(folder: Path, batches: Iterable[Sequence[str]], workers: int, prepare: Callable,
                    prefetch: int = 2) -> Iterator[list[Decoded]]:
     """Decode each batch of relative paths in ``workers`` threads (``prepare`` turns an image into the
@@ -114,9 +126,19 @@ class DecodePool:
             weakref.finalize(self, self._executor.shutdown, wait=True, cancel_futures=True)
         return self._executor
 
-    def batches(self, folder: Path, batches: Iterable[Sequence[str]], prefetch: int = 2) -> Iterator[list[Decoded]]:
-        """Each batch of relative paths as :class:`Decoded` with uint8 ``array`` (size x size x 3), in order."""
-        yield from _prefetched(self._pool(), batches, lambda p, rel: p.submit(_decode_resized, folder, rel), prefetch)
+    def batches(self, folder: Path, batches: Iterable[Sequence[str]], prefetch: int = 2,
+                turns: int = 0) -> Iterator[list[Decoded]]:
+        """Each batch of relative paths as :class:`Decoded` with uint8 ``array`` (size x size x 3), in order.
+
+        ``turns`` 0: ``prefetch`` batches are decoded while the consumer works on the current one (the encoder
+        on a GPU). ``turns`` N: N batches at a time, decoded on every core while the consumer waits, then handed
+        out while no decoder runs (an encoder on the same CPU cores: its threads slow down by more than the
+        decoding costs when a decoder takes a core from them)."""
+        submit = lambda p, rel: p.submit(_decode_resized, folder, rel)  # noqa: E731
+        if turns > 0:
+            yield from _in_turns(self._pool(), batches, submit, turns)
+        else:
+            yield from _prefetched(self._pool(), batches, submit, prefetch)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -52,7 +52,11 @@ def test_pool_decodes_in_other_processes_in_order_with_errors(photos):
     before = {p.pid for p in multiprocessing.active_children()}  # e.g. the shared pools of earlier builds
     pool = DecodePool(2, ImagePreprocessor(32, (0.5,) * 3, (0.5,) * 3))
     try:
-        got = [d for batch in pool.batches(images, [files[i : i + 3] for i in range(0, len(files), 3)]) for d in batch]
+        batches = [files[i : i + 3] for i in range(0, len(files), 3)]
+        got = [d for batch in pool.batches(images, batches) for d in batch]
+        in_turns = [d for batch in pool.batches(images, batches, turns=2) for d in batch]
+        assert [(d.rel, d.error, None if d.array is None else d.array.tobytes()) for d in in_turns] == \
+            [(d.rel, d.error, None if d.array is None else d.array.tobytes()) for d in got]
         workers = [w for w in multiprocessing.active_children() if w.pid not in before]
         assert workers and all(w.pid != os.getpid() for w in workers)
         for w in workers:  # a decode process loads Pillow and numpy, not torch (its start competes with the encoder)
@@ -69,6 +73,28 @@ def test_pool_decodes_in_other_processes_in_order_with_errors(photos):
             with Image.open(images / d.rel) as im:
                 assert (d.width, d.height) == im.size
     assert {p.pid for p in multiprocessing.active_children()} <= before  # close() stopped them
+
+
+def test_in_turns_decodes_a_chunk_whole_and_the_next_only_when_asked():
+    """Turns: the consumer gets a chunk's first batch only when the whole chunk is decoded, and nothing of the
+    next chunk is submitted while it works on this one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from alignsearch.indexer.reader import Decoded, _in_turns
+
+    submitted: list[str] = []
+
+    def submit(pool, rel):
+        submitted.append(rel)
+        return pool.submit(Decoded, rel)
+
+    with ThreadPoolExecutor(2) as pool:
+        turns = _in_turns(pool, [["a", "b"], ["c"], ["d", "e"], ["f"], ["g"]], submit, chunk=2)
+        assert [d.rel for d in next(turns)] == ["a", "b"]
+        assert submitted == ["a", "b", "c"]  # the whole first chunk, nothing of the second
+        assert [d.rel for d in next(turns)] == ["c"] and len(submitted) == 3
+        assert [d.rel for d in next(turns)] == ["d", "e"] and submitted[3:] == ["d", "e", "f"]
+        assert [[d.rel for d in b] for b in turns] == [["f"], ["g"]]
 
 
 def test_builds_of_one_process_share_a_pool_that_survives_a_dead_worker(photos):
