@@ -10,12 +10,29 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from alignsearch.models.cli import add_progress_option, apply_progress_option
 
 SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k-800"
 DEFAULT_DATASET = Path(os.environ.get("ALIGNSEARCH_DATASET", SHARED_DATASET))
+
+
+def model_report_main(argv: list[str] | None, prog: str, usage_note: str,
+                      run_report: Callable[[str | None], dict[str, Any]]) -> int:
+    """A ``python -m alignsearch.bench.PROG [MODEL]`` entry: ``run_report(model or None)`` printed as JSON; bad
+    arguments and errors (no such model, data or package) in one line on stderr and exit status 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):
+        print(f"usage: python -m alignsearch.bench.{prog} [MODEL]  ({usage_note})", file=sys.stderr)
+        return 2
+    try:
+        report = run_report(argv[0] if argv else None)
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"bench.{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 PARTS = ("speed", "quality", "build", "serving")

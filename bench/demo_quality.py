@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .cli import model_report_main
+
 DATA = Path(__file__).resolve().parent / "data"
 QUERIES_FILE = DATA / "demo_queries.json"
 BOXES_FILE = DATA / "demo_boxes.json"
@@ -207,17 +209,7 @@ def run(model_name: str | None = None, device: str = "auto", work: Path | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) > 1 or (argv and argv[0].startswith("-")):
-        print("usage: python -m alignsearch.bench.demo_quality [MODEL]  (prints the demo figures as JSON)", file=sys.stderr)
-        return 2
-    try:
-        report = run(argv[0] if argv else None)
-    except (OSError, ValueError, ImportError) as exc:  # no such model, no scikit-image
-        print(f"bench.demo_quality: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2))
-    return 0
+    return model_report_main(argv, "demo_quality", "prints the demo figures as JSON", run)
 
 
 if __name__ == "__main__":

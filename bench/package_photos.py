@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cli import DEFAULT_DATASET
+from .cli import DEFAULT_DATASET, model_report_main
 from .demo_quality import DATA, recall_at
 
 QUERIES_FILE = DATA / "package_photo_queries.json"
@@ -97,18 +97,8 @@ def run(model_name: str | None = None, dataset: Path = DEFAULT_DATASET, device: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) > 1 or (argv and argv[0].startswith("-")):
-        print("usage: python -m alignsearch.bench.package_photos [MODEL]  (prints the figures as JSON; the "
-              "distractors come from ALIGNSEARCH_DATASET)", file=sys.stderr)
-        return 2
-    try:
-        report = run(argv[0] if argv else None)
-    except (OSError, ValueError, ImportError) as exc:  # no such model, no dataset, a package missing
-        print(f"bench.package_photos: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2))
-    return 0
+    return model_report_main(argv, "package_photos", "prints the figures as JSON; the distractors come from "
+                             "ALIGNSEARCH_DATASET", run)
 
 
 if __name__ == "__main__":
