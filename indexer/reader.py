@@ -132,8 +132,8 @@ class DecodePool:
 
         ``turns`` 0: ``prefetch`` batches are decoded while the consumer works on the current one (the encoder
         on a GPU). ``turns`` N: N batches at a time, decoded on every core while the consumer waits, then handed
-        out while no decoder runs (an encoder on the same CPU cores: its threads slow down by more than the
-        decoding costs when a decoder takes a core from them)."""
+        out while no decoder runs (an encoder on the same CPU cores, whose threads stall at their barriers when a
+        decoder takes a core from one of them)."""
         submit = lambda p, rel: p.submit(_decode_resized, folder, rel)  # noqa: E731
         if turns > 0:
             yield from _in_turns(self._pool(), batches, submit, turns)
