@@ -1,4 +1,4 @@
-"""Keep freed memory in a build process instead of handing it back to the kernel after every batch (glibc).
+"""Keep freed memory in a build or serving process instead of handing it back to the kernel after every batch (glibc).
 
 By default glibc's malloc serves blocks of 128 kB and more with fresh ``mmap`` pages and unmaps them when they
 are freed, and trims the top of its heap once 128 kB of it is free (it raises the first limit as it sees large
@@ -14,8 +14,13 @@ images/s either way; ``alignsearch index build`` end to end (process start and m
 23.4 s without, 16.1 / 16.3 s with, peak RSS 1.08-1.14 GB without, 1.25 GB with. The cost: the process keeps
 up to ``trim_threshold`` of freed memory.
 
-Process-wide: the CLI's ``index`` and ``add`` commands call :func:`keep_freed_memory` before they load a
-model, the Ray engine's encoder actors when they start, and the benchmark suite for its build timing; library calls to ``build`` do not change
+Serving, image queries through the default model in a fresh process (median of 128, after a warm-up): 27 -> 22
+ms per image one at a time, 23.4 -> 12.6 ms per image in micro-batches of 16; text queries unchanged (8 ms);
+the process's RSS after those batches 826 MB against 570 MB (peak 825 against 724): the freed memory it keeps.
+
+Process-wide: the CLI's ``index``, ``add``, ``serve`` and ``demo`` commands call :func:`keep_freed_memory`
+before they load a model, the Ray engine's encoder actors when they start, and the benchmark suite for its
+build timing; library calls to ``build`` do not change
 the allocator of the process that makes them. ``ALIGNSEARCH_MALLOC_TUNING=0`` turns it off.
 """
 

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from alignsearch.indexer.allocator import keep_freed_memory
 from alignsearch.models.cli import add_progress_option, apply_progress_option
 
 from .serve import add_allow_open_option, bind, refuse_open, run_app, serving_line, url
@@ -111,6 +112,7 @@ def prepare(args: argparse.Namespace):
         index_dir = out / "index"
 
     apply_progress_option(args)
+    keep_freed_memory()  # it builds, then serves (indexer/allocator.py)
     model = load_model(device=args.device)
     stamp_file = index_dir.with_name(index_dir.name + ".built-from")
     stamp = _stamp(images, captions, model.fingerprint)

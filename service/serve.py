@@ -127,7 +127,10 @@ def run_serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     try:
         apply_progress_option(args)
+        from alignsearch.indexer.allocator import keep_freed_memory
         from alignsearch.indexer.search import Searcher
+
+        keep_freed_memory()  # image queries encode up to 46% faster (indexer/allocator.py)
 
         from .app import create_app
 
