@@ -1,4 +1,5 @@
-"""Keep freed memory in a build or serving process instead of handing it back to the kernel after every batch (glibc).
+"""Keep freed memory in a build or serving process instead of handing it back to the kernel after every batch
+(glibc).
 
 By default glibc's malloc serves blocks of 128 kB and more with fresh ``mmap`` pages and unmaps them when they
 are freed, and trims the top of its heap once 128 kB of it is free (it raises the first limit as it sees large
@@ -20,8 +21,8 @@ the process's RSS after those batches 826 MB against 570 MB (peak 825 against 72
 
 Process-wide: the CLI's ``index``, ``add``, ``serve`` and ``demo`` commands call :func:`keep_freed_memory`
 before they load a model, the Ray engine's encoder actors when they start, and the benchmark suite for its
-build timing; library calls to ``build`` do not change
-the allocator of the process that makes them. ``ALIGNSEARCH_MALLOC_TUNING=0`` turns it off.
+build timing; library calls to ``build`` do not change the allocator of the process that makes them.
+``ALIGNSEARCH_MALLOC_TUNING=0`` turns it off.
 """
 
 from __future__ import annotations

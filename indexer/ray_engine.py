@@ -126,7 +126,6 @@ class Encoder:
         self.pre = image_preprocessor(self.model) if self.model.takes_images else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-
         n, dim = len(batch["pos"]), self.model.embed_dim
         if "text" in batch:
             out = self.model.encode_texts([str(t) for t in batch["text"]], batch_size=max(n, 1))

