@@ -159,6 +159,13 @@ def markdown(results: dict[str, Any]) -> str:
                   f"build: {b['forward_only_images_per_s_before_after']}); ratio {b['build_fraction_of_forward']} (median "
                   f"of {b.get('rounds', 1)} rounds: {b.get('build_fraction_of_forward_each_round')}); load average "
                   f"(1 min) before / after the builds {b['load']['build_before'][0]} / {b['load']['build_after'][0]}.", ""]
+    if results.get("build_phone_photos"):
+        b = results["build_phone_photos"]
+        lines += [f"Build on phone-size photos ({b['images']} photos of {b['photo_pixels']}, {b['megabytes_per_photo']} MB "
+                  f"each): decode and resize {b['decode_cpu_ms_per_photo_full']} CPU ms per photo at full size, "
+                  f"{b['decode_cpu_ms_per_photo_build']} at the build's reduced JPEG scale; build "
+                  f"{b['build_images_per_s']} img/s against {b['forward_only_images_per_s']} forward only (ratio "
+                  f"{b['build_fraction_of_forward']}, rounds {b.get('build_fraction_of_forward_each_round')}).", ""]
     if results.get("serving"):
         lines += ["| serving | requests | errors | throughput req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
         for label in ("batching_on", "batching_off"):
@@ -211,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
                 print("build throughput ...", flush=True)
                 results["build"] = suite.build_throughput(model, dataset / "images", 16 if quick else None, work,
                                                           rounds=1 if quick else 3)
+                if model.image_preprocessor is not None:
+                    print("build throughput on phone-size photos ...", flush=True)
+                    results["build_phone_photos"] = suite.phone_photo_build(
+                        model, dataset / "images", 8 if quick else 128, work, rounds=1 if quick else 3)
         else:
             results["skipped"] = f"no data set at {args.dataset or DEFAULT_DATASET}: quality, codecs and build not measured"
         if "serving" in args.parts:

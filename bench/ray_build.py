@@ -47,13 +47,12 @@ def cpu_costs(model: Any, folder: Path, files: list[str], batch_size: int = 32) 
     import torch
 
     from alignsearch.indexer.ray_engine import image_preprocessor
-    from alignsearch.models.preprocess import load_image
 
     pre, threads = image_preprocessor(model), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         start = time.process_time()
-        pixels = np.stack([pre.resize(load_image(folder / f)) for f in files])
+        pixels = np.stack([pre.load_file(folder / f)[0] for f in files])  # as the build reads them
         decode = time.process_time() - start
         start = time.process_time()
         for i in range(0, len(files), batch_size):

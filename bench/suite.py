@@ -360,6 +360,49 @@ def build_throughput(model: AlignModel, images: Path, limit: int | None, work: P
             "decode_workers": workers, "batch_size": batch, "malloc_tuned": allocator_tuned, "load": loads}
 
 
+PHONE_PHOTO = (4032, 3024)  # 12 megapixels: what most phones write
+
+
+def phone_photos(images: Path, count: int, out: Path, quality: int = 90) -> Path:
+    """The first ``count`` photos of ``images`` scaled up to phone size (:data:`PHONE_PHOTO`, portrait ones
+    turned) and saved as JPEG at ``quality`` in ``out``: the pixel count and file size of a user's photos."""
+    from PIL import Image
+
+    from alignsearch.indexer.reader import list_images
+
+    out.mkdir(parents=True, exist_ok=True)
+    for rel in list_images(images)[:count]:
+        target = out / Path(rel).with_suffix(".jpg").name
+        if not target.exists():
+            with Image.open(images / rel) as image:
+                size = PHONE_PHOTO if image.width >= image.height else PHONE_PHOTO[::-1]
+                image.convert("RGB").resize(size, Image.BICUBIC).save(target, quality=quality)
+    return out
+
+
+def phone_photo_build(model: AlignModel, images: Path, count: int, work: Path, rounds: int = 3) -> dict[str, Any]:
+    """Benchmark 5b: the build on photos of a phone's size (:func:`phone_photos`): CPU ms per photo (one thread,
+    process time) to decode and resize one at full size and at the build's reduced JPEG scale
+    (:meth:`ImagePreprocessor.load_file`), and :func:`build_throughput` on them."""
+    from alignsearch.indexer.reader import list_images
+    from alignsearch.models.preprocess import load_image
+
+    folder = phone_photos(images, count, work / "phone-photos")
+    pre = model.image_preprocessor
+    paths = [folder / f for f in list_images(folder)]
+    costs = {}
+    for label, read in (("full", lambda p: pre.resize(load_image(p))), ("build", lambda p: pre.load_file(p)[0])):
+        read(paths[0])  # warm-up
+        start = time.process_time()
+        for path in paths:
+            read(path)
+        costs[label] = round((time.process_time() - start) * 1e3 / len(paths), 1)
+    return {"photo_pixels": "x".join(map(str, PHONE_PHOTO)),
+            "megabytes_per_photo": round(sum(p.stat().st_size for p in paths) / len(paths) / 1e6, 2),
+            "decode_cpu_ms_per_photo_full": costs["full"], "decode_cpu_ms_per_photo_build": costs["build"],
+            **build_throughput(model, folder, None, work / "phone-build", rounds=rounds)}
+
+
 def serving(index_dir: Path, requests_total: int, concurrency: int = 16) -> dict[str, Any]:
     """Benchmark 7: a real server on 127.0.0.1; throughput, p50, p99 with micro-batching on and off."""
 
@@ -412,4 +455,4 @@ def environment() -> dict[str, Any]:
             "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0}
 
 
-__all__ = ["speed_vs_exhaustive_and_global", "quality_and_codecs", "decode_speed", "build_throughput", "serving", "environment"]
+__all__ = ["speed_vs_exhaustive_and_global", "quality_and_codecs", "decode_speed", "build_throughput", "phone_photos", "phone_photo_build", "serving", "environment"]

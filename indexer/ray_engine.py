@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from alignsearch.models.model import AlignModel
-from alignsearch.models.preprocess import ImageDecodeError, ImagePreprocessor, load_image
+from alignsearch.models.preprocess import ImageDecodeError, ImagePreprocessor
 
 from .distributor import Mapper
 from .plan import ShardTask
@@ -93,8 +93,7 @@ def decode_batch(batch: dict[str, np.ndarray], folder: str, pre: ImagePreprocess
     errors = []
     for i, rel in enumerate(rels):
         try:
-            image = load_image(Path(folder) / str(rel))
-            pixels[i], size[i] = pre.resize(image), (image.width, image.height)
+            pixels[i], size[i] = pre.load_file(Path(folder) / str(rel))
             errors.append("")
         except (ImageDecodeError, OSError) as exc:
             errors.append(str(exc) or type(exc).__name__)

@@ -4,6 +4,7 @@ training uses."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
@@ -42,12 +43,18 @@ class Decoded:
     error: str | None = None
 
 
-def _decode(folder: Path, rel: str, prepare: Callable) -> Decoded:
+def _decode(folder: Path, rel: str, read: Callable[[Path], tuple[Any, tuple[int, int]]]) -> Decoded:
+    """``read`` one file into (the encoder's input, the image's full width and height), or say why it failed."""
     try:
-        image = load_image(folder / rel)
-        return Decoded(rel, prepare(image), image.width, image.height)
+        array, (width, height) = read(folder / rel)
+        return Decoded(rel, array, width, height)
     except (ImageDecodeError, OSError) as exc:
         return Decoded(rel, error=str(exc) or type(exc).__name__)
+
+
+def _read_prepared(path: Path, prepare: Callable) -> tuple[Any, tuple[int, int]]:
+    image = load_image(path)
+    return prepare(image), image.size
 
 
 def _prefetched(pool: Executor, batches: Iterable[Sequence[str]], submit_one: Callable[[Executor, str], Future],
@@ -85,7 +92,8 @@ def decode_batches(folder: Path, batches: Iterable[Sequence[str]], workers: int,
     """Decode each batch of relative paths in ``workers`` threads (``prepare`` turns an image into the
     encoder's input), ``prefetch`` batches ahead, so the encoder never waits for file reads or decoding."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        yield from _prefetched(pool, batches, lambda p, rel: p.submit(_decode, folder, rel, prepare), prefetch)
+        read = functools.partial(_read_prepared, prepare=prepare)
+        yield from _prefetched(pool, batches, lambda p, rel: p.submit(_decode, folder, rel, read), prefetch)
 
 
 _WORKER_PREPROCESSOR: ImagePreprocessor | None = None
@@ -99,12 +107,13 @@ def _start_worker(preprocessor: ImagePreprocessor, nice: int) -> None:
 
 def _decode_resized(folder: Path, rel: str) -> Decoded:
     assert _WORKER_PREPROCESSOR is not None
-    return _decode(folder, rel, _WORKER_PREPROCESSOR.resize)
+    return _decode(folder, rel, _WORKER_PREPROCESSOR.load_file)
 
 
 class DecodePool:
     """Worker processes that read, decode and resize image files to uint8 arrays for ``preprocessor``
-    (:meth:`ImagePreprocessor.resize`); the encoder's process only normalises them, in one vectorised step.
+    (:meth:`ImagePreprocessor.load_file`: a large JPEG decoded at a reduced scale); the encoder's process only
+    normalises them, in one vectorised step.
 
     The processes start on first use (``spawn``: no forked copy of the model or of its threads), run at a
     lower priority (``nice``) so the encoder keeps its cores whenever it can run, and stop on :meth:`close`

@@ -16,6 +16,9 @@ if TYPE_CHECKING:  # torch loads on first use: the decode processes (indexer.rea
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
+# The build decodes a JPEG at no less than this many times the model's input size (Pillow's thumbnail default).
+DRAFT_FACTOR = 2
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -28,20 +31,33 @@ class ImageTooLarge(ImageDecodeError):
 
 
 def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image from a path or bytes, apply its EXIF orientation and convert to RGB.
+    """Open an image from a path or bytes, apply its EXIF orientation and convert to RGB, at full size.
 
     Images over ``max_pixels`` are refused before their pixels are decoded (decompression bombs)."""
+    return load_image_sized(source, max_pixels)[0]
+
+
+def load_image_sized(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
+                     min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`load_image`, and the image's full (oriented) width and height.
+
+    With ``min_side``, a JPEG is decoded at the smallest scale (1/2, 1/4, 1/8, from its DCT coefficients) that
+    keeps both sides at ``min_side`` or more, as Pillow's ``thumbnail`` does: a 12-megapixel phone photo
+    decodes about 10x faster at 1/4 scale, and images with a side under ``2 * min_side`` decode at full size,
+    the same pixels as without it."""
     try:
-        if isinstance(source, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(source))
-        else:
-            image = Image.open(source)
-        if image.width * image.height > max_pixels:
-            raise ImageTooLarge(
-                f"image of {image.width}x{image.height} pixels exceeds the {max_pixels} pixel limit")
+        image = Image.open(io.BytesIO(source)) if isinstance(source, (bytes, bytearray)) else Image.open(source)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"image of {width}x{height} pixels exceeds the {max_pixels} pixel limit")
+        if min_side and image.format == "JPEG":
+            image.draft("RGB", (min_side, min_side))
         image.load()
+        decoded = image.size
         image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        if image.size != decoded:  # the orientation swapped the axes
+            width, height = height, width
+        return image.convert("RGB"), (width, height)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -62,6 +78,12 @@ class ImagePreprocessor:
         """The first half of preprocessing: uint8 size x size x 3 (a quarter of the bytes of the float result, for
         moving decoded images between processes)."""
         return np.asarray(image.convert("RGB").resize((self.size, self.size), Image.BICUBIC), dtype=np.uint8)
+
+    def load_file(self, source: str | Path | bytes) -> tuple[np.ndarray, tuple[int, int]]:
+        """A file -> (:meth:`resize`'s uint8 array, the image's full width and height), a JPEG decoded at no
+        less than twice ``size`` (:func:`load_image_sized`): how the build reads photos."""
+        image, full_size = load_image_sized(source, min_side=DRAFT_FACTOR * self.size)
+        return self.resize(image), full_size
 
     def normalize_tensor(self, pixels: np.ndarray) -> "torch.Tensor":
         """The second half, for a batch: uint8 B x size x size x 3 -> float32 B x 3 x size x size, by the formula

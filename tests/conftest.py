@@ -125,6 +125,15 @@ def photos(tmp_path_factory) -> tuple[Path, Path]:
     return images, captions
 
 
+def encode_as_built(model, paths: list[Path]):
+    """Photos encoded as ``index build`` reads them (a large JPEG at a reduced scale:
+    :meth:`ImagePreprocessor.load_file`), for comparing search against exhaustive scoring."""
+    import numpy as np
+
+    pre = model.image_preprocessor
+    return model.encode_pixels(pre.normalize_tensor(np.stack([pre.load_file(p)[0] for p in paths])))
+
+
 def build_index(images: Path, captions: Path, out: Path, *extra: str) -> int:
     return _cli_main(["index", "build", "--images", str(images), "--captions", str(captions), "--out", str(out),
                  "--quiet", *extra])

@@ -33,6 +33,9 @@ def test_quick_bench_writes_every_figure(tmp_path, dataset_dir):
     assert results["quality"]["SQ8"]["bytes_per_image_local"] < results["quality"]["SQfp16"]["bytes_per_image_local"]
     assert results["build"]["build_images_per_s"] > 0 and results["build"]["forward_only_images_per_s"] > 0
     assert set(results["build"]["load"]) == {"forward_before", "forward_after", "build_before", "build_after"}
+    phone = results["build_phone_photos"]
+    assert phone["images"] == 8 and phone["photo_pixels"] == "4032x3024" and phone["build_images_per_s"] > 0
+    assert phone["decode_cpu_ms_per_photo_full"] > 0 and phone["decode_cpu_ms_per_photo_build"] > 0
     for label in ("batching_on", "batching_off"):
         s = results["serving"][label]
         assert s["errors"] == 0 and s["p99_ms"] >= s["p50_ms"] > 0

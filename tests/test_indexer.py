@@ -20,7 +20,8 @@ from alignsearch.indexer.search import Searcher
 from alignsearch.models import load_model
 from alignsearch.cli import main
 
-from conftest import N_CAPTIONS, N_IMAGES, build_index as _build, demo_captions, kill_after_first_shard, sample_files
+from conftest import (N_CAPTIONS, N_IMAGES, build_index as _build, demo_captions, encode_as_built,
+                      kill_after_first_shard, sample_files)
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +91,7 @@ def test_search_equals_exhaustive_when_k_covers_the_collection(built, model):
     queries = ["a dog runs through the grass", "children playing", "a man on a bike", "people in the snow"]
     results = searcher.search_text(queries, k=N_IMAGES, candidates=N_IMAGES)
     ids = [m["id"] for m in searcher.index.rows("images", list(range(N_IMAGES))).values()]
-    from alignsearch.indexer.reader import list_images  # noqa: F401  (ids are relative paths)
-    from alignsearch.models.preprocess import load_image
-
-    root = searcher.index.images_root
-    images = model.encode_images([load_image(root / i) for i in ids])
+    images = encode_as_built(model, [searcher.index.images_root / i for i in ids])  # ids are relative paths
     texts = model.encode_texts(queries)
     exhaustive = model.scores(texts, images)
     for q, res in enumerate(results):

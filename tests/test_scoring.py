@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import N_IMAGES
+from conftest import N_IMAGES, encode_as_built
 from alignsearch.indexer.index import Index
 from alignsearch.indexer.search import Searcher
 from alignsearch.models import load_model
 from alignsearch.models.evaluation import keep_top_k
-from alignsearch.models.preprocess import load_image
 from alignsearch.models.scoring import ScoringConfig
 
 QUERIES = ["a cat looks to the side", "a red motorbike", "a cup of coffee", "galaxies in deep space"]
@@ -27,7 +26,7 @@ def dense(built, model):
     """Every indexed image encoded afresh, in row order, and the queries."""
     index = Index(built)
     ids = [r["id"] for r in index.conn.execute("SELECT id FROM images ORDER BY row")]
-    return ids, model.encode_images([load_image(index.images_root / i) for i in ids]), model.encode_texts(QUERIES)
+    return ids, encode_as_built(model, [index.images_root / i for i in ids]), model.encode_texts(QUERIES)
 
 
 def test_bad_scoring_settings_are_clear_errors():

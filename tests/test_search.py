@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import N_IMAGES, build_index, sample_files
+from conftest import N_IMAGES, build_index, encode_as_built, sample_files
 from alignsearch.indexer.index import Index, verify
 from alignsearch.indexer.search import Searcher
 from alignsearch.models import load_model
@@ -40,7 +40,7 @@ def encoded(searcher, model):
     index = searcher.index
     image_ids = [r["id"] for r in index.conn.execute("SELECT id FROM images ORDER BY row")]
     captions = index.conn.execute("SELECT id, text FROM captions ORDER BY row").fetchall()
-    images = model.encode_images([load_image(index.images_root / i) for i in image_ids])
+    images = encode_as_built(model, [index.images_root / i for i in image_ids])
     texts = model.encode_texts([c["text"] for c in captions])
     return image_ids, images, [c["id"] for c in captions], texts
 

@@ -1,0 +1,83 @@
+"""How the build reads photos: a large JPEG decoded at a reduced scale (close to the full decode, its full size
+reported), everything else exactly as a full decode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alignsearch.indexer.reader import DecodePool
+from alignsearch.models.preprocess import ImageDecodeError, ImagePreprocessor, load_image, load_image_sized
+
+from conftest import _sample_dir
+
+PRE = ImagePreprocessor(224, (0.5,) * 3, (0.5,) * 3)
+ORIENTATION = 0x0112
+
+
+def _phone_photo(path: Path, size: tuple[int, int], orientation: int | None = None, fmt: str = "JPEG") -> Path:
+    """A real photo (scikit-image's cat) scaled up to ``size`` and saved, with an EXIF orientation if given."""
+    image = Image.open(_sample_dir() / "chelsea.png").convert("RGB").resize(size, Image.BICUBIC)
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[ORIENTATION] = orientation
+    image.save(path, fmt, quality=95, exif=exif.tobytes()) if fmt == "JPEG" else image.save(path, fmt)
+    return path
+
+
+def _mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_close_to_the_full_decode(tmp_path):
+    path = _phone_photo(tmp_path / "big.jpg", (1800, 1200))
+    image, full_size = load_image_sized(path, min_side=448)
+    assert full_size == (1800, 1200)
+    assert image.size == (900, 600)  # 1/2: the largest scale that keeps both sides >= 448
+    pixels, size = PRE.load_file(path)
+    assert size == (1800, 1200) and pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
+    full = PRE.resize(load_image(path))
+    assert 0 < _mean_abs_diff(pixels, full) < 1.0  # not the same decode, but within a level on average
+
+
+def test_the_full_size_follows_the_exif_orientation(tmp_path):
+    path = _phone_photo(tmp_path / "rotated.jpg", (1800, 1200), orientation=6)  # stored landscape, shown portrait
+    image, full_size = load_image_sized(path, min_side=448)
+    assert full_size == (1200, 1800) and image.size == (600, 900)
+    assert load_image(path).size == (1200, 1800)
+    pixels, size = PRE.load_file(path)
+    assert size == (1200, 1800)
+    assert _mean_abs_diff(pixels, PRE.resize(load_image(path))) < 1.0  # rotated the same way
+
+
+@pytest.mark.parametrize("name, size, fmt", [("small.jpg", (600, 400), "JPEG"), ("big.png", (1800, 1200), "PNG")])
+def test_small_jpegs_and_other_formats_get_exactly_the_full_decode(tmp_path, name, size, fmt):
+    """A JPEG with a side under twice the decode floor, and any non-JPEG, have no reduced decode."""
+    path = _phone_photo(tmp_path / name, size, fmt=fmt)
+    pixels, got = PRE.load_file(path)
+    assert got == size
+    assert np.array_equal(pixels, PRE.resize(load_image(path)))
+
+
+def test_the_decode_processes_report_the_full_size(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _phone_photo(folder / "a.jpg", (1800, 1200), orientation=6)
+    (folder / "b.jpg").write_bytes(b"not a jpeg")
+    pool = DecodePool(1, PRE)
+    try:
+        [good, bad] = next(pool.batches(folder, [["a.jpg", "b.jpg"]]))
+    finally:
+        pool.close()
+    assert (good.width, good.height, good.error) == (1200, 1800, None)
+    assert np.array_equal(good.array, PRE.load_file(folder / "a.jpg")[0])
+    assert bad.array is None and bad.error
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
+    path = _phone_photo(tmp_path / "big.jpg", (1800, 1200))
+    with pytest.raises(ImageDecodeError, match="pixel limit"):
+        load_image_sized(path, max_pixels=1800 * 1200 - 1, min_side=448)
