@@ -100,7 +100,7 @@ def rerank_bandwidth(searcher: Searcher, enc: EncoderOutput, candidates: int, re
     source = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     target = np.empty_like(source)
     copy_ms = median_ms(lambda: np.copyto(target, source), repeats, warmup=2)
-    out = {"queries": len(enc), "dtype": str(reranker.dtype).replace("torch.", ""), "rerank_ms": rerank_ms,
+    out = {"queries": len(enc), "dtype": str(reranker.dtype_for(len(enc))).replace("torch.", ""), "rerank_ms": rerank_ms,
            "rerank_bytes": nbytes, "memcpy_ms": copy_ms, "rerank_gb_s": round(nbytes / rerank_ms / 1e6, 3),
            "memcpy_gb_s": round(nbytes / copy_ms / 1e6, 3)}
     out["fraction_of_copy_bandwidth"] = round(out["rerank_gb_s"] / out["memcpy_gb_s"], 4)
@@ -242,8 +242,8 @@ def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Pa
         # 4. rerank bandwidth against a plain copy of the same bytes: one query, and a micro-batch
         row["rerank"] = {"1": rerank_bandwidth(searcher, enc_one, candidates, repeats),
                          str(len(enc_batch)): rerank_bandwidth(searcher, enc_batch, candidates, repeats)}
-        if searcher.reranker.device.type == "cpu":  # what half precision would do here (the default is float32)
-            for dtype in (torch.float16, torch.bfloat16):
+        if searcher.reranker.device.type == "cpu":  # what the other precisions would do here
+            for dtype in (d for d in (torch.float32, torch.float16, torch.bfloat16) if d != searcher.reranker.dtype):
                 row["rerank"][f"{len(enc_batch)}-{dtype}".replace("torch.", "")] = rerank_bandwidth(
                     searcher, enc_batch, candidates, max(3, repeats // 3), dtype)
         if latency_queries:

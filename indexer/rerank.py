@@ -12,13 +12,15 @@
    :func:`models.alignment.pair_scores`, the same functions the per-pair path uses. Block batches are cut
    into chunks of queries only to bound memory (``BLOCK_BUDGET_BYTES``).
 
-The matmul runs in ``float32`` on CPU (fp16 and bf16 were measured slower there: the fp16 -> bf16/fp32
-conversion costs more than the matmul saves, see README "Benchmarks") and in ``float16`` on CUDA, whose
-tensor cores read the SQfp16 codes as they are. The similarities are pooled in float32 either way.
+The matmul runs in ``float16`` on CUDA, whose tensor cores read the SQfp16 codes as they are, and on CPUs with
+float16 arithmetic (AVX512-FP16 or AMX-FP16: 2.4x faster than float32 for a 16-query batch here, scores within
+2e-3); in ``float32`` on other CPUs, where torch emulates float16 (bf16 was measured slower: converting the fp16
+codes costs more than the matmul saves, see README "Benchmarks"). The similarities are pooled in float32 either way.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -34,6 +36,9 @@ from alignsearch.models.scoring import ScoringConfig
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}  # compute dtypes with a reusable CPU buffer
 DENSE_UNION_FACTOR = 2  # dense scoring when the union holds at most this many times the longest candidate list
 BLOCK_BUDGET_BYTES = 256 << 20  # at most this much of per-query candidate copies at once (block scoring)
+# ``auto`` on a CPU with float16 arithmetic: batches of this many queries or more in float16 (1.6-2x faster here
+# from 3 to 16 queries at K=100); fewer in float32, where float16 was slower (1.7x for one query, README)
+HALF_FROM_QUERIES = 3
 
 
 @dataclass
@@ -138,25 +143,44 @@ PRECISIONS = ("auto", "float32", "float16")
 def precision_dtype(precision: str) -> torch.dtype | None:
     """The rerank's compute dtype for a precision name (``auto``: None, i.e. :func:`compute_dtype` of the device).
 
-    float16 on CPU is 2-2.4x faster than float32 here (41% of memcpy bandwidth against 18%, README) with scores
-    within 2e-3; float32 keeps scores equal to the per-query path's."""
+    float32 keeps scores equal to the per-query path's; float16 is within 2e-3 per word."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown rerank precision (choose from {', '.join(PRECISIONS)})")
     return None if precision == "auto" else getattr(torch, precision)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_float16_arithmetic(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes in float16 natively (AMX-FP16, or AVX512-FP16 in ``cpuinfo``'s flags), so
+    that torch's float16 matmul beats float32; elsewhere torch emulates it, much slower."""
+    amx = getattr(torch.cpu, "_is_amx_fp16_supported", None)
+    if amx is not None and amx():
+        return True
+    try:
+        with open(cpuinfo) as fh:
+            return any(line.startswith("flags") and "avx512_fp16" in line.split() for line in fh)
+    except OSError:  # not Linux: assume not
+        return False
+
+
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """float16 on CUDA (tensor cores; SQfp16 codes as stored), float32 on CPU (measured fastest there)."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+    """float16 on CUDA (tensor cores; SQfp16 codes as stored) and on CPUs with float16 arithmetic (2-2.4x
+    faster than float32 there: 41% of memcpy bandwidth against 18%, README), float32 on other CPUs."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_float16_arithmetic()):
+        return torch.float16
+    return torch.float32
 
 
 class Reranker:
-    """Scores a batch of encoded queries against their candidates on ``device`` in ``dtype``."""
+    """Scores a batch of encoded queries against their candidates on ``device`` in ``dtype`` (None: the
+    device's :func:`compute_dtype`; float16 there on a CPU means float32 for batches under
+    :data:`HALF_FROM_QUERIES` queries, see :meth:`dtype_for`)."""
 
     def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                  decode_on_device: bool | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = dtype or compute_dtype(self.device)
+        self.small_batch_dtype = torch.float32 if dtype is None and self.device.type == "cpu" else self.dtype
         self.decode_on_device = decode_on_device  # None: PQ codes are decoded on the device unless it is the CPU
         self._workspace = Workspace()
 
@@ -182,13 +206,14 @@ class Reranker:
             scores = self.score_gathered(queries, q_mask, gathered, query_is_text, scoring).gather(1, at.to(self.device))
         else:
             item_bytes = max(1, int(store.dim) * max(1, int(_lengths(store, union).max())))
-            step = max(1, BLOCK_BUDGET_BYTES // (width * item_bytes * torch.finfo(self.dtype).bits // 8))
+            step = max(1, BLOCK_BUDGET_BYTES // (width * item_bytes * torch.finfo(queries.dtype).bits // 8))
             parts = []
             workspace = self._workspace if step >= q_count else None  # chunks each keep their own gather
             for s in range(0, q_count, step):
                 part = gather(store, listed[s : s + step].ravel(), self.device, workspace, self.decode_on_device)
                 parts.append((part, self._block(queries[s : s + step], q_mask[s : s + step],
-                                                self._compute(part.tokens), part.mask, width, query_is_text,
+                                                self._compute(part.tokens, queries.dtype), part.mask, width,
+                                                query_is_text,
                                                 scoring)))
             gathered = parts[0][0] if len(parts) == 1 else _joined([p for p, _ in parts])
             scores = torch.cat([score for _, score in parts])
@@ -196,15 +221,21 @@ class Reranker:
         scores = scores.float().cpu().masked_fill(torch.from_numpy(~valid), 0.0)
         return Reranked(scores, at, gathered)
 
+    def dtype_for(self, queries: int) -> torch.dtype:
+        """The compute dtype of a batch of ``queries``."""
+        return self.dtype if queries >= HALF_FROM_QUERIES else self.small_batch_dtype
+
     def queries_on_device(self, enc: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """The queries' local vectors in the compute dtype on the device, and their boolean mask."""
-        return enc.local.to(self.device, self.dtype), enc.mask.to(self.device).bool()
+        """The queries' local vectors in the batch's compute dtype (:meth:`dtype_for`) on the device, and their
+        boolean mask. The candidates are scored in the queries' dtype."""
+        return enc.local.to(self.device, self.dtype_for(len(enc))), enc.mask.to(self.device).bool()
 
     def score_gathered(self, queries: torch.Tensor, q_mask: torch.Tensor, gathered: Gathered, query_is_text: bool,
                        scoring: ScoringConfig) -> torch.Tensor:
         """Every query (from :meth:`queries_on_device`) against every item of ``gathered`` (from :func:`gather`
         on this device): Q x U local scores. The scoring step of :meth:`rerank` alone, without the gather."""
-        return self._dense(queries, q_mask, self._compute(gathered.tokens), gathered.mask, query_is_text, scoring)
+        return self._dense(queries, q_mask, self._compute(gathered.tokens, queries.dtype), gathered.mask,
+                           query_is_text, scoring)
 
     @staticmethod
     def _dense(queries: torch.Tensor, q_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
@@ -216,13 +247,13 @@ class Reranker:
         sims = torch.einsum("uwd,qrd->quwr", tokens, queries).float()
         return pair_scores(sims, mask[None], q_mask[:, None, :], scoring.alignment, scoring.lse_lambda)
 
-    def _compute(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` in the compute dtype; on CPU converted into the thread's reusable buffer."""
-        if tokens.dtype == self.dtype:
+    def _compute(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``tokens`` in ``dtype``; on CPU converted into the thread's reusable buffer."""
+        if tokens.dtype == dtype:
             return tokens
-        if tokens.device.type != "cpu" or self.dtype not in _NUMPY:
-            return tokens.to(self.dtype)
-        return torch.from_numpy(self._workspace.get("compute", tuple(tokens.shape), _NUMPY[self.dtype])).copy_(tokens)
+        if tokens.device.type != "cpu" or dtype not in _NUMPY:
+            return tokens.to(dtype)
+        return torch.from_numpy(self._workspace.get("compute", tuple(tokens.shape), _NUMPY[dtype])).copy_(tokens)
 
     @staticmethod
     def _block(queries: torch.Tensor, q_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, width: int,
@@ -249,4 +280,4 @@ def _joined(parts: list[Gathered]) -> Gathered:
                     torch.cat([pad(p.mask) for p in parts]), sum(p.nbytes for p in parts))
 
 
-__all__ = ["PRECISIONS", "Gathered", "Reranked", "Reranker", "compute_dtype", "gather", "precision_dtype"]
+__all__ = ["PRECISIONS", "Gathered", "HALF_FROM_QUERIES", "Reranked", "Reranker", "compute_dtype", "cpu_has_float16_arithmetic", "gather", "precision_dtype"]

@@ -30,6 +30,12 @@ TEXTS = ["a cat with green eyes", "an astronaut in front of a flag", "a rocket o
 EXACT = ("--faiss-factory", "Flat", "--local-codec", "Flat")  # FAISS without loss: the reference
 
 
+def float32_searcher(folder: Path, model) -> Searcher:
+    """A searcher that reranks in float32, as Qdrant's MAX_SIM does (``auto`` is float16 on some CPUs)."""
+    return Searcher(Index(folder), model, rerank_precision="float32")
+
+
+
 @pytest.fixture(scope="module")
 def model():
     return load_model(None, device="cpu")
@@ -66,7 +72,7 @@ def photo_queries(photos) -> list[Image.Image]:
 
 
 def test_both_directions_match_faiss(faiss_index, qdrant_index, photos, model):
-    reference, searcher = Searcher(Index(faiss_index), model), Searcher(Index(qdrant_index), model)
+    reference, searcher = float32_searcher(faiss_index, model), float32_searcher(qdrant_index, model)
     assert searcher.index.images.index.backend == "qdrant"
     for candidates in (5, 100):  # a real first stage, and every item
         assert_same(reference.search_text(TEXTS, k=10, candidates=candidates, explain=True),
@@ -78,10 +84,10 @@ def test_both_directions_match_faiss(faiss_index, qdrant_index, photos, model):
 @pytest.mark.parametrize("scoring", [ScoringConfig("MrAVGw", 0.5), ScoringConfig("Symm", 0.3),
                                      ScoringConfig("MrSw", 0.0)], ids=["MrAVGw-in-qdrant", "Symm-ours", "w0-ours"])
 def test_other_alignments_are_mapped_or_scored_by_ours(faiss_index, qdrant_index, model, scoring):
-    searcher = Searcher(Index(qdrant_index), model)
+    searcher = float32_searcher(qdrant_index, model)
     inside = searcher._search_in_store(model.encode_texts(TEXTS[:2]), searcher.index.images, 5, 10, False, scoring)
     assert (inside is not None) == (scoring.alignment == "MrAVGw")  # only multiples of MrSw run inside Qdrant
-    assert_same(Searcher(Index(faiss_index), model).search_text(TEXTS, k=5, candidates=10, scoring=scoring),
+    assert_same(float32_searcher(faiss_index, model).search_text(TEXTS, k=5, candidates=10, scoring=scoring),
                 searcher.search_text(TEXTS, k=5, candidates=10, scoring=scoring))
 
 
@@ -107,7 +113,7 @@ def test_client_code_path_matches_faiss(faiss_index, photos, model, tmp_path):
                               local_backend=qdrant_store.QdrantLocalBackend(settings)))
     entry = json.loads((out / "manifest.json").read_text())["collections"]["images"]["qdrant"]
     assert entry["url"] == ":memory:" and entry["api_key_env"] == "QDRANT_API_KEY"
-    reference, searcher = Searcher(Index(faiss_index), model), Searcher(Index(out), model)
+    reference, searcher = float32_searcher(faiss_index, model), float32_searcher(out, model)
     assert_same(reference.search_text(TEXTS, k=10, candidates=8, explain=True),
                 searcher.search_text(TEXTS, k=10, candidates=8, explain=True))
     assert_same(reference.search_image(photo_queries(photos)[:3], k=10, candidates=8),
@@ -124,18 +130,18 @@ def test_add_then_delete_go_to_qdrant(faiss_index, photos, model, tmp_path):
                               local_codec="none", faiss_factory="qdrant",
                               backend=qdrant_store.QdrantGlobalBackend(settings),
                               local_backend=qdrant_store.QdrantLocalBackend(settings)))
-    before = Searcher(Index(out), model)  # a server on this version does not see the rows being added
+    before = float32_searcher(out, model)  # a server on this version does not see the rows being added
     report = add(model, out, BuildOptions(images=images, captions=captions, out=out, progress=False))
     assert report["images_added"] == len(files) - 10
     assert max(len(r.hits) for r in before.search_text(TEXTS, k=20, candidates=100)) == 10
     assert verify(out) == []
-    reference, searcher = Searcher(Index(faiss_index), model), Searcher(Index(out), model)
+    reference, searcher = float32_searcher(faiss_index, model), float32_searcher(out, model)
     assert_same(reference.search_text(TEXTS, k=10, candidates=100), searcher.search_text(TEXTS, k=10, candidates=100))
 
     gone = searcher.search_text(["a cat with green eyes"], k=1)[0].hits[0].id
     report = delete(out, [gone])
     assert report["images_deleted"] == 1 and report["captions_deleted_with_images"] >= 1
-    searcher = Searcher(Index(out), model)
+    searcher = float32_searcher(out, model)
     assert gone not in [h.id for r in searcher.search_text(TEXTS, k=20, candidates=100) for h in r.hits]
     assert all(h.image_id != gone for r in searcher.search_image(photo_queries(photos), k=30, candidates=100)
                for h in r.hits)
@@ -164,7 +170,7 @@ def test_served_through_a_real_server_and_the_embedded_store_is_locked(qdrant_in
                                                                        capsys):
     from alignsearch.service.launch import serve
 
-    expected = Searcher(Index(faiss_index), model).search_text(TEXTS[:2], k=5, candidates=20)
+    expected = float32_searcher(faiss_index, model).search_text(TEXTS[:2], k=5, candidates=20)
     qdrant_engines.release()  # this process's shards: the server opens them
     with serve(qdrant_index) as url:
         for text, want in zip(TEXTS[:2], expected):
@@ -189,7 +195,7 @@ def test_flickr8k_800_gives_the_same_top_10_both_ways(dataset_dir, tmp_path_fact
 
     root = tmp_path_factory.mktemp("flickr-qdrant")
     faiss_dir, qdrant_dir = build_pair(model, dataset_dir / "images", dataset_dir / "captions.csv", root)
-    reference, searcher = Searcher(Index(faiss_dir), model), Searcher(Index(qdrant_dir), model)
+    reference, searcher = float32_searcher(faiss_dir, model), float32_searcher(qdrant_dir, model)
     assert searcher.index.manifest["counts"]["images"] == 800 and verify(qdrant_dir) == []
     texts = [r[0] for r in reference.index.conn.execute("SELECT text FROM captions ORDER BY row")][::20]
     got = differences(reference.search_text(texts, k=10, candidates=100),
@@ -208,12 +214,12 @@ def test_scalar_quantization_scores_the_codes(faiss_index, photos, model, tmp_pa
     assert build_index(*photos, root / "index", "--store", "qdrant", "--qdrant-path", str(root / "qdrant"),
                        "--qdrant-quantization", "scalar") == 0
     qdrant_engines.release()
-    searcher = Searcher(Index(root / "index"), model)
+    searcher = float32_searcher(root / "index", model)
     assert searcher.index.manifest["local_codec"] == "scalar"
-    exact = Searcher(Index(faiss_index), model).search_text(TEXTS, k=3, candidates=20)
+    exact = float32_searcher(faiss_index, model).search_text(TEXTS, k=3, candidates=20)
     got = searcher.search_text(TEXTS, k=3, candidates=20)
     gaps = [abs(x.score - y.score) for a, b in zip(exact, got) for x, y in zip(a.hits, b.hits) if x.id == y.id]
     assert 0 < max(gaps) < 0.1  # the codes, not the float originals
     assert sum(a.hits[0].id == b.hits[0].id for a, b in zip(exact, got)) >= len(TEXTS) - 1
-    assert_same(Searcher(Index(faiss_index), model).search_image(photo_queries(photos)[:2], k=5, candidates=20),
+    assert_same(float32_searcher(faiss_index, model).search_image(photo_queries(photos)[:2], k=5, candidates=20),
                 searcher.search_image(photo_queries(photos)[:2], k=5, candidates=20))  # originals: exact

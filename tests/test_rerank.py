@@ -116,6 +116,23 @@ def test_half_precision_is_within_its_stated_tolerance(stores, dtype, tolerance)
     assert not torch.equal(half, exact)  # the half path really ran in half
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["dense", "block"])
+def test_auto_on_a_float16_cpu_runs_small_batches_in_float32(stores, monkeypatch, shared):
+    """``auto`` where the CPU has float16 arithmetic: batches from HALF_FROM_QUERIES queries up score exactly as
+    a float16 reranker does, smaller ones exactly as a float32 one (float16 was slower there)."""
+    monkeypatch.setattr(rerank, "cpu_has_float16_arithmetic", lambda: True)
+    store, scoring = stores["SQfp16"], ScoringConfig()
+    auto = Reranker("cpu")
+    assert auto.dtype == torch.float16
+    assert [auto.dtype_for(q) for q in (1, rerank.HALF_FROM_QUERIES - 1, rerank.HALF_FROM_QUERIES, 16)] == [
+        torch.float32, torch.float32, torch.float16, torch.float16]
+    assert Reranker("cpu", torch.float16).dtype_for(1) == torch.float16  # an explicit precision holds for any batch
+    for count, dtype in ((1, torch.float32), (rerank.HALF_FROM_QUERIES, torch.float16), (8, torch.float16)):
+        enc, rows = _queries(count, 7), _candidates(count, 40, shared)
+        want = Reranker("cpu", dtype).rerank(enc, store, rows, True, scoring).scores
+        assert torch.equal(auto.rerank(enc, store, rows, True, scoring).scores, want), (count, dtype)
+
+
 @pytest.mark.parametrize("query_is_text", [True, False], ids=["text-query", "image-query"])
 def test_score_gathered_is_the_scoring_step_of_rerank(stores, query_is_text):
     """The public scoring step (what the suite times alone on a GPU): every query against every gathered item."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import N_IMAGES, build_index, encode_as_built, sample_files
+from alignsearch.indexer import rerank
 from alignsearch.indexer.index import Index, verify
 from alignsearch.indexer.search import Searcher
 from alignsearch.models import load_model
@@ -31,7 +32,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def searcher(built, model):
-    return Searcher(Index(built), model)
+    return Searcher(Index(built), model, rerank_precision="float32")  # exact: compared with exhaustive scores
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +233,25 @@ def test_float16_rerank_precision_keeps_the_ranking_within_its_tolerance(built, 
                 assert h.local_score == pytest.approx(scores[h.id], abs=2e-2)  # a sum over words of 2e-3 steps
     with pytest.raises(ValueError, match="unknown rerank precision"):
         Searcher.open(built, model, rerank_precision="float8")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_float16_only_on_cpus_with_float16_arithmetic(built, model, monkeypatch, native):
+    """Where the CPU computes in float16 (AVX512-FP16, AMX-FP16) ``auto`` reranks in float16; elsewhere torch
+    emulates float16, slower than float32, and ``auto`` keeps float32."""
+    monkeypatch.setattr(rerank, "cpu_has_float16_arithmetic", lambda: native)
+    auto = Searcher(Index(built), model)
+    assert auto.reranker.dtype == (torch.float16 if native else torch.float32)
+    assert rerank.compute_dtype(torch.device("cuda")) == torch.float16
+
+
+def test_float16_arithmetic_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False, raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, expected in (("fpu avx2 avx512f avx512_bf16 amx_bf16", False), ("fpu avx2 avx512f avx512_fp16", True)):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        rerank.cpu_has_float16_arithmetic.cache_clear()
+        assert rerank.cpu_has_float16_arithmetic(str(cpuinfo)) is expected
+    rerank.cpu_has_float16_arithmetic.cache_clear()
+    assert rerank.cpu_has_float16_arithmetic(str(tmp_path / "absent")) is False  # not Linux: float32
+    rerank.cpu_has_float16_arithmetic.cache_clear()
