@@ -13,8 +13,9 @@
    into chunks of queries only to bound memory (``BLOCK_BUDGET_BYTES``).
 
 The matmul runs in ``float16`` on CUDA, whose tensor cores read the SQfp16 codes as they are, and on CPUs with
-float16 arithmetic (AVX512-FP16 or AMX-FP16: 2.4x faster than float32 for a 16-query batch here, scores within
-2e-3); in ``float32`` on other CPUs, where torch emulates float16 (bf16 was measured slower: converting the fp16
+float16 arithmetic (AVX512-FP16 or AMX-FP16) for batches of :data:`HALF_FROM_QUERIES` queries or more (about 2x
+faster than float32 there, scores within 2e-3); in ``float32`` for smaller batches and on other CPUs, where torch
+emulates float16 (bf16 was measured slower: converting the fp16
 codes costs more than the matmul saves, see README "Benchmarks"). The similarities are pooled in float32 either way.
 """
 
