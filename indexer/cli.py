@@ -31,7 +31,9 @@ def require_index(path: Path) -> Path:
 
 
 def _encoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=Path, required=True, help="folder of photos (searched recursively)")
+    p.add_argument("--images", type=Path, required=True,
+                   help="folder of photos, searched recursively: JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF where Pillow "
+                        "reads it, HEIC/HEIF with pip install 'alignsearch[heic]'")
     p.add_argument("--captions", type=Path,
                    help="image,caption CSV (other columns kept as metadata), Karpathy JSON, or JSON lines "
                         "({'image': ..., 'caption': ...}); a caption whose image is not indexed is kept as a "
@@ -149,13 +151,16 @@ def _store_fields(args: argparse.Namespace) -> dict:
             "faiss_factory": getattr(args, "faiss_factory", None) or qdrant_store.NAME}
 
 
-def _summary(report: dict) -> None:
+def _summary(report: dict, note: str | None = None) -> None:
+    """The build report as JSON on stdout; the skipped items (the first 20) and ``note`` on stderr."""
     skipped = report.pop("skipped", [])
     print(json.dumps({**report, "skipped": len(skipped)}, indent=2))
     for item in skipped[:20]:
         print(f"skipped {item['item']}: {item['reason']}", file=sys.stderr)
     if len(skipped) > 20:
         print(f"... and {len(skipped) - 20} more (see build_report.json)", file=sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -165,16 +170,19 @@ def run_build(args: argparse.Namespace) -> int:
 
     from alignsearch.models.preprocess import IMAGE_EXTENSIONS
 
-    from .reader import list_images
+    from .reader import scan_images, unread_note
 
     options = _options(args, args.out)
     if args.out.exists() and not args.out.is_dir():
         raise FileExistsError(f"--out {args.out} is a file; the index is a folder: pick another --out")
     if args.captions and not args.captions.is_file():
         raise FileNotFoundError(f"captions file not found: {args.captions}")
-    if not list_images(args.images) and not args.captions:  # checked before any model loads or folder appears
+    files, unread = scan_images(args.images)
+    if not files and not args.captions:  # checked before any model loads or folder appears
+        note = unread_note(unread)
         raise FileNotFoundError(f"no images in {args.images} or its subfolders (looked for "
-                                f"{' '.join(IMAGE_EXTENSIONS)}) and no --captions: nothing to index")
+                                f"{' '.join(IMAGE_EXTENSIONS)}) and no --captions: nothing to index"
+                                + (f"; {note}" if note else ""))
     if args.ray_address and args.engine != "ray":
         raise ValueError("--ray-address goes with --engine ray")
     if args.engine == "ray":
@@ -185,7 +193,7 @@ def run_build(args: argparse.Namespace) -> int:
     keep_freed_memory()
     model = load_model(args.model, device=args.device)
     with _distributor(args, model) as distributor:  # None: the local engine
-        _summary(build(model, replace(options, distributor=distributor)))
+        _summary(build(model, replace(options, distributor=distributor)), unread_note(unread))
     return 0
 
 
@@ -208,7 +216,10 @@ def run_add(args: argparse.Namespace) -> int:
     apply_progress_option(args)
     keep_freed_memory()
     model = load_model(args.model or manifest["model"].get("source"), device=args.device)
-    _summary(add(model, args.index, _options(args, args.index)))
+    from .reader import scan_images, unread_note
+
+    unread = scan_images(args.images)[1] if args.images else None
+    _summary(add(model, args.index, _options(args, args.index)), unread_note(unread) if unread else None)
     return 0
 
 

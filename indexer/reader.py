@@ -9,27 +9,52 @@ import itertools
 import multiprocessing
 import os
 import weakref
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from alignsearch.models.captions import CaptionRow, read_caption_rows
-from alignsearch.models.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, ImagePreprocessor, load_image
+from alignsearch.models.preprocess import IMAGE_EXTENSIONS, NEEDS, ImageDecodeError, ImagePreprocessor, load_image
 
-__all__ = ["CaptionRow", "DecodePool", "Decoded", "decode_batches", "list_images", "read_captions"]
+__all__ = ["CaptionRow", "DecodePool", "Decoded", "decode_batches", "list_images", "read_captions", "scan_images",
+           "unread_note"]
 WORKER_NICE = 10  # decode processes yield the cores to the encoder whenever it can run
 
 
-def list_images(folder: Path) -> list[str]:
-    """Image files under ``folder`` (recursive, common formats), as sorted relative POSIX paths."""
+def scan_images(folder: Path) -> tuple[list[str], Counter[str]]:
+    """Image files under ``folder`` (recursive, the formats this install reads) as sorted relative POSIX paths,
+    and how many photo files of each format it cannot read (HEIC without its plugin, camera RAW: ``NEEDS``)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"images folder not found: {folder}")
-    return sorted(
-        p.relative_to(folder).as_posix() for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
+    found, unread = [], Counter()
+    for path in folder.rglob("*"):
+        suffix = path.suffix.lower()
+        if path.name.startswith(".") or not (suffix in IMAGE_EXTENSIONS or suffix in NEEDS) or not path.is_file():
+            continue
+        if suffix in IMAGE_EXTENSIONS:
+            found.append(path.relative_to(folder).as_posix())
+        else:
+            unread[suffix] += 1
+    return sorted(found), unread
+
+
+def list_images(folder: Path) -> list[str]:
+    """Image files under ``folder`` (recursive, the formats this install reads), as sorted relative POSIX paths."""
+    return scan_images(folder)[0]
+
+
+def unread_note(unread: Counter[str]) -> str | None:
+    """One line on the photo files a scan could not read and what reads them, or None."""
+    if not unread:
+        return None
+    by_need: dict[str, list[tuple[str, int]]] = {}
+    for suffix, n in sorted(unread.items()):
+        by_need.setdefault(NEEDS[suffix], []).append((suffix, n))
+    parts = [", ".join(f"{n} {suffix}" for suffix, n in counts) + f" file{'s' if sum(n for _, n in counts) > 1 else ''}"
+             f" ({need})" for need, counts in by_need.items()]
+    return "not indexed: " + "; ".join(parts)
 
 
 @dataclass

@@ -19,7 +19,29 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 # The build decodes a JPEG at no less than this many times the model's input size (Pillow's thumbnail default).
 DRAFT_FACTOR = 2
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Photo formats read with a plugin or an optional codec, and what a user needs to read them.
+HEIF_EXTENSIONS = (".heic", ".heif")  # iPhones' default
+NEEDS = {**dict.fromkeys(HEIF_EXTENSIONS, "pip install 'alignsearch[heic]' to read them"),
+         ".avif": "a Pillow built with libavif reads them",
+         **dict.fromkeys((".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"),
+                         "camera RAW: convert them to JPEG first")}
+
+
+def _optional_extensions() -> tuple[str, ...]:
+    """AVIF when this Pillow reads it; HEIC/HEIF when pillow-heif is installed (its opener registered here, so
+    every process that imports this module, the decode workers included, reads them)."""
+    from PIL import features
+
+    found = (".avif",) if features.check("avif") else ()
+    try:
+        import pillow_heif
+    except ImportError:
+        return found
+    pillow_heif.register_heif_opener()
+    return found + HEIF_EXTENSIONS
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff") + _optional_extensions()
 
 
 class ImageDecodeError(ValueError):

@@ -80,6 +80,17 @@ def test_index_build_on_a_folder_without_images_leaves_nothing(tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no index/, no index.partial/, no lock
 
 
+def test_a_folder_of_camera_raw_files_says_what_would_read_them(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    (photos / "trip").mkdir(parents=True)
+    for name in ("IMG_1.CR2", "IMG_2.cr2", "trip/DSC_3.NEF", ".IMG_4.cr2"):  # the hidden one is not counted
+        (photos / name).write_bytes(b"raw sensor data")
+    assert main(["index", "build", "--images", str(photos), "--out", str(tmp_path / "index")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to index; not indexed: 2 .cr2, 1 .nef files (camera RAW: convert them to JPEG first)" in err
+    assert "Traceback" not in err
+
+
 def test_index_build_where_every_image_is_unreadable_leaves_no_partial_folder(tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()

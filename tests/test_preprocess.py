@@ -1,16 +1,18 @@
 """How the build reads photos: a large JPEG decoded at a reduced scale (close to the full decode, its full size
-reported), everything else exactly as a full decode."""
+reported), everything else exactly as a full decode; iPhone photos with pillow-heif; what it cannot read, said."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from alignsearch.indexer.reader import DecodePool
-from alignsearch.models.preprocess import ImageDecodeError, ImagePreprocessor, load_image, load_image_sized
+from alignsearch.indexer.reader import DecodePool, scan_images, unread_note
+from alignsearch.models.preprocess import (IMAGE_EXTENSIONS, ImageDecodeError, ImagePreprocessor, load_image,
+                                           load_image_sized)
 
 from conftest import _sample_dir
 
@@ -81,3 +83,31 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
     path = _phone_photo(tmp_path / "big.jpg", (1800, 1200))
     with pytest.raises(ImageDecodeError, match="pixel limit"):
         load_image_sized(path, max_pixels=1800 * 1200 - 1, min_side=448)
+
+
+def test_scan_counts_the_photos_it_cannot_read(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    _phone_photo(folder / "a.jpg", (64, 48))
+    for name in ("b.dng", "sub/c.DNG", "sub/d.arw", "notes.txt", ".hidden.dng"):
+        (folder / name).write_bytes(b"x")
+    files, unread = scan_images(folder)
+    assert files == ["a.jpg"] and unread == {".dng": 2, ".arw": 1}
+    assert unread_note(unread) == "not indexed: 1 .arw, 2 .dng files (camera RAW: convert them to JPEG first)"
+    unread[".heic"] = 1
+    assert unread_note(unread).endswith("JPEG first); 1 .heic file (pip install 'alignsearch[heic]' to read them)")
+    assert scan_images(folder / "sub")[1] == {".dng": 1, ".arw": 1}  # a subfolder scanned on its own
+    assert unread_note(Counter()) is None
+
+
+def test_an_iphone_photo_is_read_when_pillow_heif_is_installed(tmp_path):
+    pillow_heif = pytest.importorskip("pillow_heif", reason="HEIC needs pillow-heif (pip install 'alignsearch[heic]')")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    jpeg = _phone_photo(folder / "a.jpg", (300, 200))
+    pillow_heif.from_pillow(Image.open(jpeg)).save(folder / "IMG_0001.HEIC", quality=90)
+    assert ".heic" in IMAGE_EXTENSIONS
+    assert scan_images(folder) == (["IMG_0001.HEIC", "a.jpg"], Counter())
+    pixels, size = PRE.load_file(folder / "IMG_0001.HEIC")
+    assert size == (300, 200)
+    assert _mean_abs_diff(pixels, PRE.load_file(jpeg)[0]) < 4.0  # the same photo through a lossy codec
