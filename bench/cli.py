@@ -113,6 +113,14 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _build_sentence(b: dict[str, Any]) -> str:
+    """A :func:`suite.build_throughput` result in words."""
+    return (f"{b['images']} images in {b['build_seconds']} s = {b['build_images_per_s']} img/s; encoder forward only "
+            f"{b['forward_only_images_per_s']} img/s (all forward-only timings, one before and one after each build: "
+            f"{b['forward_only_images_per_s_before_after']}); ratio {b['build_fraction_of_forward']} (median of "
+            f"{b.get('rounds', 1)} rounds: {b.get('build_fraction_of_forward_each_round')})")
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Benchmark results ({results['environment']['device']}, {'quick' if results['quick'] else 'full'})", "",
              f"Command: `{results['command']}`", ""]
@@ -154,18 +162,13 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     if results.get("build"):
         b = results["build"]
-        lines += [f"Build: {b['images']} images in {b['build_seconds']} s = {b['build_images_per_s']} img/s; encoder forward only "
-                  f"{b['forward_only_images_per_s']} img/s (all forward-only timings, one before and one after each "
-                  f"build: {b['forward_only_images_per_s_before_after']}); ratio {b['build_fraction_of_forward']} (median "
-                  f"of {b.get('rounds', 1)} rounds: {b.get('build_fraction_of_forward_each_round')}); load average "
-                  f"(1 min) before / after the builds {b['load']['build_before'][0]} / {b['load']['build_after'][0]}.", ""]
+        lines += [f"Build: {_build_sentence(b)}; load average (1 min) before / after the builds "
+                  f"{b['load']['build_before'][0]} / {b['load']['build_after'][0]}.", ""]
     if results.get("build_phone_photos"):
         b = results["build_phone_photos"]
-        lines += [f"Build on phone-size photos ({b['images']} photos of {b['photo_pixels']}, {b['megabytes_per_photo']} MB "
-                  f"each): decode and resize {b['decode_cpu_ms_per_photo_full']} CPU ms per photo at full size, "
-                  f"{b['decode_cpu_ms_per_photo_build']} at the build's reduced JPEG scale; build "
-                  f"{b['build_images_per_s']} img/s against {b['forward_only_images_per_s']} forward only (ratio "
-                  f"{b['build_fraction_of_forward']}, rounds {b.get('build_fraction_of_forward_each_round')}).", ""]
+        lines += [f"Build on phone-size photos ({b['photo_pixels']}, {b['megabytes_per_photo']} MB each; decode and "
+                  f"resize {b['decode_cpu_ms_per_photo_full']} CPU ms per photo at full size, "
+                  f"{b['decode_cpu_ms_per_photo_build']} at the build's reduced JPEG scale): {_build_sentence(b)}.", ""]
     if results.get("serving"):
         lines += ["| serving | requests | errors | throughput req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
         for label in ("batching_on", "batching_off"):
