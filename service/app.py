@@ -28,7 +28,7 @@ from .pipeline import image_batch, on_current, text_batch
 from .routes import STATIC, api, public
 from .settings import Settings
 from .state import AppState
-from .uploads import Decoder, ImageLimits
+from .uploads import Decoder, ImageLimits, decode_side_for
 
 DECODE_QUEUE = 8
 
@@ -64,8 +64,8 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
             "image": Lanes("image", on_current(current, image_batch), s,
                            state.metrics.batch_size.labels("image").observe),
         }
-        state.decoder = Decoder(ImageLimits(s.max_pixels, s.max_image_side), s.decode_workers, DECODE_QUEUE,
-                                s.decode_timeout_s)
+        limits = ImageLimits(s.max_pixels, s.max_image_side, decode_side_for(opened.model))
+        state.decoder = Decoder(limits, s.decode_workers, DECODE_QUEUE, s.decode_timeout_s)
         for name, lanes in state.lanes.items():
             await lanes.start()
             for lane_name, lane in (("light", lanes.light), ("heavy", lanes.heavy)):

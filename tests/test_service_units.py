@@ -9,7 +9,9 @@ import struct
 import threading
 import time
 import zlib
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from fastapi import HTTPException
 from PIL import EpsImagePlugin, Image
@@ -20,7 +22,10 @@ from alignsearch.service.app import create_app
 from alignsearch.service.auth import is_open, key_matches
 from alignsearch.service.errors import clean_errors
 from alignsearch.service.settings import Settings
-from alignsearch.service.uploads import KEEP_SIDE, Decoder, ImageLimits, decode_image
+from alignsearch.models.preprocess import ImagePreprocessor
+from alignsearch.service.uploads import KEEP_SIDE, Decoder, ImageLimits, decode_image, decode_side_for
+
+from conftest import _sample_dir
 
 LIMITS = ImageLimits(max_pixels=1_000_000, max_side=2_000)
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\nshowpage\n"
@@ -69,6 +74,23 @@ def test_decode_checks_the_header_then_decodes_rgb_at_most_keep_side():
     with pytest.raises(HTTPException) as err:
         decode_image(_png()[:60], LIMITS)  # a header, then nothing
     assert err.value.status_code == 415 and "BytesIO" not in err.value.detail
+
+
+def test_a_phone_photo_uploaded_as_a_query_gets_the_pixels_the_build_gave_it():
+    """With the model's decode side, a large JPEG upload is decoded at the reduced scale the build reads it at,
+    and the query's pixels equal its indexed copy's (the build's ``load_file``)."""
+    pre = ImagePreprocessor(224, (0.5,) * 3, (0.5,) * 3)
+    side = decode_side_for(SimpleNamespace(image_preprocessor=pre))
+    assert side == 448 and decode_side_for(SimpleNamespace(image_preprocessor=None)) == KEEP_SIDE
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    photo = Image.open(_sample_dir() / "chelsea.png").convert("RGB").resize((1800, 1200), Image.BICUBIC)
+    photo.save(buf, format="JPEG", quality=92, exif=exif)
+    upload = decode_image(buf.getvalue(), ImageLimits(LIMITS.max_pixels * 4, 4000, side))
+    assert upload.size == (600, 900)  # decoded at 1/2 and turned upright
+    assert np.array_equal(pre.resize(upload), pre.load_file(buf.getvalue())[0])
+    assert decode_image(buf.getvalue(), ImageLimits(LIMITS.max_pixels * 4, 4000)).size == (683, KEEP_SIDE)  # default
 
 
 def test_the_decode_pool_is_bounded_and_has_a_time_limit(monkeypatch):
