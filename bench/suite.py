@@ -100,7 +100,7 @@ def rerank_bandwidth(searcher: Searcher, enc: EncoderOutput, candidates: int, re
     source = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     target = np.empty_like(source)
     copy_ms = median_ms(lambda: np.copyto(target, source), repeats, warmup=2)
-    out = {"queries": len(enc), "dtype": str(reranker.dtype_for(len(enc))).replace("torch.", ""), "rerank_ms": rerank_ms,
+    out = {"queries": len(enc), "dtype": str(reranker.dtype_for(len(enc), True)).replace("torch.", ""), "rerank_ms": rerank_ms,
            "rerank_bytes": nbytes, "memcpy_ms": copy_ms, "rerank_gb_s": round(nbytes / rerank_ms / 1e6, 3),
            "memcpy_gb_s": round(nbytes / copy_ms / 1e6, 3)}
     out["fraction_of_copy_bandwidth"] = round(out["rerank_gb_s"] / out["memcpy_gb_s"], 4)

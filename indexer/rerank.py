@@ -13,9 +13,9 @@
    into chunks of queries only to bound memory (``BLOCK_BUDGET_BYTES``).
 
 The matmul runs in ``float16`` on CUDA, whose tensor cores read the SQfp16 codes as they are, and on CPUs with
-float16 arithmetic (AVX512-FP16 or AMX-FP16) for batches of :data:`HALF_FROM_QUERIES` queries or more (about 2x
-faster than float32 there, scores within 2e-3); in ``float32`` for smaller batches and on other CPUs, where torch
-emulates float16 (bf16 was measured slower: converting the fp16
+float16 arithmetic (AVX512-FP16 or AMX-FP16) for batches of :data:`HALF_FROM_QUERIES` text queries or more
+(about 2x faster than float32 there, scores within 2e-3); in ``float32`` for smaller batches, for image queries
+(captions are too short for float16 to pay off) and on other CPUs, where torch emulates float16 (bf16 was measured slower: converting the fp16
 codes costs more than the matmul saves, see README "Benchmarks"). The similarities are pooled in float32 either way.
 """
 
@@ -37,8 +37,9 @@ from alignsearch.models.scoring import ScoringConfig
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}  # compute dtypes with a reusable CPU buffer
 DENSE_UNION_FACTOR = 2  # dense scoring when the union holds at most this many times the longest candidate list
 BLOCK_BUDGET_BYTES = 256 << 20  # at most this much of per-query candidate copies at once (block scoring)
-# ``auto`` on a CPU with float16 arithmetic: batches of this many queries or more in float16 (1.6-2x faster here
-# from 3 to 16 queries at K=100); fewer in float32, where float16 was slower (1.7x for one query, README)
+# ``auto`` on a CPU with float16 arithmetic: text queries in batches of this many or more in float16 (1.6-2x
+# faster here from 3 to 16 queries against photos' 49 regions at K=100); fewer in float32, where float16 was
+# slower (1.7x for one query), and image queries too: against captions' few words float16 never won (README)
 HALF_FROM_QUERIES = 3
 
 
@@ -174,7 +175,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 class Reranker:
     """Scores a batch of encoded queries against their candidates on ``device`` in ``dtype`` (None: the
-    device's :func:`compute_dtype`; float16 there on a CPU means float32 for batches under
+    device's :func:`compute_dtype`; float16 there on a CPU means float32 for image queries and for batches under
     :data:`HALF_FROM_QUERIES` queries, see :meth:`dtype_for`)."""
 
     def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
@@ -198,7 +199,7 @@ class Reranker:
         if width == 0:
             return Reranked(torch.zeros(q_count, 0), torch.zeros(q_count, 0, dtype=torch.long),
                             gather(store, union, self.device, decode_on_device=self.decode_on_device))
-        queries, q_mask = self.queries_on_device(enc)
+        queries, q_mask = self.queries_on_device(enc, query_is_text)
         if len(union) <= DENSE_UNION_FACTOR * width:
             positions = np.zeros((q_count, width), dtype=np.int64)
             positions[valid] = inverse.ravel()
@@ -222,14 +223,15 @@ class Reranker:
         scores = scores.float().cpu().masked_fill(torch.from_numpy(~valid), 0.0)
         return Reranked(scores, at, gathered)
 
-    def dtype_for(self, queries: int) -> torch.dtype:
-        """The compute dtype of a batch of ``queries``."""
-        return self.dtype if queries >= HALF_FROM_QUERIES else self.small_batch_dtype
+    def dtype_for(self, queries: int, query_is_text: bool = True) -> torch.dtype:
+        """The compute dtype of a batch of ``queries`` (text queries against photos, or image queries against
+        captions)."""
+        return self.dtype if query_is_text and queries >= HALF_FROM_QUERIES else self.small_batch_dtype
 
-    def queries_on_device(self, enc: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries_on_device(self, enc: EncoderOutput, query_is_text: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The queries' local vectors in the batch's compute dtype (:meth:`dtype_for`) on the device, and their
         boolean mask. The candidates are scored in the queries' dtype."""
-        return enc.local.to(self.device, self.dtype_for(len(enc))), enc.mask.to(self.device).bool()
+        return enc.local.to(self.device, self.dtype_for(len(enc), query_is_text)), enc.mask.to(self.device).bool()
 
     def score_gathered(self, queries: torch.Tensor, q_mask: torch.Tensor, gathered: Gathered, query_is_text: bool,
                        scoring: ScoringConfig) -> torch.Tensor:

@@ -29,7 +29,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda; env ALIGNSEARCH_DEVICE")
     p.add_argument("--rerank-precision", choices=("auto", "float32", "float16"), default=defaults.rerank_precision,
                    help="the rerank's arithmetic: auto = float16 on a GPU, and on CPUs with float16 arithmetic "
-                        "(AVX512-FP16, AMX-FP16) for batches of 3 queries or more (about 2x faster, scores within "
+                        "(AVX512-FP16, AMX-FP16) for batches of 3 text queries or more (about 2x faster, scores within "
                         "2e-3); float32 otherwise (scores equal to the per-query path); "
                         "env ALIGNSEARCH_RERANK_PRECISION")
     p.add_argument("--api-key", default=defaults.api_key,

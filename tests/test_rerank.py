@@ -118,8 +118,8 @@ def test_half_precision_is_within_its_stated_tolerance(stores, dtype, tolerance)
 
 @pytest.mark.parametrize("shared", [True, False], ids=["dense", "block"])
 def test_auto_on_a_float16_cpu_runs_small_batches_in_float32(stores, monkeypatch, shared):
-    """``auto`` where the CPU has float16 arithmetic: batches from HALF_FROM_QUERIES queries up score exactly as
-    a float16 reranker does, smaller ones exactly as a float32 one (float16 was slower there)."""
+    """``auto`` where the CPU has float16 arithmetic: text batches from HALF_FROM_QUERIES queries up score exactly
+    as a float16 reranker does, smaller ones and image queries exactly as a float32 one (float16 was slower)."""
     monkeypatch.setattr(rerank, "cpu_has_float16_arithmetic", lambda: True)
     store, scoring = stores["SQfp16"], ScoringConfig()
     auto = Reranker("cpu")
@@ -127,10 +127,14 @@ def test_auto_on_a_float16_cpu_runs_small_batches_in_float32(stores, monkeypatch
     assert [auto.dtype_for(q) for q in (1, rerank.HALF_FROM_QUERIES - 1, rerank.HALF_FROM_QUERIES, 16)] == [
         torch.float32, torch.float32, torch.float16, torch.float16]
     assert Reranker("cpu", torch.float16).dtype_for(1) == torch.float16  # an explicit precision holds for any batch
+    assert auto.dtype_for(16, query_is_text=False) == torch.float32  # image queries: captions are too short
     for count, dtype in ((1, torch.float32), (rerank.HALF_FROM_QUERIES, torch.float16), (8, torch.float16)):
         enc, rows = _queries(count, 7), _candidates(count, 40, shared)
         want = Reranker("cpu", dtype).rerank(enc, store, rows, True, scoring).scores
         assert torch.equal(auto.rerank(enc, store, rows, True, scoring).scores, want), (count, dtype)
+    images, rows = _queries(8, REGIONS), _candidates(8, 40, shared)
+    want = Reranker("cpu", torch.float32).rerank(images, stores["captions"], rows, False, scoring).scores
+    assert torch.equal(auto.rerank(images, stores["captions"], rows, False, scoring).scores, want)
 
 
 @pytest.mark.parametrize("query_is_text", [True, False], ids=["text-query", "image-query"])
