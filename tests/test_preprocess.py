@@ -3,11 +3,14 @@ reported), everything else exactly as a full decode; iPhone photos with pillow-h
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from alignsearch.indexer.reader import DecodePool, scan_images, unread_note
@@ -111,3 +114,36 @@ def test_an_iphone_photo_is_read_when_pillow_heif_is_installed(tmp_path):
     pixels, size = PRE.load_file(folder / "IMG_0001.HEIC")
     assert size == (300, 200)
     assert _mean_abs_diff(pixels, PRE.load_file(jpeg)[0]) < 4.0  # the same photo through a lossy codec
+
+
+def _encoded(fmt: str) -> bytes:
+    """A real photo (1000 x 700, so the JPEG is decoded at a reduced scale) in ``fmt``."""
+    image = Image.open(_sample_dir() / "chelsea.png").convert("RGB").resize((1000, 700), Image.BICUBIC)
+    buf = io.BytesIO()
+    if fmt == "HEIF":
+        pytest.importorskip("pillow_heif").from_pillow(image).save(buf, quality=60)
+    else:
+        image.save(buf, fmt, quality=80)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "HEIF"])
+def test_a_damaged_photo_decodes_or_says_why_and_nothing_else(fmt):
+    """Fuzz: random bytes overwritten and the file cut anywhere; the build's reader either decodes the photo or
+    raises ImageDecodeError (which the build reports as a skipped item), never another exception."""
+    data = _encoded(fmt)
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)), min_size=1, max_size=32),
+           st.integers(1, len(data)))
+    def check(edits: list[tuple[int, int]], keep: int) -> None:
+        damaged = bytearray(data)
+        for at, value in edits:
+            damaged[at] = value
+        try:
+            pixels, _ = PRE.load_file(bytes(damaged[:keep]))
+        except ImageDecodeError:
+            return
+        assert pixels.shape == (224, 224, 3)
+
+    check()
