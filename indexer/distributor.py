@@ -41,6 +41,6 @@ class LocalDistributor:
         total = sum(len(t.items) for t in tasks)
         unit = "img" if todo[0].collection == "images" else "cap"
         with tqdm(total=total, initial=total - sum(len(t.items) for t in todo), desc=f"index {todo[0].collection}",
-                  unit=unit, disable=not self.progress, smoothing=0.1) as bar:
+                  unit=unit, disable=not self.progress or total == 0, smoothing=0.1) as bar:  # no bar for nothing
             for task in todo:
                 write_shard(work, task.collection, task.number, mapper(task, bar.update))

@@ -278,7 +278,7 @@ class RayDistributor:
         total = sum(len(t.items) for t in tasks)
         kind = todo[0].collection
         with tqdm(total=total, initial=total - sum(len(t.items) for t in todo), desc=f"index {kind} (ray)",
-                  unit="img" if kind == "images" else "cap", disable=not self.settings.progress,
+                  unit="img" if kind == "images" else "cap", disable=not self.settings.progress or total == 0,
                   smoothing=0.1) as bar:
             collector = ShardCollector(todo, work, self.model.embed_dim, bar.update)
             rows = list(_rows(todo))
