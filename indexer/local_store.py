@@ -60,17 +60,35 @@ def make_codec(dim: int, factory: str, sample: np.ndarray, train: bool = True) -
 def encode(codec: faiss.Index, vectors: np.ndarray, device: str | torch.device | None = None) -> np.ndarray:
     """n x d float vectors -> n x code_size uint8 codes.
 
-    A plain 8-bit PQ codec encodes on ``device`` (default: the GPU when there is one) by matrix products, which a
-    GPU does far faster than FAISS's per-vector CPU loop (about 14k vectors/s per core here, so 1M photos' 49M
-    region vectors took most of an hour on 2 cores); anything else, or no GPU, uses FAISS's ``sa_encode``."""
+    A plain 8-bit PQ codec encodes on ``device`` (default: the GPU when there is one) by matrix products
+    (:func:`pq_encode`), and without a device by a flat search per sub-quantizer (:func:`pq_encode_by_search`);
+    both are far faster than ``sa_encode``'s per-vector loop (about 13k vectors/s per core here, so 1M photos' 49M
+    region vectors took most of an hour on 2 cores). Other codecs use FAISS's ``sa_encode``."""
     if len(vectors) == 0:
         return np.zeros((0, codec.sa_code_size()), dtype=np.uint8)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else None
     inner = faiss.downcast_index(codec)
-    if device is not None and isinstance(inner, faiss.IndexPQ) and inner.pq.nbits == 8:
+    if isinstance(inner, faiss.IndexPQ) and inner.pq.nbits == 8:
+        if device is None:
+            return pq_encode_by_search(inner.pq, vectors)
         return pq_encode(inner.pq, vectors, torch.device(device))
     return codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def pq_encode_by_search(pq: faiss.ProductQuantizer, vectors: np.ndarray) -> np.ndarray:
+    """FAISS's PQ codes on the CPU through ``compute_codes_with_assign_index``: for each sub-quantizer, one
+    exhaustive flat search of all sub-vectors among its centroids (blocked, BLAS), instead of a distance table per
+    vector: 217k vectors/s against 26k for ``sa_encode`` (PQ64 on 384-d, 2 cores). Equal to ``sa_encode`` but for
+    exact ties. Works on a copy of ``pq``, so a codec shared between threads is never changed."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    local = faiss.ProductQuantizer(pq.d, pq.M, pq.nbits)
+    faiss.copy_array_to_vector(faiss.vector_to_array(pq.centroids), local.centroids)
+    assign = faiss.IndexFlatL2(pq.dsub)  # kept referenced here: the quantizer does not own it
+    local.assign_index = assign
+    codes = np.empty((len(x), pq.code_size), dtype=np.uint8)
+    local.compute_codes_with_assign_index(faiss.swig_ptr(x), faiss.swig_ptr(codes), len(x))
+    return codes
 
 
 def pq_centroids(pq: faiss.ProductQuantizer) -> np.ndarray:

@@ -3,6 +3,7 @@ photo, its round-trip error against SQfp16, and an index built with it that sear
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -96,15 +97,21 @@ def test_the_suite_times_gather_and_decode_per_codec():
         assert speed["gather_ms"] > 0 and speed["decode_mvectors_per_s"] > 0
 
 
-def test_pq_codes_by_matrix_products_equal_faiss_codes():
-    """What a GPU computes when it writes PQ codes (run here on the CPU): FAISS's codes, but for float ties."""
+def test_pq_codes_by_matrix_products_and_by_search_equal_faiss_codes():
+    """What a GPU computes when it writes PQ codes (run here on the CPU), and what the CPU computes (a flat
+    search per sub-quantizer): FAISS's per-vector codes, but for float ties."""
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((3000, 48)).astype(np.float32)
     codec = local_store.make_codec(48, "PQ8", vectors[:2000])
-    by_faiss = local_store.encode(codec, vectors)
+    by_faiss = codec.sa_encode(vectors)
     by_products = local_store.pq_encode(codec.pq, vectors, torch.device("cpu"), chunk=1000)  # chunks joined in order
     assert by_products.dtype == np.uint8 and by_products.shape == by_faiss.shape == (3000, 8)
     assert (by_products == by_faiss).mean() > 0.999
     assert np.array_equal(local_store.encode(codec, vectors, device="cpu"), by_products)
+    by_search = local_store.encode(codec, vectors)  # no GPU here: the flat-search path
+    assert by_search.dtype == np.uint8 and by_search.shape == (3000, 8)
+    assert (by_search == by_faiss).mean() > 0.999 and not np.array_equal(by_search, np.zeros_like(by_search))
+    assert np.array_equal(local_store.pq_encode_by_search(codec.pq, vectors[:10]), by_search[:10])
+    assert faiss.downcast_index(codec).pq.assign_index is None  # the shared codec is left as it was
     sq = local_store.make_codec(48, "SQ8", vectors[:2000])  # not PQ: FAISS's encoder wherever asked
     assert np.array_equal(local_store.encode(sq, vectors, device="cpu"), sq.sa_encode(vectors))
