@@ -215,10 +215,11 @@ def test_local_store_gather_decodes_like_sa_decode(tmp_path, codec):
     lengths = np.array([3, 5, 1, 4, 5])
     vectors = rng.standard_normal((int(lengths.sum()), 16)).astype(np.float32)
     coder = local_store.make_codec(16, codec, vectors)
-    local_store.write_store(tmp_path, coder, local_store.encode(coder, vectors), lengths)
+    codes = local_store.encode(coder, vectors)  # PQ: may break ties between equal centroids unlike sa_encode
+    local_store.write_store(tmp_path, coder, codes, lengths)
     store = local_store.LocalStore.open(tmp_path)
     assert store.fp16 == (codec == "SQfp16")
-    reference = coder.sa_decode(coder.sa_encode(vectors))
+    reference = coder.sa_decode(codes)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     for rows in ([1, 4], [0, 2, 3], [4]):
         local, mask = store.gather(np.array(rows))
