@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +30,7 @@ from .distributor import Distributor, LocalDistributor, Mapper
 from .encode import decode_pool, encode_task
 from .layout import DEFAULT_CODEC
 from .plan import caption_tasks, image_tasks
-from .reader import CaptionRow, list_images, read_captions
+from .reader import CaptionRow, read_captions, scan_images
 from .stores import DEFAULT_GLOBAL, DEFAULT_LOCAL, GlobalBackend, LocalBackend, global_backend, local_backend
 from .writer import Shard, read_shards
 
@@ -90,7 +91,7 @@ def build(model: AlignModel, options: BuildOptions) -> dict[str, Any]:
     same inputs skips them; the finished index is swapped into place in one rename. Captions naming an image
     that is not indexed (absent or unreadable) are kept as standalone captions (``image`` kept in their
     metadata)."""
-    files = list_images(options.images)
+    files, unread = scan_images(options.images)
     if options.files is not None:
         wanted = set(options.files)
         files = [f for f in files if f in wanted]
@@ -100,7 +101,7 @@ def build(model: AlignModel, options: BuildOptions) -> dict[str, Any]:
     local_backend(options.local_backend).validate(options.local_codec, model.embed_dim)  # before any encoding
     options = replace(options, out=layout.real_path(options.out))  # through a symlink: the real index is rebuilt
     with layout.exclusive(options.out), layout.disk_full_is_one_line(options.out, _work(options.out)):
-        return _build(model, options, files, caption_rows)
+        return _build(model, options, files, caption_rows, unread)
 
 
 def _work(out: Path) -> Path:
@@ -108,8 +109,8 @@ def _work(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _build(model: AlignModel, options: BuildOptions, files: list[str], caption_rows: list[CaptionRow]
-           ) -> dict[str, Any]:
+def _build(model: AlignModel, options: BuildOptions, files: list[str], caption_rows: list[CaptionRow],
+           unread: Counter[str]) -> dict[str, Any]:
     work = _work(options.out)
     plan = {"model": model.fingerprint, "files": _digest(files), "captions": _digest([vars(r) for r in caption_rows]),
             "shard_size": options.shard_size, "images": str(options.images.resolve())}
@@ -123,7 +124,8 @@ def _build(model: AlignModel, options: BuildOptions, files: list[str], caption_r
                         lambda known: caption_items(caption_rows, known))
     counts = {name: sum(len(s.items) for s in shards[name]) for name in layout.COLLECTIONS}
     report = {"images_indexed": counts["images"], "captions_indexed": counts["captions"],
-              "skipped": [k for name in layout.COLLECTIONS for s in shards[name] for k in s.skipped]}
+              "skipped": [k for name in layout.COLLECTIONS for s in shards[name] for k in s.skipped],
+              "not_read": dict(sorted(unread.items()))}  # photo files of formats this install cannot read
     if not counts["images"] and not counts["captions"]:
         shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming
         first = "; ".join(f"{k['item']}: {k['reason']}" for k in report["skipped"][:3])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -151,9 +152,13 @@ def _store_fields(args: argparse.Namespace) -> dict:
             "faiss_factory": getattr(args, "faiss_factory", None) or qdrant_store.NAME}
 
 
-def _summary(report: dict, note: str | None = None) -> None:
-    """The build report as JSON on stdout; the skipped items (the first 20) and ``note`` on stderr."""
+def _summary(report: dict) -> None:
+    """The build report as JSON on stdout; the skipped items (the first 20) and the photo files of formats it
+    could not read (``not_read``, with what reads them) on stderr."""
+    from .reader import unread_note
+
     skipped = report.pop("skipped", [])
+    note = unread_note(Counter(report.pop("not_read", {})))
     print(json.dumps({**report, "skipped": len(skipped)}, indent=2))
     for item in skipped[:20]:
         print(f"skipped {item['item']}: {item['reason']}", file=sys.stderr)
@@ -193,7 +198,7 @@ def run_build(args: argparse.Namespace) -> int:
     keep_freed_memory()
     model = load_model(args.model, device=args.device)
     with _distributor(args, model) as distributor:  # None: the local engine
-        _summary(build(model, replace(options, distributor=distributor)), unread_note(unread))
+        _summary(build(model, replace(options, distributor=distributor)))
     return 0
 
 
@@ -216,10 +221,7 @@ def run_add(args: argparse.Namespace) -> int:
     apply_progress_option(args)
     keep_freed_memory()
     model = load_model(args.model or manifest["model"].get("source"), device=args.device)
-    from .reader import scan_images, unread_note
-
-    unread = scan_images(args.images)[1] if args.images else None
-    _summary(add(model, args.index, _options(args, args.index)), unread_note(unread) if unread else None)
+    _summary(add(model, args.index, _options(args, args.index)))
     return 0
 
 

@@ -18,7 +18,7 @@ from .assemble import insert_metadata, model_fields, write_collection
 from .build import BuildOptions, encode_all
 from .caption_ids import caption_items
 from .index import check_model, open_collection
-from .reader import list_images, read_captions
+from .reader import read_captions, scan_images
 from .stores import global_backend, local_backend
 
 
@@ -64,7 +64,8 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
     def change(work: Path, manifest: dict) -> dict:
         conn = metadata.connect(work / layout.METADATA)
         existing = {r[0] for r in conn.execute("SELECT id FROM images")}
-        files = [f for f in list_images(options.images) if f not in existing]
+        listed, unread = scan_images(options.images)
+        files = [f for f in listed if f not in existing]
         rows = read_captions(options.captions) if options.captions else []
         taken, present = set(), set()
         for r in conn.execute("SELECT id, text, image_id, extra FROM captions WHERE deleted = 0"):
@@ -90,7 +91,8 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
         manifest["model"] = model_fields(model)  # an index of the previous fingerprint rule is migrated here
         report.update(captions_linked=linked, images_added=sum(len(s.items) for s in shards["images"]),
                       captions_added=sum(len(s.items) for s in shards["captions"]),
-                      skipped=[k for name in layout.COLLECTIONS for s in shards[name] for k in s.skipped])
+                      skipped=[k for name in layout.COLLECTIONS for s in shards[name] for k in s.skipped],
+                      not_read=dict(sorted(unread.items())))
         return manifest
 
     try:

@@ -4,6 +4,7 @@ wrong call answered with one line that says what to do, a non-zero exit, and not
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from alignsearch.cli import build_parser, main, parse
+
+from conftest import sample_files
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "faiss", "fastapi", "uvicorn", "numpy", "PIL", "ray")
@@ -89,6 +92,26 @@ def test_a_folder_of_camera_raw_files_says_what_would_read_them(tmp_path, capsys
     err = capsys.readouterr().err
     assert "nothing to index; not indexed: 2 .cr2, 1 .nef files (camera RAW: convert them to JPEG first)" in err
     assert "Traceback" not in err
+
+
+def test_build_and_add_name_the_photo_files_they_could_not_read(tmp_path, photos, capsys):
+    """After a build and an add, the RAW files beside the photos are named on stderr with what reads them, and
+    the build report keeps their count; the JSON on stdout is the usual summary."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(sample_files(photos[0])[0], folder / "a.png")
+    (folder / "b.nef").write_bytes(b"raw sensor data")
+    out = tmp_path / "index"
+    assert main(["index", "build", "--images", str(folder), "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "not indexed: 1 .nef file (camera RAW: convert them to JPEG first)" in captured.err
+    assert "not_read" not in captured.out and json.loads(captured.out)["images_indexed"] == 1
+    assert json.loads((out / "build_report.json").read_text())["not_read"] == {".nef": 1}
+    shutil.copy(sample_files(photos[0])[1], folder / "c.png")
+    (folder / "d.NEF").write_bytes(b"raw sensor data")
+    assert main(["index", "add", str(out), "--images", str(folder), "--quiet", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "not indexed: 2 .nef files (camera RAW" in captured.err and json.loads(captured.out)["images_added"] == 1
 
 
 def test_index_build_where_every_image_is_unreadable_leaves_no_partial_folder(tmp_path, capsys):
