@@ -15,8 +15,9 @@
 The matmul runs in ``float16`` on CUDA, whose tensor cores read the SQfp16 codes as they are, and on CPUs with
 float16 arithmetic (AVX512-FP16 or AMX-FP16) for batches of :data:`HALF_FROM_QUERIES` text queries or more
 (about 2x faster than float32 there, scores within 2e-3); in ``float32`` for smaller batches, for image queries
-(captions are too short for float16 to pay off) and on other CPUs, where torch emulates float16 (bf16 was measured slower: converting the fp16
-codes costs more than the matmul saves, see README "Benchmarks"). The similarities are pooled in float32 either way.
+(captions are too short for float16 to pay off) and on other CPUs, where torch emulates float16 (bf16 was
+measured slower: converting the fp16 codes costs more than the matmul saves, see README "Benchmarks"). The
+similarities are pooled in float32 either way.
 """
 
 from __future__ import annotations
