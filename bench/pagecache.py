@@ -3,7 +3,8 @@
 Cold figures need an index whose files are not in the page cache. Writing ``/proc/sys/vm/drop_caches`` needs
 a privileged root (a container's root is refused), so :func:`drop` flushes each file (``fsync``) and asks the
 kernel to forget its clean pages (``posix_fadvise(POSIX_FADV_DONTNEED)``); :func:`cached_fraction` checks
-with ``mincore`` how much of a file is still resident. Every timed part records the load average before and
+with ``mincore`` how much of a file is still resident. The kernel keeps every page that a process maps, so a
+searcher's own memory maps are cleared first (:func:`unmap`). Every timed part records the load average before and
 after it (:func:`load`), since other work on the machine changes what a timing means.
 """
 
@@ -16,12 +17,24 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def files_under(folder: Path) -> list[Path]:
     """Every regular file under ``folder``."""
     return sorted(p for p in Path(folder).rglob("*") if p.is_file())
+
+
+def unmap(arrays: Iterable[np.ndarray]) -> None:
+    """Take the pages of memory-mapped arrays (``np.load(mmap_mode=...)``) out of this process's page tables
+    (``MADV_DONTNEED``; the next access maps them again), so that :func:`drop` can evict them: without this, a
+    page read once through a map stays cached however often the file is dropped. Other arrays are left alone."""
+    for array in arrays:
+        mapping = array.base if isinstance(array, np.memmap) else None
+        if isinstance(mapping, mmap.mmap) and len(mapping):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def drop(paths: Iterable[Path]) -> int:
@@ -40,9 +53,15 @@ def drop(paths: Iterable[Path]) -> int:
 
 def cached_fraction(path: Path) -> float:
     """Share of ``path``'s pages resident in the page cache (``mincore``); 0.0 for an empty file."""
+    pages = resident_pages(path)
+    return float(pages.mean()) if len(pages) else 0.0
+
+
+def resident_pages(path: Path) -> np.ndarray:
+    """For each page of ``path``, whether it is resident in the page cache (``mincore``)."""
     size = os.path.getsize(path)
     if size == 0:
-        return 0.0
+        return np.zeros(0, dtype=bool)
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) as mm:
         pages = (size + PAGE - 1) // PAGE
@@ -50,7 +69,7 @@ def cached_fraction(path: Path) -> float:
         address = ctypes.addressof(ctypes.c_char.from_buffer(mm))  # the temporary export ends at once
         if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) != 0:
             raise OSError(ctypes.get_errno(), f"mincore failed on {path}")
-        return sum(bytes(vec).count(b) for b in range(1, 256, 2)) / pages
+        return (np.frombuffer(bytes(vec), dtype=np.uint8) & 1).astype(bool)
 
 
 def load() -> list[float]:

@@ -149,16 +149,23 @@ def _gpu_bandwidth(reranker: Any, enc: EncoderOutput, store: Any, rows: list[np.
     return out
 
 
+def evict(index: Index, files: list[Path]) -> None:
+    """Make ``files`` cold again: the index's memory maps cleared (:func:`pagecache.unmap`), then the files
+    dropped from the page cache."""
+    pagecache.unmap(col.store.codes for col in index.collections.values() if hasattr(col.store, "codes"))
+    pagecache.drop(files)
+
+
 def search_latency(searcher: Searcher, enc: EncoderOutput, candidates: int, cold_files: list[Path] | None
                    ) -> dict[str, Any]:
     """Per-query two-stage and global-only search latency (query encoded) over ``enc``'s queries; with
-    ``cold_files``, those files are dropped from the page cache before every query (cold)."""
+    ``cold_files``, those files are evicted from the page cache before every query (cold, :func:`evict`)."""
     col = searcher.index.images
     two, glob = [], []
     for q in range(len(enc)):
         one = enc.select([q])
         if cold_files:
-            pagecache.drop(cold_files)
+            evict(searcher.index, cold_files)
         start = time.perf_counter()
         searcher.search_text_encoded(one, 10, candidates)
         two.append((time.perf_counter() - start) * 1000.0)
@@ -215,7 +222,8 @@ def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Pa
         # cold: each of the queries right after the index's files were dropped from the page cache (median)
         cold = search_latency(searcher, enc_batch.select(range(len(QUERIES))), candidates, store_files)
         row["cold"] = {"two_stage_search_ms": cold["two_stage"]["p50_ms"],
-                       "how": "posix_fadvise(DONTNEED) of the index's files before each of 8 queries"}
+                       "how": "the index's maps cleared and its files dropped (posix_fadvise DONTNEED) "
+                              "before each of 8 queries"}
         for _ in range(3):  # warm-up
             searcher.search_text_encoded(enc_batch, 10, candidates)
         # 1. two-stage vs exhaustive (query already encoded: the search itself)
@@ -249,7 +257,8 @@ def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Pa
         if latency_queries:
             queries = synthetic_queries(latency_queries, model.embed_dim)
             row["latency_cold"] = {**search_latency(searcher, queries, candidates, store_files),
-                                   "how": "posix_fadvise(DONTNEED) of the local store and global index before each query"}
+                                   "how": "the index's maps cleared and the local store and global index dropped "
+                                          "(posix_fadvise DONTNEED) before each query"}
             search_latency(searcher, queries, candidates, None)  # warms the queries' pages
             row["latency_warm"] = search_latency(searcher, queries, candidates, None)
             row["latency_warm"]["two_stage_over_global_only_p50"] = round(
