@@ -106,6 +106,7 @@ def _uniform_rows(store: Any, rows: np.ndarray, workspace: Workspace | None = No
         return None
     if not np.array_equal(offsets[rows], rows * width):
         return None
+    store.prefetch(rows)  # cold pages read in one round, not a fault (and a read-ahead window) per item
     table = codes.reshape(-1, width * codes.shape[1])
     if workspace is None:
         return table[rows]
