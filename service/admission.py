@@ -4,8 +4,8 @@ A request's work is ``candidates * max(k, 10)`` (the rerank scores every candida
 explained and fetched; a small ``k`` is counted as 10 so that ``k=1, candidates=1000`` is not cheap). Work
 over ``max_work`` is refused (422). Work over ``heavy_work`` goes to the *heavy* lane, a micro-batcher of its
 own (batches of at most 2, at most ``max_heavy_queue`` waiting); the rest to the *light* lane (batches of
-``max_batch``, at most ``max_queue`` waiting). The two lanes run side by side, so ordinary queries never wait
-behind expensive ones; a full lane answers 503 with ``Retry-After`` at once, and a request still unanswered
+``max_batch``, at most ``max_queue`` waiting). The two lanes run side by side (on the server's light and heavy
+threads, :mod:`service.compute`), so ordinary queries never wait behind expensive ones; a full lane answers 503 with ``Retry-After`` at once, and a request still unanswered
 after ``request_timeout_s`` gets 503 too (its work is dropped if it has not started).
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import HTTPException
 
 from .batching import MicroBatcher, QueueFull
+from .compute import ComputeThreads
 from .settings import Settings
 
 HEAVY_BATCH = 2
@@ -38,12 +39,14 @@ class Lanes:
     """A light and a heavy :class:`MicroBatcher` over the same ``process`` function."""
 
     def __init__(self, name: str, process: Callable[[list[Any]], list[Any]], settings: Settings,
-                 observe: Callable[[int], None] | None = None) -> None:
+                 observe: Callable[[int], None] | None = None, threads: ComputeThreads | None = None) -> None:
+        """Each lane's batches run on its thread of ``threads`` (None: asyncio's default pool)."""
         self.name = name
         self.settings = settings
-        self.light = MicroBatcher(process, settings.max_batch, settings.batch_wait_ms, observe, settings.max_queue)
+        self.light = MicroBatcher(process, settings.max_batch, settings.batch_wait_ms, observe, settings.max_queue,
+                                  threads.light if threads else None)
         self.heavy = MicroBatcher(process, min(HEAVY_BATCH, settings.max_batch), settings.batch_wait_ms, observe,
-                                  settings.max_heavy_queue)
+                                  settings.max_heavy_queue, threads.heavy if threads else None)
 
     async def start(self) -> None:
         await self.light.start()

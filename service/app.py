@@ -21,6 +21,7 @@ from alignsearch.indexer.search import Searcher
 from . import errors
 from .admission import Lanes
 from .auth import is_open
+from .compute import compute_threads
 from .follow import IndexFollower
 from .gate import Gate
 from .metrics import RequestMetrics
@@ -54,15 +55,17 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = state.settings
-        opened = searcher or await asyncio.to_thread(lambda: Searcher.open(s.index, s.model, s.device,
-                                                                          rerank_precision=s.rerank_precision))
+        threads = compute_threads()
+        opened = searcher or await asyncio.get_running_loop().run_in_executor(
+            threads.light, lambda: Searcher.open(s.index, s.model, s.device, rerank_precision=s.rerank_precision))
         follower = IndexFollower(opened.index.folder, opened, s.reload_interval_s,
                                  on_swap=lambda _: state.metrics.reloads.inc())
         current = lambda: follower.searcher  # noqa: E731  (read once per batch, when the batch starts)
         state.lanes = {
-            "text": Lanes("text", on_current(current, text_batch), s, state.metrics.batch_size.labels("text").observe),
+            "text": Lanes("text", on_current(current, text_batch), s, state.metrics.batch_size.labels("text").observe,
+                          threads),
             "image": Lanes("image", on_current(current, image_batch), s,
-                           state.metrics.batch_size.labels("image").observe),
+                           state.metrics.batch_size.labels("image").observe, threads),
         }
         limits = ImageLimits(s.max_pixels, s.max_image_side, decode_side_for(opened.model))
         state.decoder = Decoder(limits, s.decode_workers, DECODE_QUEUE, s.decode_timeout_s)

@@ -1,7 +1,7 @@
 """Dynamic micro-batching: concurrent requests share one encoder forward pass.
 
 Requests queue up; a worker takes the first, waits at most ``max_wait_ms`` for more (up to ``max_batch``),
-and runs the batch in a thread so the event loop stays free. While a batch runs, new requests queue and form
+and runs the batch on ``executor``'s thread (:mod:`service.compute`) so the event loop stays free. While a batch runs, new requests queue and form
 the next one, so under load batches grow by themselves and at low load a request waits at most the bound. At most ``max_queue`` requests wait (beyond the batch
 that runs); one more is refused with :class:`QueueFull` at once instead of waiting behind all of them.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -33,12 +34,15 @@ class QueueFull(RuntimeError):
 
 class MicroBatcher(Generic[T, R]):
     def __init__(self, process: Callable[[list[T]], list[R]], max_batch: int = 16, max_wait_ms: float = 5.0,
-                 observe: Callable[[int], None] | None = None, max_queue: int | None = None) -> None:
+                 observe: Callable[[int], None] | None = None, max_queue: int | None = None,
+                 executor: Executor | None = None) -> None:
+        """``executor`` runs the batches (None: asyncio's default pool of threads)."""
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if max_queue is not None and max_queue < 1:
             raise ValueError("max_queue must be >= 1")
         self.process = process
+        self.executor = executor
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_wait = max_wait_ms / 1000.0
@@ -97,7 +101,8 @@ class MicroBatcher(Generic[T, R]):
             if self.observe:
                 self.observe(len(live))
             try:
-                results = await asyncio.to_thread(self.process, [item for item, _ in live])
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.process, [item for item, _ in live])
             except Exception as exc:  # the batch failed: each caller gets the error
                 for _, fut in live:
                     if not fut.done():

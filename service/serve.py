@@ -134,12 +134,14 @@ def run_serve(args: argparse.Namespace) -> int:
         keep_freed_memory()  # image queries encode up to 46% faster (indexer/allocator.py)
 
         from .app import create_app
+        from .compute import compute_threads
 
         settings = Settings(index=args.index, model=args.model, device=args.device, api_key=args.api_key,
                             allow_open=args.allow_open, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                             max_upload_bytes=args.max_upload_bytes, rerank_precision=args.rerank_precision)
-        searcher = Searcher.open(settings.index, settings.model, settings.device,
-                                 rerank_precision=settings.rerank_precision)  # fails clearly on a mismatch
+        # fails clearly on a mismatch; loaded on the thread that runs the searches (service/compute.py)
+        searcher = compute_threads().light.run(Searcher.open, settings.index, settings.model, settings.device,
+                                               rerank_precision=settings.rerank_precision)
         print(serving_line(args.index, searcher.index.manifest["counts"], args.host, args.port), flush=True)
         run_app(create_app(settings, searcher), sock, args.log_level)
     finally:

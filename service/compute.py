@@ -1,0 +1,94 @@
+"""The threads that run the model and the search in the server.
+
+torch runs its CPU kernels in OpenMP thread teams, one team for each thread that calls it. Once a second thread
+has called it, every small kernel of every thread gets slow, for the life of the process: on the 2-core CI
+machine a text query's encoding takes 5.0 ms while one thread calls torch, and 12 ms in every thread after a
+second one has (the encoder is hundreds of small parallel regions, and GNU OpenMP's threads, then more than the
+cores, stop waiting for work between them). The server used to run each batch on whichever of asyncio's pool
+threads was free, after loading the model on the main thread. So it now calls torch from two threads of its own:
+
+- the **light** thread, with torch's full thread count: loading the model and every light batch (text and image);
+- the **heavy** thread, with one torch thread (so no team of its own): the heavy lanes' batches, which run beside
+  the light ones as before (a heavy search never holds up a light one) and never take more than one core.
+
+Both are daemon threads, so Ctrl-C stops a server that is still loading without waiting for the load.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class DaemonThreadExecutor(Executor):
+    """An executor of one daemon thread: calls run in the order submitted, all on the same thread."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self.thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        if self._closed:
+            raise RuntimeError("cannot submit to an executor that was shut down")
+        future: Future[T] = Future()
+        self._calls.put((future, fn, args, kwargs))
+        return future
+
+    def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Call ``fn`` on the thread and wait for its result (or its exception)."""
+        return self.submit(fn, *args, **kwargs).result()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        self._calls.put(None)
+        if wait:
+            self.thread.join()
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args, kwargs = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001  (handed to the caller, as ThreadPoolExecutor does)
+                future.set_exception(exc)
+
+
+class ComputeThreads:
+    """The light and the heavy thread (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self.light = DaemonThreadExecutor("alignsearch-light")
+        threads = self.light.run(torch.get_num_threads)  # the light thread's count is fixed from here on
+        self.heavy = DaemonThreadExecutor("alignsearch-heavy")
+        self.heavy.run(_one_torch_thread)
+        # set_num_threads also sets the default of threads that have not called torch yet: give it back
+        self.light.run(torch.set_num_threads, threads)
+
+
+def _one_torch_thread() -> None:
+    torch.get_num_threads()  # torch sets a thread's count from the default on its first call: let it, then set 1
+    torch.set_num_threads(1)
+
+
+_shared: ComputeThreads | None = None
+_shared_lock = threading.Lock()
+
+
+def compute_threads() -> ComputeThreads:
+    """The process's compute threads, started on first use."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = ComputeThreads()
+        return _shared

@@ -1,0 +1,64 @@
+"""The server's compute threads: which thread runs what, and with how many torch threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from alignsearch.service.admission import Lanes
+from alignsearch.service.compute import ComputeThreads, DaemonThreadExecutor, compute_threads
+from alignsearch.service.settings import Settings
+
+
+def test_a_daemon_thread_executor_runs_calls_in_order_on_one_daemon_thread():
+    executor = DaemonThreadExecutor("test-worker")
+    seen: list[tuple[int, str]] = []
+    futures = [executor.submit(lambda i=i: seen.append((i, threading.current_thread().name)) or i) for i in range(5)]
+    assert [f.result(5) for f in futures] == list(range(5))
+    assert seen == [(i, "test-worker") for i in range(5)] and executor.thread.daemon
+    with pytest.raises(ZeroDivisionError):
+        executor.run(lambda: 1 / 0)
+    assert executor.run(lambda: "still working") == "still working"  # an exception does not end the thread
+    executor.shutdown()
+    assert not executor.thread.is_alive()
+    with pytest.raises(RuntimeError, match="shut down"):
+        executor.submit(lambda: None)
+
+
+def test_the_heavy_thread_runs_torch_on_one_thread_and_leaves_the_others_their_count():
+    default = DaemonThreadExecutor("before").run(torch.get_num_threads)
+    threads = ComputeThreads()
+    assert threads.light.run(torch.get_num_threads) == default
+    assert threads.heavy.run(torch.get_num_threads) == 1
+    # a thread that calls torch for the first time afterwards still gets the process's default
+    assert DaemonThreadExecutor("after").run(torch.get_num_threads) == default
+    assert compute_threads() is compute_threads()
+
+
+def test_light_batches_of_both_lanes_share_the_light_thread_and_heavy_ones_run_apart():
+    settings = Settings(max_batch=4, batch_wait_ms=1, heavy_work=2_000, max_work=20_000)
+    threads = ComputeThreads()
+    where: dict[str, set[str]] = {}
+
+    def process(items):
+        where.setdefault(items[0].split()[0], set()).add(threading.current_thread().name)
+        return items
+
+    async def run():
+        text, image = Lanes("text", process, settings, threads=threads), Lanes("image", process, settings,
+                                                                               threads=threads)
+        await text.start()
+        await image.start()
+        try:
+            await asyncio.gather(text.run("light text", 100, 10), image.run("light image", 100, 10),
+                                 text.run("heavy text", 1_000, 20), image.run("heavy image", 1_000, 20))
+        finally:
+            await text.stop()
+            await image.stop()
+
+    asyncio.run(run())
+    assert where == {"light": {threads.light.thread.name}, "heavy": {threads.heavy.thread.name}}
+    assert threads.light.thread.name != threads.heavy.thread.name
