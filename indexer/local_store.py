@@ -287,10 +287,15 @@ def _mapping_of(codes: np.ndarray) -> tuple[mmap.mmap | None, int]:
 
 def merged_ranges(starts: np.ndarray, ends: np.ndarray) -> list[tuple[int, int]]:
     """The byte ranges ``[starts[i], ends[i])`` sorted, with overlapping or touching ones merged."""
-    order = np.argsort(starts, kind="stable")
-    starts, reach = starts[order], np.maximum.accumulate(ends[order])
-    opens = np.flatnonzero(np.r_[True, starts[1:] > reach[:-1]])
-    closes = np.r_[opens[1:] - 1, len(starts) - 1]
+    if len(starts) == 0:
+        return []
+    if len(starts) > 1 and not bool((starts[1:] >= starts[:-1]).all()):  # a rerank's union comes sorted
+        order = np.argsort(starts, kind="stable")
+        starts, ends = starts[order], ends[order]
+    reach = np.maximum.accumulate(ends)
+    breaks = np.flatnonzero(starts[1:] > reach[:-1]) + 1
+    opens = np.concatenate(([0], breaks))
+    closes = np.concatenate((breaks - 1, [len(starts) - 1]))
     return list(zip(starts[opens].tolist(), reach[closes].tolist()))
 
 

@@ -62,6 +62,8 @@ def test_merged_ranges_sorts_and_joins_overlapping_and_touching_ranges():
     ends = np.array([50, 10, 20, 110, 15, 5])
     assert local_store.merged_ranges(starts, ends) == [(0, 20), (40, 50), (100, 110)]
     assert local_store.merged_ranges(np.array([7]), np.array([9])) == [(7, 9)]
+    assert local_store.merged_ranges(np.array([0, 30]), np.array([10, 40])) == [(0, 10), (30, 40)]  # sorted input
+    assert local_store.merged_ranges(np.zeros(0, np.int64), np.zeros(0, np.int64)) == []
 
 
 def test_prefetch_reads_exactly_the_pages_of_the_rows_asked_for(cold_store):
