@@ -60,7 +60,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="the large run only (not CI): a synthetic index of 1,000,000 images (or --sizes) with the "
                         "--million-codec local codes and the global index a real build of that size would choose; "
                         "index size per store, p50/p99 search latency cold and warm, server RSS (at 1M with compact "
-                        "codes: ~6 GB of disk, about an hour on 2 cores)")
+                        "codes: ~6 GB of disk, about 15 minutes on 2 idle cores)")
     p.add_argument("--million-codec", default="compact",
                    help="local codec of the --million index (default: compact, 3.1 kB per photo; SQ8 is 18.8 kB)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
@@ -149,7 +149,10 @@ def markdown(results: dict[str, Any]) -> str:
                           f"{w['global_only']['p50_ms']} / {w['global_only']['p99_ms']} ms (two-stage / global-only p50 "
                           f"{w['two_stage_over_global_only_p50']}); cold = {c['how']}."
                           + (f" Server RSS {r['server'].get('vmrss', 0) / 1e9:.2f} GB (anonymous "
-                             f"{r['server'].get('rssanon', 0) / 1e9:.2f} GB, file {r['server'].get('rssfile', 0) / 1e9:.2f} GB)."
+                             f"{r['server'].get('rssanon', 0) / 1e9:.2f} GB, file {r['server'].get('rssfile', 0) / 1e9:.2f} GB); "
+                             f"ready {r['server'].get('cold_start_ready_s')} s after its start on a cold cache, first "
+                             f"request {r['server'].get('first_request_ms')} ms, the others' p50 "
+                             f"{r['server'].get('other_requests_p50_ms')} ms (HTTP, text queries encoded)."
                              if "server" in r else ""), ""]
     if results.get("quality"):
         lines += ["| codec | bytes/image | bytes/caption | global rsum | exhaustive rsum | two-stage rsum | two-stage R@1 i2t / t2i | gather + decode of 20 photos ms |",

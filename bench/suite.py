@@ -30,14 +30,22 @@ BATCH_QUERIES = QUERIES + ["an old woman sells fruit at a market", "a boy jumps 
 
 
 def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    return paired_median_ms([fn], repeats, warmup)[0]
+
+
+def paired_median_ms(fns: list[Callable[[], Any]], repeats: int, warmup: int = 1) -> list[float]:
+    """Median ms of each of ``fns``, timed in turns (one call of each per round), so that a slow moment of the
+    machine falls on all of them alike instead of on whichever ran then."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return round(statistics.median(times), 3)
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append((time.perf_counter() - start) * 1000.0)
+    return [round(statistics.median(spent), 3) for spent in times]
 
 
 def percentiles(times_ms: list[float]) -> dict[str, float]:
@@ -176,19 +184,31 @@ def search_latency(searcher: Searcher, enc: EncoderOutput, candidates: int, cold
 
 
 def server_rss(index_dir: Path, requests: int = 32) -> dict[str, Any]:
-    """Resident memory of a real server (``alignsearch serve``) on ``index_dir`` after ``requests`` searches."""
+    """Resident memory of a real server (``alignsearch serve``) on ``index_dir`` after ``requests`` searches; with
+    how long it took to start on the index's files dropped from the page cache (a restart on a cold cache: process
+    start, model and index load, until ``/readyz`` answers) and its first search's time over HTTP (cold pages)
+    against the median of the others."""
     import httpx
 
     from alignsearch.service.launch import serve
 
-    with serve(index_dir, device=None, env={"ALIGNSEARCH_RELOAD_INTERVAL_S": "0"}, ready_timeout=3600) as url:
+    pagecache.drop(pagecache.files_under(index_dir))
+    start = time.perf_counter()
+    with serve(index_dir, device=None, env={"ALIGNSEARCH_RELOAD_INTERVAL_S": "0"}, ready_timeout=3600) as url, \
+            httpx.Client(base_url=url, timeout=120) as client:  # one client: not a connection per request
+        ready_s = time.perf_counter() - start
+        times = []
         for i in range(requests):
-            httpx.post(f"{url}/search/text", json={"query": QUERIES[i % len(QUERIES)], "k": 10, "candidates": 100},
-                       timeout=120).raise_for_status()
+            start = time.perf_counter()
+            client.post("/search/text", json={"query": QUERIES[i % len(QUERIES)], "k": 10, "candidates": 100}
+                        ).raise_for_status()
+            times.append((time.perf_counter() - start) * 1000.0)
         pids = pagecache.children()
         rss = {pid: pagecache.rss_bytes(pid) for pid in pids}
     pid = max(rss, key=lambda p: rss[p].get("VmRSS", 0))
-    return {"requests": requests, **{k.lower(): v for k, v in rss[pid].items()}}
+    return {"requests": requests, "cold_start_ready_s": round(ready_s, 2), "first_request_ms": round(times[0], 1),
+            "other_requests_p50_ms": round(statistics.median(times[1:]), 1) if requests > 1 else None,
+            **{k.lower(): v for k, v in rss[pid].items()}}
 
 
 def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Path, repeats: int,
@@ -237,15 +257,15 @@ def speed_vs_exhaustive_and_global(model: AlignModel, sizes: list[int], work: Pa
             row["exhaustive_search_ms"] = None
             row["speedup_two_stage_vs_exhaustive"] = None
             row["exhaustive_skipped"] = "every region decoded would not fit in memory"
-        # 2. end to end with encoding: global-only vs two-stage
+        # 2. end to end with encoding: global-only vs two-stage, timed in turns
         query = QUERIES[0]
 
         def global_only() -> None:
             enc = model.encode_texts([query])
             index.images.index.search(enc.global_emb.numpy(), 10)
 
-        row["global_only_e2e_ms"] = median_ms(global_only, repeats)
-        row["two_stage_e2e_ms"] = median_ms(lambda: searcher.search_text([query], 10, candidates), repeats)
+        row["global_only_e2e_ms"], row["two_stage_e2e_ms"] = paired_median_ms(
+            [global_only, lambda: searcher.search_text([query], 10, candidates)], repeats)
         row["two_stage_over_global_only"] = round(row["two_stage_e2e_ms"] / row["global_only_e2e_ms"], 3)
         # 4. rerank bandwidth against a plain copy of the same bytes: one query, and a micro-batch
         row["rerank"] = {"1": rerank_bandwidth(searcher, enc_one, candidates, repeats),

@@ -62,3 +62,5 @@ def test_million_mode_at_a_small_size(tmp_path):
             p = row[state][kind]
             assert p["count"] == 12 and p["p99_ms"] >= p["p50_ms"] > 0
     assert row["server"]["vmrss"] > row["server"]["rssanon"] > 0
+    assert row["server"]["cold_start_ready_s"] > 0 and row["server"]["first_request_ms"] > 0
+    assert row["server"]["other_requests_p50_ms"] > 0
