@@ -29,6 +29,7 @@ import re
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -89,6 +90,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_files(folder: Path, names: list[str]) -> dict[str, str]:
+    """The sha256 of each file ``folder / name``, files hashed side by side on the CPU's cores (``hashlib``
+    releases the GIL): the local store and the global index of a 1M-photo index, 3.1 and 1.8 GB, take as
+    long as the larger one alone."""
+    workers = min(len(names), os.cpu_count() or 1)
+    if workers <= 1:
+        return {name: sha256_file(folder / name) for name in names}
+    largest_first = sorted(names, key=lambda name: -(folder / name).stat().st_size)
+    with ThreadPoolExecutor(workers, thread_name_prefix="alignsearch-sha256") as pool:
+        return dict(zip(largest_first, pool.map(lambda name: sha256_file(folder / name), largest_first)))
+
+
 def data_files(folder: Path) -> list[str]:
     """Every data file of an index, relative to its folder: the metadata and whatever the collections' store
     backends wrote in their folders (hidden temp files, the manifest and reports excluded)."""
@@ -104,14 +117,15 @@ def write_manifest(folder: Path, fields: dict[str, Any], reuse: dict[str, dict] 
     """Checksum every data file and write the manifest last (temp file + rename). ``reuse`` gives the entries
     of files known unchanged (hard links to an index whose manifest was checked), which are not read again."""
     reuse = reuse or {}
+    files = data_files(folder)
+    digests = sha256_files(folder, [f for f in files if f not in reuse])
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": fields.pop("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **fields,
-        "files": {f: reuse[f] if f in reuse else {"sha256": sha256_file(folder / f),
-                                                   "bytes": (folder / f).stat().st_size}
-                  for f in data_files(folder)},
+        "files": {f: reuse[f] if f in reuse else {"sha256": digests[f], "bytes": (folder / f).stat().st_size}
+                  for f in files},
     }
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -163,15 +177,18 @@ def _shape_problem(manifest: dict[str, Any]) -> str | None:
 
 def check_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
     """Problems found: files missing, or whose size or sha256 differ from the manifest."""
-    problems = []
+    problems, sized = [], []
     for name, expected in manifest["files"].items():
         path = folder / name
         if not path.is_file():
             problems.append(f"{name}: missing")
         elif path.stat().st_size != expected["bytes"]:
             problems.append(f"{name}: size {path.stat().st_size} != {expected['bytes']} in the manifest")
-        elif sha256_file(path) != expected["sha256"]:
-            problems.append(f"{name}: checksum does not match the manifest")
+        else:
+            sized.append(name)
+    digests = sha256_files(folder, sized)
+    problems += [f"{name}: checksum does not match the manifest" for name in sized
+                 if digests[name] != manifest["files"][name]["sha256"]]
     return problems
 
 

@@ -64,6 +64,25 @@ def test_verify_names_a_flipped_byte_in_any_data_file(built, tmp_path, capsys):
             Index(copy)
 
 
+def test_files_hashed_side_by_side_give_each_file_its_own_sha256_and_every_problem_is_named(built, tmp_path):
+    import hashlib
+
+    names = layout.data_files(built)
+    assert len(names) > 2
+    assert layout.sha256_files(built, names) == {n: hashlib.sha256((built / n).read_bytes()).hexdigest()
+                                                for n in names}
+    copy = tmp_path / "two-problems"
+    shutil.copytree(built, copy)
+    flipped, cut = "images/" + layout.GLOBAL_FILE, layout.METADATA
+    data = bytearray((copy / flipped).read_bytes())
+    data[-1] ^= 0xFF
+    (copy / flipped).write_bytes(bytes(data))
+    (copy / cut).write_bytes((copy / cut).read_bytes()[:-1])
+    problems = layout.check_files(copy, layout.read_manifest(copy))
+    assert problems == [f"{cut}: size {(copy / cut).stat().st_size} != {(built / cut).stat().st_size} in the manifest",
+                        f"{flipped}: checksum does not match the manifest"]
+
+
 def _drop(key):
     return lambda m: {k: v for k, v in m.items() if k != key}
 
