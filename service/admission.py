@@ -5,8 +5,9 @@ explained and fetched; a small ``k`` is counted as 10 so that ``k=1, candidates=
 over ``max_work`` is refused (422). Work over ``heavy_work`` goes to the *heavy* lane, a micro-batcher of its
 own (batches of at most 2, at most ``max_heavy_queue`` waiting); the rest to the *light* lane (batches of
 ``max_batch``, at most ``max_queue`` waiting). The two lanes run side by side (on the server's light and heavy
-threads, :mod:`service.compute`), so ordinary queries never wait behind expensive ones; a full lane answers 503 with ``Retry-After`` at once, and a request still unanswered
-after ``request_timeout_s`` gets 503 too (its work is dropped if it has not started).
+threads, :mod:`service.compute`), so ordinary queries never wait behind expensive ones; a full lane answers 503
+with ``Retry-After`` at once, and a request still unanswered after ``request_timeout_s`` gets 503 too (its work
+is dropped if it has not started).
 """
 
 from __future__ import annotations

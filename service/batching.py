@@ -1,9 +1,10 @@
 """Dynamic micro-batching: concurrent requests share one encoder forward pass.
 
 Requests queue up; a worker takes the first, waits at most ``max_wait_ms`` for more (up to ``max_batch``),
-and runs the batch on ``executor``'s thread (:mod:`service.compute`) so the event loop stays free. While a batch runs, new requests queue and form
-the next one, so under load batches grow by themselves and at low load a request waits at most the bound. At most ``max_queue`` requests wait (beyond the batch
-that runs); one more is refused with :class:`QueueFull` at once instead of waiting behind all of them.
+and runs the batch on ``executor``'s thread (:mod:`service.compute`) so the event loop stays free. While a
+batch runs, new requests queue and form the next one, so under load batches grow by themselves and at low load a
+request waits at most the bound. At most ``max_queue`` requests wait (beyond the batch that runs); one more is
+refused with :class:`QueueFull` at once instead of waiting behind all of them.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """The threads that run the model and the search in the server.
 
 torch runs its CPU kernels in OpenMP thread teams, one team for each thread that calls it. Once a second thread
-has called it, every small kernel of every thread gets slow, for the life of the process: on the 2-core CI
-machine a text query's encoding takes 5.0 ms while one thread calls torch, and 12 ms in every thread after a
-second one has (the encoder is hundreds of small parallel regions, and GNU OpenMP's threads, then more than the
-cores, stop waiting for work between them). The server used to run each batch on whichever of asyncio's pool
-threads was free, after loading the model on the main thread. So it now calls torch from two threads of its own:
+has run torch's kernels too, every small kernel of every thread is slow for the life of the process: on the
+2-core CI machine a text query's encoding takes 5.0 ms while one thread calls torch, and 12 ms in every thread
+after a second one has (measured; the likely cause: the encoder is hundreds of small parallel regions, and GNU
+OpenMP's threads, more than the cores once there are two teams, stop spinning between them; forcing a short spin
+with ``GOMP_SPINCOUNT=1000`` alone makes one thread's encoding 9.5 ms). The server used to run each batch on
+whichever of asyncio's pool threads was free, after loading the model on the main thread. So it now calls torch
+from two threads of its own:
 
 - the **light** thread, with torch's full thread count: loading the model and every light batch (text and image);
 - the **heavy** thread, with one torch thread (so no team of its own): the heavy lanes' batches, which run beside
