@@ -8,6 +8,8 @@ import functools
 import itertools
 import multiprocessing
 import os
+import threading
+import time
 import weakref
 from collections import Counter, deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -21,6 +23,7 @@ from alignsearch.models.preprocess import IMAGE_EXTENSIONS, NEEDS, ImageDecodeEr
 __all__ = ["CaptionRow", "DecodePool", "Decoded", "decode_batches", "list_images", "read_captions", "scan_images",
            "unread_note"]
 WORKER_NICE = 10  # decode processes yield the cores to the encoder whenever it can run
+PARENT_CHECK_S = 0.5  # how often a decode process checks that its parent is still there
 
 
 def scan_images(folder: Path) -> tuple[list[str], Counter[str]]:
@@ -124,10 +127,19 @@ def decode_batches(folder: Path, batches: Iterable[Sequence[str]], workers: int,
 _WORKER_PREPROCESSOR: ImagePreprocessor | None = None
 
 
-def _start_worker(preprocessor: ImagePreprocessor, nice: int) -> None:
+def _start_worker(preprocessor: ImagePreprocessor, nice: int, parent: int) -> None:
     global _WORKER_PREPROCESSOR
     _WORKER_PREPROCESSOR = preprocessor
     os.nice(nice)
+    threading.Thread(target=_exit_without, args=(parent,), name="alignsearch-parent-watch", daemon=True).start()
+
+
+def _exit_without(parent: int) -> None:
+    """End this decode process once the process that started it is gone (killed, or ended at once after
+    Ctrl-C): a worker waiting for work never notices by itself, and would idle on forever."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 def _decode_resized(folder: Path, rel: str) -> Decoded:
@@ -141,8 +153,8 @@ class DecodePool:
     normalises them, in one vectorised step.
 
     The processes start on first use (``spawn``: no forked copy of the model or of its threads), run at a
-    lower priority (``nice``) so the encoder keeps its cores whenever it can run, and stop on :meth:`close`
-    or when the pool is collected."""
+    lower priority (``nice``) so the encoder keeps its cores whenever it can run, and stop on :meth:`close`,
+    when the pool is collected, or when this process is gone however it ended."""
 
     def __init__(self, workers: int, preprocessor: ImagePreprocessor, nice: int = WORKER_NICE) -> None:
         self.workers = max(1, min(workers, os.cpu_count() or 1))
@@ -156,7 +168,8 @@ class DecodePool:
             self._executor = None
         if self._executor is None:
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_start_worker, initargs=(self.preprocessor, self.nice))
+                                                 initializer=_start_worker,
+                                                 initargs=(self.preprocessor, self.nice, os.getpid()))
             weakref.finalize(self, self._executor.shutdown, wait=True, cancel_futures=True)
         return self._executor
 

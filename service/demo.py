@@ -138,16 +138,13 @@ def run_demo(args: argparse.Namespace) -> int:
     refuse_open(args.host, Settings().api_key, args.allow_open)
     sock = bind(args.host, args.port)  # a busy port is found before the model loads and the photos are indexed
     try:
+        index_dir, model = prepare(args)
         from alignsearch.indexer.search import Searcher
 
         from .app import create_app
-        from .compute import compute_threads
-
-        threads = compute_threads()  # the model is loaded and run on the thread that serves (service/compute.py)
-        index_dir, model = threads.light.run(prepare, args)
 
         settings = Settings(index=index_dir, device=args.device)  # ALIGNSEARCH_API_KEY, if set, still applies
-        searcher = threads.light.run(Searcher.open, index_dir, model)  # the model that built it, already loaded
+        searcher = Searcher.open(index_dir, model)  # the model that built it, already loaded
         print(serving_line(index_dir, searcher.index.manifest["counts"], args.host, args.port), flush=True)
         print(f"\n  alignsearch demo: open {url(args.host, args.port)} in a browser\n", flush=True)
         run_app(create_app(settings, searcher), sock, "warning")

@@ -139,3 +139,42 @@ def test_encode_task_with_the_pool_equals_threads(photos, model):
     assert [i["id"] for i in pooled.items] == [i["id"] for i in threaded.items] == files
     assert np.array_equal(np.asarray(pooled.global_vectors), np.asarray(threaded.global_vectors))
     assert np.array_equal(np.asarray(pooled.local_vectors), np.asarray(threaded.local_vectors))
+
+
+def test_decode_processes_end_when_the_process_that_started_them_is_killed(photos):
+    import signal
+    import subprocess
+    import sys
+
+    code = f"""
+import multiprocessing, sys, time
+from pathlib import Path
+from alignsearch.indexer.reader import DecodePool, list_images
+from alignsearch.models.preprocess import ImagePreprocessor
+if __name__ == "__main__":
+    folder = Path({str(photos[0])!r})
+    pool = DecodePool(2, ImagePreprocessor(32, (0.5,) * 3, (0.5,) * 3))
+    files = list_images(folder)
+    list(pool.batches(folder, [files[:3]]))
+    print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+    time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              stderr=subprocess.DEVNULL)
+    try:
+        children = [int(pid) for pid in parent.stdout.readline().split()]
+    finally:
+        parent.send_signal(signal.SIGKILL)  # no clean-up of any kind runs in the parent
+        parent.wait(10)
+    assert children
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid) for pid in children):
+        assert time.monotonic() < deadline, "decode processes outlived the process that started them"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/status").read().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"  # gone between the two looks
