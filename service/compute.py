@@ -18,15 +18,20 @@ Both are daemon threads, so Ctrl-C stops a server that is still loading without 
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 import torch
 
 T = TypeVar("T")
+POLL_S = 0.1
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (alignsearch.console)
 
 
 class DaemonThreadExecutor(Executor):
@@ -46,8 +51,25 @@ class DaemonThreadExecutor(Executor):
         return future
 
     def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """Call ``fn`` on the thread and wait for its result (or its exception)."""
-        return self.submit(fn, *args, **kwargs).result()
+        """Call ``fn`` on the thread and wait for its result (or its exception); for a command's main thread.
+
+        Ctrl-C while ``fn`` runs ends the process at once with status 130: the thread cannot be stopped, and the
+        interpreter's shutdown would end it inside torch's C++ code, which aborts the process. What ``fn`` was
+        doing is left as a crash leaves it (an index build resumes; the live index is never half-written). The
+        wait wakes up every :data:`POLL_S`, since the kernel may hand Ctrl-C to the busy thread."""
+        future = self.submit(fn, *args, **kwargs)
+        try:
+            while True:
+                try:
+                    return future.result(timeout=POLL_S)
+                except FutureTimeout:
+                    continue
+        except KeyboardInterrupt:
+            if future.done():
+                raise
+            print("interrupted", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(INTERRUPTED)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._closed = True

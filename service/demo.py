@@ -138,6 +138,8 @@ def run_demo(args: argparse.Namespace) -> int:
     refuse_open(args.host, Settings().api_key, args.allow_open)
     sock = bind(args.host, args.port)  # a busy port is found before the model loads and the photos are indexed
     try:
+        # built on the main thread, so that Ctrl-C stops the build cleanly; the server then runs the model on its
+        # light thread beside the main thread's torch threads, the slower way (service/compute.py)
         index_dir, model = prepare(args)
         from alignsearch.indexer.search import Searcher
 

@@ -62,3 +62,30 @@ def test_light_batches_of_both_lanes_share_the_light_thread_and_heavy_ones_run_a
     asyncio.run(run())
     assert where == {"light": {threads.light.thread.name}, "heavy": {threads.heavy.thread.name}}
     assert threads.light.thread.name != threads.heavy.thread.name
+
+
+def test_ctrl_c_while_a_long_call_runs_ends_the_command_at_once_with_130():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = """
+import time
+from alignsearch.service.compute import DaemonThreadExecutor
+worker = DaemonThreadExecutor("busy")
+print("started", flush=True)
+worker.run(time.sleep, 60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    try:
+        proc.wait(10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and time.monotonic() - sent < 5
+    assert proc.stderr.read().strip() == "interrupted"  # one line, no traceback, no abort
