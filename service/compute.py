@@ -73,6 +73,13 @@ class DaemonThreadExecutor(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._closed = True
+        while cancel_futures:  # the calls not yet started are cancelled, as ThreadPoolExecutor does
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            if call is not None:
+                call[0].cancel()
         self._calls.put(None)
         if wait:
             self.thread.join()

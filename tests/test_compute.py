@@ -22,7 +22,14 @@ def test_a_daemon_thread_executor_runs_calls_in_order_on_one_daemon_thread():
     with pytest.raises(ZeroDivisionError):
         executor.run(lambda: 1 / 0)
     assert executor.run(lambda: "still working") == "still working"  # an exception does not end the thread
-    executor.shutdown()
+    started, release = threading.Event(), threading.Event()
+    running = executor.submit(lambda: started.set() or release.wait(5))
+    waiting = executor.submit(lambda: "never run")
+    assert started.wait(5)
+    executor.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    assert running.result(5) is True and waiting.cancelled()
+    executor.thread.join(5)
     assert not executor.thread.is_alive()
     with pytest.raises(RuntimeError, match="shut down"):
         executor.submit(lambda: None)
