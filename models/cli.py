@@ -74,7 +74,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/alignsearch/features"),
                    help="where frozen-backbone features are cached between runs")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in OUT")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is in OUT from its last finished epoch (after Ctrl-C, "
+                        "a kill or a crash); without it, a checkpoint in OUT is an error, never overwritten")
     add_progress_option(p)
     p.set_defaults(func=run_train)
 
@@ -155,7 +157,7 @@ def run_train(args: argparse.Namespace) -> int:
     options = TrainOptions(
         dataset=args.dataset, images=args.images, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, margin=args.margin, val_size=args.val_size, candidates=args.candidates,
-        seed=args.seed, cache_dir=args.cache_dir.expanduser(), device=args.device, resume=not args.no_resume,
+        seed=args.seed, cache_dir=args.cache_dir.expanduser(), device=args.device, resume=args.resume,
         tune_local_weight=not args.no_tune_weight, augment_views=args.augment_views,
         mosaic_loss_weight=args.mosaic_loss, mosaics=args.mosaics, prior_lr=args.prior_lr,
     )
