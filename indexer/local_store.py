@@ -27,7 +27,7 @@ TRAIN_SAMPLE = 65_536
 COPY_CHUNK = 262_144  # vectors encoded / codes copied per step while writing a store
 
 PRESETS: dict[str, dict[str, str]] = {
-    # chosen on the validation images (README, Benchmarks): region codes <= 4 kB per photo within 1 rsum of
+    # chosen on the validation images (docs/design.md, "Compact local store"): region codes <= 4 kB per photo within 1 rsum of
     # SQfp16; the caption side keeps SQfp16, where the word vectors lose most to PQ (image-to-text recall)
     "compact": {"images": "PQ64", "captions": "SQfp16"},
 }

@@ -136,9 +136,10 @@ def _rewrite(page, path: str, change) -> None:
 
 
 def _min_score_api(page, threshold: float) -> list:
-    """Answer /search/text as the API with a match threshold does (issue 9): the server's results less those whose
+    """Answer /search/text as a server that leaves weak results out would: the server's results less those whose
     global score is below ``threshold`` (all of them when the page sends min_score -1), with ``min_score``,
-    ``below_min_score`` and ``no_match``. Returns the min_score of each request, as the page sent it."""
+    ``below_min_score`` (not a field of the real API; the page reads it when present) and ``no_match``. Returns
+    the min_score of each request, as the page sent it."""
     sent = []
 
     def handle(route):

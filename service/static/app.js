@@ -78,10 +78,12 @@ function imageUri(id) {
 }
 
 // -- how strong the matches are ------------------------------------------------------------------------------
-// The API leaves out the images whose global score is below its `min_score` (the model's calibrated threshold)
-// and says so: `min_score` (the threshold applied; null: none), `below_min_score` (how many of the top k it left
-// out) and `no_match` (none cleared it). A server that sends none of these gets its results shown as they are.
-// "Show them anyway" asks again with min_score -1 and dims what falls below the threshold.
+// /search/text returns its top k whatever their scores and says how strong they are: `match` on each result
+// (its global score reaches the threshold), `min_score` (the threshold applied: the model's calibrated one unless
+// the request sent its own; null: none) and `no_match` (no result reaches it). The page dims the results below the
+// threshold and says when none reaches it. `below_min_score` (how many results a server left out) is not part of
+// the API: it is read only if a server sends it, and then "Show them" asks again with min_score -1.
+// /search/image has no threshold: its results are shown as they are.
 
 let textThreshold = null; // the last min_score the text search applied
 
