@@ -1,35 +1,75 @@
-"""Choose a model's ``min_score``: the global score below which a hit is no match (issue 9, "nothing matches").
+"""Calibrate a model's match signal: build its reference bank and choose the reference test's rules.
 
-``python -m alignsearch.bench.min_score [MODEL] [--write]`` encodes the Flickr8k-800 *train* images (the 600 training
-and the 100 validation images: never ``test``) and their captions, and a fixed set of nonsense strings
-(random letters, repeated letters, keyboard runs, digits). Every nonsense string is searched against all 700
-images; ``min_score`` is the 99th percentile of their best global score, rounded up to 0.01, so that 99% of
-nonsense queries return nothing above it. The report says what real captions keep at that threshold: the
-share whose best image clears it, and the share of right images found in the top 5 that clear it.
-``--write`` stores it as ``calibration.json`` in the model folder, where :class:`indexer.search.Searcher`
-reads its default (the file is not part of the model's fingerprint).
+``python -m alignsearch.bench.min_score [MODEL] [--write] [--flickr8k DIR] [--cache-dir DIR]``
 
-The global score (cosine of the query's and the image's global vectors) is used, not the fused score: the
-fused score adds ``w * S_local`` with MrSw's *sum* over word pieces, which grows with the query's length
-for nonsense too, so no single threshold on it separates nonsense from captions.
+**The bank** (:mod:`models.reference`): the global vectors of ``REFERENCE_SIZE`` (1,000) photos drawn (seed 0)
+from Flickr8k's ``train`` split, and of one caption of each (drawn with the same seed). Never ``val``, ``test``
+or ``test800``, and never a photo that is also in Flickr8k-800 (the package set's distractors, the shipped
+model's training photos).
+
+**The rule** for each side: a hit is a match when its global score is at least the ``q`` quantile of the
+query's scores against the bank (reference photos for a text query, reference captions for an image query) plus
+a margin ``m``. Both are chosen from the grid ``QUANTILES`` x ``MARGINS`` on these sets, none of them the demo:
+
+- Flickr8k ``val`` (971 photos less those also in Flickr8k-800; their 5 captions each), searched as a
+  collection the way the service searches (global top ``CANDIDATES``, reranked by the fused score): text
+  queries are the captions (right first: the caption's photo ranks first), image queries the photos (right
+  first: one of the photo's own captions ranks first);
+- the package-photo set (:mod:`bench.package_photos`: 10 out-of-domain photos among 100 Flickr8k-800
+  validation photos, 20 plain queries; right first: the query's photo ranks first);
+- nonsense strings (:func:`nonsense_queries`, 500, seed 0) searched in both photo collections above;
+- for image queries, generated non-photos (:func:`nonsense_images`: flat colours, noise, gradients, stripes;
+  ``NONSENSE_IMAGES``, seed 0) searched among the val captions.
+
+"Flagged" means the rule marks the hit as a match; a query has "no match" when none of its top ``TOP_K`` (10,
+the API's default ``k``) is flagged. **Selection rule, written before any measurement:**
+
+- text queries: among the rules whose nonsense no-match rate is >= ``NONSENSE_FLOOR`` (97%) on *each* photo
+  collection (val and package), the one with the highest mean of two rates: val right-first hits flagged and
+  package right-first hits flagged (so the 20 out-of-domain queries weigh as much as the in-domain thousands);
+- image queries: among the rules whose non-photo no-match rate is >= ``NONSENSE_FLOOR``, the one with the
+  highest rate of val right-first captions flagged;
+- ties go to the higher no-match rate, then the smaller margin, then the smaller quantile. When no rule meets
+  the floor, the strictest one (q = 1, the largest margin) is written and the report says so.
+
+The demo (:mod:`bench.demo_quality`) checks the chosen rules once, afterwards; it never chooses.
+
+``--write`` writes ``reference.safetensors`` and ``calibration.json`` (the rules and the figures) into the
+model folder; neither is part of the model's fingerprint. Backbone features go through the training's feature
+cache (``--cache-dir``, default ``~/.cache/alignsearch/features``), so a second model with the same backbones
+(or a re-run) only runs the heads. A model folder without a bank (or calibrated before banks, with a fixed
+``min_score``) still works: :meth:`indexer.search.Searcher.mark_matches` falls back to that ``min_score``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
+import os
 import random
 import string
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from .cli import DEFAULT_DATASET
 
-QUANTILE = 0.99
+REFERENCE_SIZE = 1000
+SEED = 0
+CANDIDATES = 20  # the first stage's K, as `alignsearch eval` and the package set measure two-stage
+TOP_K = 10  # the API's default k: "no match" means none of these is flagged
+NONSENSE_FLOOR = 97.0
+N_NONSENSE = 500
+NONSENSE_IMAGES = 60
+QUANTILES = (0.9, 0.95, 0.98, 0.99, 0.995, 1.0)
+MARGINS = tuple(round(0.005 * i, 3) for i in range(31))  # 0 .. 0.15
 KEYBOARD = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+FLICKR8K = Path(os.environ.get("ALIGNSEARCH_FLICKR8K", DEFAULT_DATASET.parent / "flickr8k"))
+CACHE_DIR = Path("~/.cache/alignsearch/features")
 
 
 def nonsense_queries(n: int = 500, seed: int = 0) -> list[str]:
@@ -58,76 +98,288 @@ def nonsense_queries(n: int = 500, seed: int = 0) -> list[str]:
     return out
 
 
-def choose_min_score(nonsense_best: Sequence[float], quantile: float = QUANTILE) -> float:
-    """The ``quantile`` of the nonsense queries' best scores, rounded up to 0.01."""
-    if len(nonsense_best) == 0:
-        raise ValueError("no nonsense scores")
-    return math.ceil(float(np.quantile(np.asarray(nonsense_best, dtype=np.float64), quantile)) * 100 - 1e-9) / 100
+def nonsense_images(n: int = NONSENSE_IMAGES, seed: int = 0, size: int = 224) -> list:
+    """``n`` generated non-photos, the same for a seed: flat colours, pixel noise, gradients, stripes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            pixels = np.broadcast_to(rng.integers(0, 256, 3), (size, size, 3))
+        elif kind == 1:
+            pixels = rng.integers(0, 256, (size, size, 3))
+        elif kind == 2:
+            a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+            t = np.linspace(0, 1, size)[:, None, None] if rng.random() < 0.5 else np.linspace(0, 1, size)[None, :, None]
+            pixels = np.broadcast_to(a + (b - a) * t, (size, size, 3))
+        else:
+            a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+            period = int(rng.integers(4, 40))
+            stripes = (np.arange(size) // period % 2).astype(bool)
+            grid = stripes[:, None] if rng.random() < 0.5 else stripes[None, :]
+            pixels = np.where(np.broadcast_to(grid, (size, size))[..., None], a, b)
+        out.append(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)))
+    return out
 
 
-def kept(real_scores: np.ndarray, right: np.ndarray, threshold: float, k: int = 5) -> dict[str, float]:
-    """What real queries keep at ``threshold``: ``real_scores`` queries x images (global), ``right`` the
-    column of each query's image. Percent whose best image clears it, and percent of the right images ranked
-    in the top ``k`` that clear it."""
-    best = real_scores.max(1)
-    right_scores = real_scores[np.arange(len(right)), right]
-    rank = (real_scores > right_scores[:, None]).sum(1)
-    in_top = rank < k
-    return {
-        "best_hit_kept": round(100.0 * float((best >= threshold).mean()), 2),
-        f"right_in_top{k}_kept": round(100.0 * float((right_scores[in_top] >= threshold).mean()), 2)
-        if in_top.any() else 0.0,
-    }
+# -- the test and its measures (small arrays; the unit tests call these) -------------------------------------
+
+def thresholds(reference: np.ndarray, quantile: float, margin: float) -> np.ndarray:
+    """Per-query threshold from queries x R reference scores: their ``quantile`` plus ``margin``."""
+    from alignsearch.models.reference import MatchRule
+
+    return MatchRule(quantile, margin).threshold(reference)
 
 
-def calibrate(model, dataset: Path = DEFAULT_DATASET, n_nonsense: int = 500) -> dict[str, Any]:
-    """Encode the train/validation images and captions and the nonsense strings; choose ``min_score``."""
+@dataclass
+class Ranked:
+    """A collection searched by a set of queries: per query its top items (by the fused two-stage score) and
+    their global scores, and its scores against the reference bank (queries x R, sorted)."""
+
+    items: np.ndarray  # queries x k
+    global_scores: np.ndarray  # queries x k
+    reference: np.ndarray  # queries x R
+
+
+def right_first_flagged(ranked: Ranked, right: Sequence[set[int]], quantile: float, margin: float) -> dict[str, Any]:
+    """Of the queries whose first hit is right, the percent whose first hit is flagged; also the percent of
+    wrong first hits flagged."""
+    thr = thresholds(ranked.reference, quantile, margin)
+    first_right = np.array([int(ranked.items[q, 0]) in right[q] for q in range(len(right))])
+    flagged = ranked.global_scores[:, 0] >= thr
+    return {"right_first": int(first_right.sum()),
+            "right_first_flagged": _pct(flagged[first_right]),
+            "wrong_first_flagged": _pct(flagged[~first_right])}
+
+
+def no_match_rate(ranked: Ranked, quantile: float, margin: float) -> float:
+    """Percent of queries none of whose top hits is flagged."""
+    thr = thresholds(ranked.reference, quantile, margin)
+    return _pct(~(ranked.global_scores >= thr[:, None]).any(1))
+
+
+def _pct(mask: np.ndarray) -> float:
+    return round(100.0 * float(np.mean(mask)), 2) if len(mask) else 0.0
+
+
+def choose_rule(grid: list[dict[str, Any]], floor: float = NONSENSE_FLOOR) -> tuple[dict[str, Any], bool]:
+    """The selection rule of the module docstring over rows ``{"quantile", "margin", "no_match", "flagged"}``
+    (``no_match``: the lowest no-match rate over the negative sets; ``flagged``: the rate to maximise).
+    Returns (the row, whether it met the floor)."""
+    if not grid:
+        raise ValueError("no candidate rules")
+    ok = [r for r in grid if r["no_match"] >= floor]
+    if not ok:
+        return max(grid, key=lambda r: (r["quantile"], r["margin"])), False
+    return min(ok, key=lambda r: (-r["flagged"], -r["no_match"], r["margin"], r["quantile"])), True
+
+
+# -- two-stage search in memory -----------------------------------------------------------------------------
+
+def two_stage(queries, items, query_is_text: bool, scoring, k: int = TOP_K, candidates: int = CANDIDATES,
+              chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """What :class:`indexer.search.Searcher` returns, computed on encoder outputs held in memory: the top
+    ``candidates`` items by global score, reranked by ``scoring``'s fused score (ties by item row). Returns
+    (items, global scores), queries x k."""
+    from alignsearch.models import alignment
+
+    g = queries.global_emb.float() @ items.global_emb.float().T
+    candidates = min(candidates, g.shape[1])
+    k = min(k, candidates)
+    top_g, top = g.topk(candidates, dim=1)
+    out_items, out_g = [], []
+    for s in range(0, len(top), chunk):
+        rows = top[s : s + chunk]
+        q = slice(s, s + len(rows))
+        if query_is_text:  # words of the query against the regions of each candidate
+            sims = torch.einsum("btd,bkrd->bktr", queries.local[q].float(), items.local[rows].float())
+            word_mask, region_mask = queries.mask[q][:, None, :], items.mask[rows]
+        else:  # words of each candidate caption against the regions of the query
+            sims = torch.einsum("bktd,brd->bktr", items.local[rows].float(), queries.local[q].float())
+            word_mask, region_mask = items.mask[rows], queries.mask[q][:, None, :]
+        local = alignment.pair_scores(sims, word_mask, region_mask, scoring.alignment, scoring.lse_lambda)
+        fused = scoring.fuse(top_g[q], local).numpy()
+        for b in range(len(rows)):
+            order = np.lexsort((rows[b].numpy(), -fused[b]))[:k]
+            out_items.append(rows[b].numpy()[order])
+            out_g.append(top_g[q][b].numpy()[order])
+    return np.stack(out_items), np.stack(out_g)
+
+
+# -- the data ---------------------------------------------------------------------------------------------
+
+def reference_records(flickr8k: Path, exclude: set[str], size: int = REFERENCE_SIZE, seed: int = SEED):
+    """(photo file names, one caption each) of the bank: ``size`` train photos outside ``exclude``."""
     from alignsearch.models.data import load_dataset, select_split
-    from alignsearch.models.preprocess import load_image
 
-    all_records = load_dataset(dataset / "dataset_flickr8k.json")
-    parts = {split: select_split(all_records, split) for split in ("train", "val")}  # never "test"
-    records = parts["train"] + parts["val"]
-    images = model.encode_images([load_image(dataset / "images" / r.filename) for r in records])
-    gallery = images.global_emb.numpy()
-    captions = [(c, i) for i, r in enumerate(records) for c in r.captions]
-    real = model.encode_texts([c for c, _ in captions]).global_emb.numpy() @ gallery.T
-    nonsense = model.encode_texts(nonsense_queries(n_nonsense)).global_emb.numpy() @ gallery.T
-    nonsense_best = nonsense.max(1)
-    threshold = choose_min_score(nonsense_best)
-    right = np.array([i for _, i in captions])
-    is_val = right >= len(parts["train"])
-    return {
-        "min_score": threshold,
+    train = [r for r in select_split(load_dataset(flickr8k / "dataset_flickr8k.json"), "train")
+             if r.filename not in exclude]
+    rng = random.Random(seed)
+    picked = rng.sample(train, min(size, len(train)))
+    return [r.filename for r in picked], [rng.choice(r.captions) for r in picked]
+
+
+def _encode_images(model, paths: list[Path], cache_dir: Path | None):
+    from alignsearch.models.features import image_features
+    from alignsearch.models.train import encode_cached
+
+    feats, failures = image_features(model, paths, cache_dir, workers=2)
+    if failures:
+        raise OSError(f"{len(failures)} photo(s) could not be decoded, e.g. {failures[0][0]}")
+    return encode_cached(model, feats, torch.arange(len(paths)), image=True)
+
+
+def _encode_texts(model, texts: list[str], cache_dir: Path | None):
+    from alignsearch.models.features import text_features
+    from alignsearch.models.train import encode_cached
+
+    if getattr(model, "joint", None) is not None:  # a joint backbone has no separate text features
+        return model.encode_texts(texts)
+    return encode_cached(model, text_features(model, texts, cache_dir), torch.arange(len(texts)), image=False)
+
+
+def calibrate(model, flickr8k: Path = FLICKR8K, flickr8k_800: Path = DEFAULT_DATASET,
+              cache_dir: Path | None = CACHE_DIR) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Encode the bank and the calibration sets, measure the grid and choose the rules. Returns (the
+    calibration report, the bank's photo vectors, its caption vectors)."""
+    from alignsearch.models.data import load_dataset, select_split
+    from alignsearch.models.reference import ReferenceBank
+
+    from .package_photos import load_spec, package_folders
+
+    for folder in (flickr8k, flickr8k_800):
+        if not (folder / "dataset_flickr8k.json").is_file():
+            raise FileNotFoundError(f"no dataset_flickr8k.json in {folder} (set ALIGNSEARCH_FLICKR8K and "
+                                    "ALIGNSEARCH_DATASET to the Flickr8k and Flickr8k-800 folders)")
+    small = load_dataset(flickr8k_800 / "dataset_flickr8k.json")
+    exclude = {r.filename for r in small}
+    ref_files, ref_captions = reference_records(flickr8k, exclude)
+    val = [r for r in select_split(load_dataset(flickr8k / "dataset_flickr8k.json"), "val") if r.filename not in exclude]
+    photos, queries = load_spec()
+    folders = package_folders()
+    distractors = select_split(small, "val")
+    package_paths = [folders[pkg] / name for name, pkg in photos.items()] + \
+                    [flickr8k_800 / "images" / r.filename for r in distractors]
+    cache_dir = cache_dir.expanduser() if cache_dir else None
+
+    images = _encode_images(model, [flickr8k / "images" / f for f in ref_files + [r.filename for r in val]], cache_dir)
+    val_captions = [c for r in val for c in r.captions]
+    texts = _encode_texts(model, ref_captions + val_captions, cache_dir)
+    nonsense = nonsense_queries(N_NONSENSE, SEED)
+    asked = _encode_texts(model, nonsense + list(queries), cache_dir)
+    package = _encode_images(model, package_paths, cache_dir)
+    fake = model.encode_images(nonsense_images())
+
+    n_ref = len(ref_files)
+    bank = ReferenceBank(images.global_emb[:n_ref].float().numpy(), texts.global_emb[:n_ref].float().numpy())
+    val_images, val_texts = images.select(range(n_ref, len(images))), texts.select(range(n_ref, len(texts)))
+    nonsense_enc, plain_enc = asked.select(range(len(nonsense))), asked.select(range(len(nonsense), len(asked)))
+    scoring = model.config.scoring()
+
+    def search(q, items, query_is_text: bool) -> Ranked:
+        found, g = two_stage(q, items, query_is_text, scoring)
+        return Ranked(found, g, bank.scores(q.global_emb.float().numpy(), query_is_text))
+
+    caption_image = np.array([i for i, r in enumerate(val) for _ in r.captions])
+    t2i = search(val_texts, val_images, True)
+    t2i_right = [{int(i)} for i in caption_image]
+    names = list(photos)
+    pkg = search(plain_enc, package, True)
+    pkg_right = [{names.index(p) for p in expected} for expected in queries.values()]
+    nonsense_val, nonsense_pkg = search(nonsense_enc, val_images, True), search(nonsense_enc, package, True)
+    i2t = search(val_images, val_texts, False)
+    i2t_right = [set(np.flatnonzero(caption_image == i).tolist()) for i in range(len(val))]
+    fake_val = search(fake, val_texts, False)
+    pkg_photos_val = search(package.select(range(len(photos))), val_texts, False)
+
+    text_grid, image_grid = [], []
+    for q in QUANTILES:
+        for m in MARGINS:
+            v, p = right_first_flagged(t2i, t2i_right, q, m), right_first_flagged(pkg, pkg_right, q, m)
+            nv, npkg = no_match_rate(nonsense_val, q, m), no_match_rate(nonsense_pkg, q, m)
+            text_grid.append({"quantile": q, "margin": m, "no_match": min(nv, npkg),
+                              "flagged": round((v["right_first_flagged"] + p["right_first_flagged"]) / 2, 2),
+                              "val": v, "package": p, "nonsense_no_match": {"val": nv, "package": npkg}})
+            iv = right_first_flagged(i2t, i2t_right, q, m)
+            nf = no_match_rate(fake_val, q, m)
+            image_grid.append({"quantile": q, "margin": m, "no_match": nf, "flagged": iv["right_first_flagged"],
+                               "val": iv, "non_photos_no_match": nf,
+                               "package_photos_no_match": no_match_rate(pkg_photos_val, q, m)})
+    text_rule, text_ok = choose_rule(text_grid)
+    image_rule, image_ok = choose_rule(image_grid)
+
+    def trimmed(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in row.items() if k not in ("quantile", "margin", "no_match", "flagged")}
+
+    report = {
+        "match": {"text": {"quantile": text_rule["quantile"], "margin": text_rule["margin"]},
+                  "image": {"quantile": image_rule["quantile"], "margin": image_rule["margin"]}},
         "on": "global_score",
-        "chosen_on": f"{len(records)} Flickr8k-800 train/validation images, {len(captions)} captions, "
-                     f"{n_nonsense} nonsense strings (seed 0); the {QUANTILE:.0%} quantile of the nonsense "
-                     "strings' best global score, rounded up to 0.01",
-        "nonsense_above": round(100.0 * float((nonsense_best >= threshold).mean()), 2),
-        "validation_captions": kept(real[is_val], right[is_val], threshold),  # held out from training
-        "train_captions": kept(real[~is_val], right[~is_val], threshold),
+        "reference": {"photos": n_ref, "captions": n_ref, "from": "Flickr8k train (not in Flickr8k-800), "
+                      f"seed {SEED}, one caption per photo"},
+        "chosen_on": f"Flickr8k val ({len(val)} photos, {len(val_captions)} captions), the package-photo set "
+                     f"({len(package_paths)} photos, {len(queries)} queries), {N_NONSENSE} nonsense strings and "
+                     f"{NONSENSE_IMAGES} generated non-photos (seed {SEED}); top {TOP_K} of two-stage "
+                     f"(K={CANDIDATES}); the rule of bench/min_score.py's docstring (no-match floor "
+                     f"{NONSENSE_FLOOR}%)",
+        "floor_met": {"text": text_ok, "image": image_ok},
+        "text_queries": trimmed(text_rule),
+        "image_queries": trimmed(image_rule),
         "model_fingerprint": model.fingerprint,
     }
+    if model.calibration.get("min_score") is not None:  # what the fixed threshold before the bank did here
+        old = float(model.calibration["min_score"])
+        report["fixed_min_score_before"] = {
+            "min_score": old,
+            "val_right_first_flagged": _pct(t2i.global_scores[[i for i, r in enumerate(t2i_right)
+                                                               if int(t2i.items[i, 0]) in r], 0] >= old),
+            "package_right_first_flagged": _pct(pkg.global_scores[[i for i, r in enumerate(pkg_right)
+                                                                   if int(pkg.items[i, 0]) in r], 0] >= old),
+            "nonsense_no_match_val": _pct(~(nonsense_val.global_scores >= old).any(1)),
+            "nonsense_no_match_package": _pct(~(nonsense_pkg.global_scores >= old).any(1))}
+    report["grid"] = {"text": [_row(r) for r in text_grid], "image": [_row(r) for r in image_grid]}
+    return report, bank.images, bank.captions
+
+
+def _row(r: dict[str, Any]) -> list:
+    return [r["quantile"], r["margin"], r["no_match"], r["flagged"]]
+
+
+def write(folder: Path, report: dict[str, Any], images: np.ndarray, captions: np.ndarray) -> None:
+    """``reference.safetensors`` and ``calibration.json`` into the model folder (each written atomically)."""
+    from alignsearch.models.reference import save_reference
+
+    save_reference(folder, images, captions, {"from": report["reference"]["from"]})
+    tmp = folder / ".calibration.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / "calibration.json")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    write = "--write" in argv
-    argv = [a for a in argv if a != "--write"]
-    if len(argv) > 1 or (argv and argv[0].startswith("-")):
-        print("usage: python -m alignsearch.bench.min_score [MODEL] [--write]", file=sys.stderr)
-        return 2
+    p = argparse.ArgumentParser(prog="python -m alignsearch.bench.min_score",
+                                description="Build a model's reference bank and choose its match rules.")
+    p.add_argument("model", nargs="?", default=None, help="model folder or shipped name (default: the default)")
+    p.add_argument("--write", action="store_true", help="write reference.safetensors + calibration.json there")
+    p.add_argument("--flickr8k", type=Path, default=FLICKR8K, help=f"Flickr8k folder (default {FLICKR8K})")
+    p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="backbone feature cache (as train's)")
+    p.add_argument("--device", default="auto")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
     from alignsearch.models.factory import load_model
 
     try:
-        model = load_model(argv[0] if argv else None)
-        report = calibrate(model)
-    except (OSError, ValueError) as exc:  # no model or data set there (DatasetError is a ValueError)
+        model = load_model(args.model, device=args.device)
+        report, images, captions = calibrate(model, args.flickr8k, DEFAULT_DATASET, args.cache_dir)
+    except (OSError, ValueError, ImportError) as exc:  # no model, data set or package there
         print(f"bench.min_score: error: {exc}", file=sys.stderr)
         return 2
-    if write:
-        (Path(model.source) / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    if args.write:
+        write(Path(model.source), report, images, captions)
+    print(json.dumps({k: v for k, v in report.items() if k != "grid"}, indent=2))
     return 0
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 from alignsearch.models import alignment
 from alignsearch.models.factory import load_model
 from alignsearch.models.model import AlignModel, EncoderOutput
+from alignsearch.models.reference import MatchRule, ReferenceBank, relevance
 from alignsearch.models.scoring import ScoringConfig, rank
 from alignsearch.models.words import content_words
 
@@ -40,7 +41,8 @@ class Hit:
     image_id: str | None
     metadata: dict[str, Any]
     grounding: list[dict[str, Any]] | None = None
-    match: bool | None = None  # global_score >= the min_score :meth:`Searcher.mark_matches` applied
+    match: bool | None = None  # global_score >= the threshold :meth:`Searcher.mark_matches` applied
+    relevance: float | None = None  # percent of the model's reference items this hit's global score beats
 
 
 @dataclass
@@ -48,7 +50,11 @@ class SearchResult:
     hits: list[Hit]
     timings_ms: dict[str, float] = field(default_factory=dict)
     truncated: bool = False
-    min_score: float | None = None  # the threshold :meth:`Searcher.mark_matches` applied, if any
+    min_score: float | None = None  # the threshold on global_score :meth:`Searcher.mark_matches` applied, if any
+    match_test: str | None = None  # what chose it: "reference", "min_score" (fixed) or None (no test)
+    # the query's global scores against the model's reference bank (sorted ascending), when it has one
+    reference: np.ndarray | None = field(default=None, repr=False)
+    query_is_text: bool = True  # text -> images; False: image -> captions
 
     @property
     def no_match(self) -> bool:
@@ -66,10 +72,12 @@ def _ms(start: float) -> float:
 
 
 def _result(hits: list[Hit], coarse_ms: float, rerank_ms: float, enc: EncoderOutput | None = None,
-            q: int = 0) -> SearchResult:
-    """A result with its stage timings; with ``enc``, whether query ``q``'s text was cut to the model's length."""
+            q: int = 0, reference: np.ndarray | None = None, query_is_text: bool = True) -> SearchResult:
+    """A result with its stage timings; with ``enc``, whether query ``q``'s text was cut to the model's length;
+    with ``reference``, query ``q``'s row of the reference scores."""
     return SearchResult(hits, {"coarse": coarse_ms, "rerank": rerank_ms, "total": round(coarse_ms + rerank_ms, 3)},
-                        bool(enc.truncated[q]) if enc is not None and enc.truncated else False)
+                        bool(enc.truncated[q]) if enc is not None and enc.truncated else False,
+                        reference=None if reference is None else reference[q], query_is_text=query_is_text)
 
 
 class Searcher:
@@ -133,22 +141,54 @@ class Searcher:
 
     @property
     def default_min_score(self) -> float | None:
-        """The model's calibrated ``min_score`` (its folder's ``calibration.json``), or None."""
+        """The fixed ``min_score`` of a model folder calibrated before reference banks, or None."""
         value = (getattr(self.model, "calibration", None) or {}).get("min_score")
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    def mark_matches(self, result: SearchResult, min_score: float | None = None) -> SearchResult:
-        """Tell strong hits from weak ones: ``hit.match`` is ``global_score >= min_score`` (in place).
+    @property
+    def reference_bank(self) -> ReferenceBank | None:
+        """The model's reference bank (``reference.safetensors``), or None."""
+        return getattr(self.model, "reference", None)
 
-        ``None`` applies :attr:`default_min_score` (chosen by ``python -m alignsearch.bench.min_score`` on training and
-        validation captions vs nonsense strings: 99% of nonsense queries have no hit above it); with no
-        default, ``match`` stays None. The global score is the threshold's measure because it does not grow
-        with the query's length, as the local (sum over words) part of ``score`` does. Hits and ranks are
-        unchanged; ``result.min_score`` records the threshold and ``result.no_match`` says if none clears it."""
-        threshold = self.default_min_score if min_score is None else float(min_score)
-        result.min_score = threshold
+    def match_rule(self, query_is_text: bool) -> MatchRule | None:
+        """The reference test's rule for text (``True``) or image queries from ``calibration.json``; None when
+        the model has no bank or no rule for that side."""
+        if self.reference_bank is None:
+            return None
+        rules = (getattr(self.model, "calibration", None) or {}).get("match") or {}
+        return MatchRule.from_dict(rules.get("text" if query_is_text else "image")) if isinstance(rules, dict) else None
+
+    def reference_scores(self, enc: EncoderOutput, query_is_text: bool) -> np.ndarray | None:
+        """Queries x R global scores against the reference bank (each row sorted), or None without a bank."""
+        bank = self.reference_bank
+        return None if bank is None else bank.scores(enc.global_emb.float().numpy(), query_is_text)
+
+    def mark_matches(self, result: SearchResult, min_score: float | None = None) -> SearchResult:
+        """Tell matches from weak hits, in place: ``hit.match`` is ``global_score >= result.min_score``.
+
+        The threshold is, in this order: ``min_score`` when given (a fixed one, ``match_test`` "min_score");
+        else the reference test when the model has a bank and a rule for this side (``match_test``
+        "reference"): the query's own threshold, the rule's quantile of its scores against the reference photos
+        (text queries) or captions (image queries) plus the rule's margin (:mod:`models.reference`); else the
+        fixed ``min_score`` of a model calibrated before banks; else none (``match`` None). ``hit.relevance``
+        (percent of the reference items the hit beats) is set whenever the result carries reference scores.
+        The global score is the measure because it does not grow with the query's length, as the local (sum
+        over words) part of ``score`` does. Hits and ranks are unchanged; ``result.no_match`` says if none
+        clears the threshold."""
+        ref = result.reference
+        rule = self.match_rule(result.query_is_text) if ref is not None else None
+        if min_score is not None:
+            threshold, test = float(min_score), "min_score"
+        elif rule is not None:
+            threshold, test = round(float(rule.threshold(ref)), 6), "reference"
+        elif self.default_min_score is not None:
+            threshold, test = self.default_min_score, "min_score"
+        else:
+            threshold, test = None, None
+        result.min_score, result.match_test = threshold, test
         for hit in result.hits:
             hit.match = None if threshold is None else hit.global_score >= threshold
+            hit.relevance = None if ref is None else round(float(relevance(hit.global_score, ref)), 1)
         return result
 
     def get_image(self, image_id: str) -> dict[str, Any] | None:
@@ -190,6 +230,7 @@ class Searcher:
         candidates = max(candidates, k)
         start = time.perf_counter()
         rows_per_query, global_per_query = self.coarse(enc.global_emb.numpy(), col, candidates)
+        reference = self.reference_scores(enc, query_is_text)
         coarse_ms = _ms(start)
         start = time.perf_counter()
         reranked = self.rerank(enc, col, rows_per_query, query_is_text, scoring)
@@ -203,7 +244,7 @@ class Searcher:
         for q, rows in enumerate(rows_per_query):
             start = time.perf_counter()
             if len(rows) == 0:
-                results.append(_result([], coarse_ms, 0.0))
+                results.append(_result([], coarse_ms, 0.0, enc, q, reference, query_is_text))
                 continue
             n = len(rows)
             fused, g, local_scores = fused_all[q, :n], g_all[q, :n], reranked.scores[q, :n]
@@ -211,7 +252,8 @@ class Searcher:
             hits = self._hits(col.name, rows[order], fused[order], g[order], local_scores[order])
             if explain:
                 self._explain(enc, q, hits, *reranked.candidates(q, order), query_is_text)
-            results.append(_result(hits, coarse_ms, round(batch_ms + _ms(start), 3), enc, q))
+            results.append(_result(hits, coarse_ms, round(batch_ms + _ms(start), 3), enc, q, reference,
+                                   query_is_text))
         return results
 
     def _search_in_store(self, enc: EncoderOutput, col: Collection, k: int, candidates: int, explain: bool,
@@ -224,8 +266,9 @@ class Searcher:
             return None
         if k < 1 or candidates < 1:
             raise ValueError("k and candidates must be >= 1")
+        reference = self.reference_scores(enc, True)
         if not col.live:
-            return [_result([], 0.0, 0.0) for _ in range(len(enc.local))]
+            return [_result([], 0.0, 0.0, enc, q, reference) for q in range(len(enc.local))]
         start = time.perf_counter()
         words = [enc.local[q][enc.mask[q].bool()].numpy() for q in range(len(enc.local))]
         found = search_fused(enc.global_emb.numpy(), words, k, max(candidates, k), scoring)
@@ -239,7 +282,7 @@ class Searcher:
             hits = self._hits(col.name, rows[order], *(torch.from_numpy(x[order]) for x in (fused, g, local)))
             if explain and len(hits):
                 self._explain(enc, q, hits, *col.store.gather(rows[order]), True)
-            results.append(_result(hits, store_ms, _ms(start), enc, q))  # the store ranked: rerank = metadata
+            results.append(_result(hits, store_ms, _ms(start), enc, q, reference))  # the store ranked: rerank = metadata
         return results
 
     def _hits(self, collection: str, rows: np.ndarray, fused: torch.Tensor, g: torch.Tensor,

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig
 from .identity import CONFIG_FILE, WEIGHTS_FILE, legacy_fingerprint, model_fingerprint
 from .model import AlignModel, resolve_device
+from .reference import load_reference
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "create_model", "load_model", "model_fingerprint", "save_model"]
 CALIBRATION_FILE = "calibration.json"  # measured on the model, not part of it: outside the fingerprint
@@ -90,12 +91,14 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     model.legacy_fingerprint = legacy_fingerprint(folder)  # what indexes built before fingerprint rule 2 recorded
     model.source = str(folder)
     model.calibration = load_calibration(folder)
+    model.reference = load_reference(folder)  # None for a folder without reference.safetensors
     return model.to(resolve_device(device)).eval()
 
 
 def load_calibration(folder: str | os.PathLike) -> dict:
-    """The model folder's ``calibration.json`` (e.g. ``min_score``, from ``python -m alignsearch.bench.min_score --write``);
-    empty when absent or unreadable."""
+    """The model folder's ``calibration.json`` (the reference test's ``match`` rules and figures, or an older
+    folder's ``min_score``; from ``python -m alignsearch.bench.min_score MODEL --write``); empty when absent or
+    unreadable."""
     path = Path(folder) / CALIBRATION_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
