@@ -145,23 +145,42 @@ def build_demo_index(model, work: Path) -> Path:
     return out
 
 
-def _nothing_matches(searcher, plain_results, expected, n_nonsense: int = 100) -> dict[str, Any]:
-    """The model's default ``min_score`` on the demo: nonsense strings (another seed than the one that chose
-    it) with no match, plain queries with a match, and plain queries whose right photo is a match."""
+def _right_first_flagged(results, expected) -> dict[str, Any]:
+    """Of the results whose first hit is right, how many; and the percent of them whose first hit is a match."""
+    right = [r for r, exp in zip(results, expected) if r.hits and r.hits[0].id in exp]
+    return {"right_first": len(right),
+            "flagged": round(100.0 * sum(bool(r.hits[0].match) for r in right) / len(right), 2) if right else None}
+
+
+def match_figures(searcher, results, expected, n_plain: int, n_nonsense: int = 100) -> dict[str, Any]:
+    """The model's match signal on the demo (a check, never a choice): right first hits flagged as matches
+    (plain queries, demo captions as queries, and each photo as an image query whose first caption is its own),
+    nonsense strings (another seed than calibration's) with no match among all the photos, and the plain
+    queries with a match."""
+    from alignsearch.models.preprocess import load_image
+
     from .min_score import nonsense_queries
 
-    threshold = searcher.default_min_score
-    if threshold is None:
-        return {"min_score": None}
     n = searcher.index.images.live
-    nonsense = searcher.search_text(nonsense_queries(n_nonsense, seed=1), k=n, candidates=n)
-    empty = sum(searcher.mark_matches(r).no_match for r in nonsense)
-    plain_results = [searcher.mark_matches(r) for r in plain_results]
-    kept = sum(any(h.id in exp and h.match for h in r.hits) for r, exp in zip(plain_results, expected))
-    answered = sum(not r.no_match for r in plain_results)
-    return {"min_score": threshold, "nonsense_with_no_match": round(100.0 * empty / len(nonsense), 2),
-            "plain_queries_with_a_match": round(100.0 * answered / len(plain_results), 2),
-            "plain_queries_right_photo_a_match": round(100.0 * kept / len(plain_results), 2)}
+    results = [searcher.mark_matches(r) for r in results]
+    if results and results[0].match_test is None:
+        return {"match_test": None}
+    nonsense = [searcher.mark_matches(r) for r in
+                searcher.search_text(nonsense_queries(n_nonsense, seed=1), k=n, candidates=n)]
+    same_scene = load_same_scene()
+    images = [row["id"] for row in searcher.index.conn.execute("SELECT id FROM images ORDER BY row")]
+    captions = searcher.index.conn.execute("SELECT id, image_id FROM captions").fetchall()
+    own = {i: {c["id"] for c in captions if c["image_id"] in same_scene.get(i, {i})} for i in images}
+    by_image = [searcher.mark_matches(r) for r in searcher.search_image(
+        [load_image(searcher.index.images_root / i) for i in images], k=10, candidates=100)]
+    return {
+        "match_test": results[0].match_test,
+        "plain_queries": _right_first_flagged(results[:n_plain], expected[:n_plain]),
+        "captions": _right_first_flagged(results[n_plain:], expected[n_plain:]),
+        "image_queries": _right_first_flagged(by_image, [own[i] for i in images]),
+        "nonsense_with_no_match": round(100.0 * sum(r.no_match for r in nonsense) / len(nonsense), 2),
+        "plain_queries_with_a_match": round(100.0 * sum(not r.no_match for r in results[:n_plain]) / n_plain, 2),
+    }
 
 
 def evaluate(searcher) -> dict[str, Any]:
@@ -180,7 +199,7 @@ def evaluate(searcher) -> dict[str, Any]:
         for r, exp in zip(results, expected) for h in r.hits if h.id in exp
         for g in h.grounding or [] if g.get("cell") is not None
     ]
-    nothing = _nothing_matches(searcher, results[:n_plain], expected[:n_plain])
+    matches = match_figures(searcher, results, expected, n_plain)
     plain = recall_at(ranked[:n_plain], expected[:n_plain])
     caps = recall_at(ranked[n_plain:], expected[n_plain:])
     strict = recall_at(ranked[n_plain:], [[image] for _, image in captions], ks=(1,))
@@ -190,7 +209,7 @@ def evaluate(searcher) -> dict[str, Any]:
         "captions": {"queries": len(captions), "right_first": caps["r1"], "r5": caps["r5"],
                      "right_first_strict": strict["r1"]},
         "pointing": pointing_game(trials, load_boxes()),
-        "min_score": nothing,
+        "match": matches,
         "misses_at_1": {s: r[0] for s, r, e in zip(sentences, ranked, expected) if r and r[0] not in e},
     }
 

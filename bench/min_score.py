@@ -357,21 +357,23 @@ def write(folder: Path, report: dict[str, Any], images: np.ndarray, captions: np
     os.replace(tmp, folder / "calibration.json")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise ValueError(f"{message} (see --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m alignsearch.bench.min_score",
+    p = _Parser(prog="python -m alignsearch.bench.min_score",
                                 description="Build a model's reference bank and choose its match rules.")
     p.add_argument("model", nargs="?", default=None, help="model folder or shipped name (default: the default)")
     p.add_argument("--write", action="store_true", help="write reference.safetensors + calibration.json there")
     p.add_argument("--flickr8k", type=Path, default=FLICKR8K, help=f"Flickr8k folder (default {FLICKR8K})")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="backbone feature cache (as train's)")
     p.add_argument("--device", default="auto")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
     from alignsearch.models.factory import load_model
 
     try:
+        args = p.parse_args(argv)
         model = load_model(args.model, device=args.device)
         report, images, captions = calibrate(model, args.flickr8k, DEFAULT_DATASET, args.cache_dir)
     except (OSError, ValueError, ImportError) as exc:  # no model, data set or package there

@@ -101,6 +101,7 @@ def save_reference(folder: str | os.PathLike, images: np.ndarray, captions: np.n
     try:
         save_file({"images": np.ascontiguousarray(images, dtype=np.float16),
                    "captions": np.ascontiguousarray(captions, dtype=np.float16)}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users of an installed model
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -86,13 +86,14 @@ def _timings(result: SearchResult, started: float) -> dict[str, float]:
 def _image_result(rank: int, hit: Hit) -> schemas.ImageResult:
     return schemas.ImageResult(rank=rank, id=hit.id, score=hit.score, global_score=hit.global_score,
                                local_score=hit.local_score, uri=f"/images/{quote(hit.id)}", metadata=hit.metadata,
-                               grounding=hit.grounding, match=hit.match)
+                               grounding=hit.grounding, match=hit.match, relevance=hit.relevance)
 
 
 def _caption_result(rank: int, hit: Hit) -> schemas.CaptionResult:
     return schemas.CaptionResult(rank=rank, id=hit.id, caption=hit.caption or "", image_id=hit.image_id,
                                  score=hit.score, global_score=hit.global_score, local_score=hit.local_score,
-                                 metadata=hit.metadata, grounding=hit.grounding)
+                                 metadata=hit.metadata, grounding=hit.grounding, match=hit.match,
+                                 relevance=hit.relevance)
 
 
 def _lanes(state: AppState, name: str) -> Lanes:
@@ -118,24 +119,27 @@ async def search_text(req: schemas.TextSearchRequest, state: AppState = Depends(
     state.metrics.observe_stages("/search/text", timings)
     return schemas.TextSearchResponse(query=req.query, truncated=result.truncated, timings_ms=timings,
                                       results=[_image_result(i + 1, h) for i, h in enumerate(result.hits)],
-                                      min_score=result.min_score, no_match=result.no_match)
+                                      min_score=result.min_score, match_test=result.match_test,
+                                      no_match=result.no_match)
 
 
 @api.post("/search/image", response_model=schemas.ImageSearchResponse,
           summary="ranked captions for an image (multipart field 'file', or JSON 'image_base64')",
           responses=errors(400, 401, 408, 413, 415, 422, 503), openapi_extra=_image_request_body())
 async def search_image(request: Request, state: AppState = Depends(get_state),
-                       _: Searcher = Depends(get_searcher)) -> schemas.ImageSearchResponse:
+                       searcher: Searcher = Depends(get_searcher)) -> schemas.ImageSearchResponse:
     started = time.perf_counter()
     data, params = await read_upload(request, state.settings.max_upload_bytes)
     lanes = _lanes(state, "image")
     lanes.lane(params.candidates, params.k)  # refused before the decode when over the limit or busy
     image = await state.decoder.decode(data)
-    result = await lanes.run(ImageQuery(image, params), params.candidates, params.k)
+    result = searcher.mark_matches(await lanes.run(ImageQuery(image, params), params.candidates, params.k))
     timings = _timings(result, started)
     state.metrics.observe_stages("/search/image", timings)
     return schemas.ImageSearchResponse(timings_ms=timings,
-                                       results=[_caption_result(i + 1, h) for i, h in enumerate(result.hits)])
+                                       results=[_caption_result(i + 1, h) for i, h in enumerate(result.hits)],
+                                       min_score=result.min_score, match_test=result.match_test,
+                                       no_match=result.no_match)
 
 
 @api.get("/images/{image_id:path}", summary="an indexed image", response_class=FileResponse,

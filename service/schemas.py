@@ -27,10 +27,9 @@ class TextSearchRequest(SearchParams):
     explain: bool = Field(False, description="add, per result, each query word's best-matching region")
     min_score: float | None = Field(
         None, ge=-1.0, le=1.0, allow_inf_nan=False,
-        description="results whose global_score (cosine of the query and the image) is below this are weak "
-                    "matches (match: false): they match nothing in the query. Default (null): the model's "
-                    "calibrated threshold, chosen so that 99% of nonsense queries have no result above it on its "
-                    "training images (0.22 for the shipped model)")
+        description="a fixed threshold on global_score (cosine of the query and the image) instead of the "
+                    "model's own test: results below it are weak matches (match: false). Default (null): the "
+                    "model's reference test (see match), which adapts to each query and any collection")
 
     @field_validator("query")
     @classmethod
@@ -68,6 +67,31 @@ class Timings(BaseModel):
     total: float
 
 
+def _match():
+    return Field(None, description="true: a match (global_score >= the response's min_score); false: a weak hit, "
+                 "the closest there is but not what was asked for; null: no match test applies")
+
+
+def _relevance():
+    return Field(None, ge=0.0, le=100.0, description="how much this result stands out for this query: the percent "
+                 "of the model's generic reference items (1,000 photos for a text query, 1,000 captions for an "
+                 "image query) whose global score with the query is lower: the same scale on any collection; a "
+                 "match stands out from nearly all of them; null: the model has no reference bank")
+
+
+class MatchFields(BaseModel):
+    """How strong the results are, the same way for text and image queries."""
+
+    min_score: float | None = Field(None, description="the threshold on global_score applied to this query: the "
+                                    "request's min_score; else the model's reference test's threshold for this "
+                                    "query (its scores against the reference items, their calibrated quantile "
+                                    "plus a margin); else the model's fixed min_score; null: none")
+    match_test: str | None = Field(None, description="what set min_score: 'reference' (the model's reference "
+                                   "test), 'min_score' (a fixed threshold: the request's, or an older model's) or "
+                                   "null (no test: match is null)")
+    no_match: bool = Field(False, description="no result is a match: nothing in the index matches the query")
+
+
 class ImageResult(BaseModel):
     rank: int
     id: str
@@ -77,17 +101,15 @@ class ImageResult(BaseModel):
     uri: str
     metadata: dict
     grounding: list[Grounding] | None = None
-    match: bool | None = Field(None, description="global_score >= min_score: a strong match; false: a weak one "
-                               "(null when no min_score applies)")
+    match: bool | None = _match()
+    relevance: float | None = _relevance()
 
 
-class TextSearchResponse(BaseModel):
+class TextSearchResponse(MatchFields):
     query: str
     results: list[ImageResult]
     timings_ms: Timings
     truncated: bool = Field(False, description="the query was cut to the text model's token limit")
-    min_score: float | None = Field(None, description="the min_score applied (null: the model has none)")
-    no_match: bool = Field(False, description="no result clears min_score: nothing in the index matches the query")
 
 
 class CaptionResult(BaseModel):
@@ -100,9 +122,11 @@ class CaptionResult(BaseModel):
     local_score: float
     metadata: dict = {}
     grounding: list[Grounding] | None = None
+    match: bool | None = _match()
+    relevance: float | None = _relevance()
 
 
-class ImageSearchResponse(BaseModel):
+class ImageSearchResponse(MatchFields):
     results: list[CaptionResult]
     timings_ms: Timings
 

@@ -93,7 +93,7 @@ def test_shipped_model_keeps_its_demo_figures(demo_figures):
     assert demo_figures["plain_queries"]["r1"] >= SHIPPED["plain_r1"], demo_figures["misses_at_1"]
     assert demo_figures["plain_queries"]["r5"] >= SHIPPED["plain_r5"], demo_figures["misses_at_1"]
     assert demo_figures["captions"]["right_first"] >= SHIPPED["captions_right_first"], demo_figures["misses_at_1"]
-    assert demo_figures["min_score"]["nonsense_with_no_match"] >= 95.0  # "nothing matches" for nonsense
+    assert demo_figures["match"]["nonsense_with_no_match"] >= 95.0  # "nothing matches" for nonsense
 
 
 def test_script_entries_answer_bad_input_in_one_line(capsys, tmp_path):

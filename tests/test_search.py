@@ -199,23 +199,44 @@ def test_gpu_copy_is_used_up_to_its_k_limit(built, model, monkeypatch):
     assert store.index.calls == [5]
 
 
-def test_min_score_tells_weak_hits_from_strong_ones(searcher, model):
-    threshold = searcher.default_min_score
-    assert threshold == model.calibration["min_score"]  # the shipped calibration.json
-    nonsense, real = searcher.search_text(["zzzz qqqq", QUERIES[0]], k=5, candidates=N_IMAGES)
+def test_reference_test_tells_matches_from_weak_hits(searcher, model):
+    assert searcher.reference_bank is not None and searcher.match_rule(True) and searcher.match_rule(False)
+    nonsense, real = searcher.search_text(["zzzz qqqq", "a red motorcycle"], k=5, candidates=N_IMAGES)
     assert nonsense.min_score is None and not nonsense.no_match and all(h.match is None for h in nonsense.hits)
+    assert nonsense.reference is not None and len(nonsense.reference) == len(searcher.reference_bank.images)
     ids = [h.id for h in nonsense.hits]
     marked = searcher.mark_matches(nonsense)
     assert [h.id for h in marked.hits] == ids  # hits and ranks unchanged
-    assert marked.min_score == threshold and marked.no_match and not any(h.match for h in marked.hits)
+    assert marked.match_test == "reference" and marked.no_match and not any(h.match for h in marked.hits)
     real = searcher.mark_matches(real)
-    assert not real.no_match and any(h.match for h in real.hits)
-    assert all(h.match == (h.global_score >= threshold) for h in real.hits)
+    assert real.match_test == "reference" and not real.no_match and real.hits[0].match
+    assert real.min_score != marked.min_score  # each query its own threshold
+    assert all(h.match == (h.global_score >= real.min_score) for h in real.hits)
+    assert all(0 <= h.relevance <= 100 for h in real.hits) and real.hits[0].relevance > marked.hits[0].relevance
     assert not searcher.mark_matches(nonsense, -1.0).no_match and all(h.match for h in nonsense.hits)
-    uncalibrated = copy.copy(model)  # as loaded from a model folder without calibration.json
-    uncalibrated.calibration = {}
+    # image queries: against the reference captions
+    image = load_image(next(searcher.index.images_root.rglob("coffee.png")))
+    found = searcher.mark_matches(searcher.search_image([image], k=5, candidates=50)[0])
+    assert found.match_test == "reference" and found.query_is_text is False
+    assert all(h.match == (h.global_score >= found.min_score) and h.relevance is not None for h in found.hits)
+
+
+def test_a_model_folder_without_a_bank_keeps_its_fixed_min_score(searcher, model, tmp_path):
+    folder = tmp_path / "old-model"
+    shutil.copytree(model.source, folder)
+    (folder / "reference.safetensors").unlink()
+    (folder / "calibration.json").write_text('{"min_score": 0.22}')
+    old = load_model(folder, device="cpu")
+    assert old.reference is None and old.fingerprint == model.fingerprint
+    old_searcher = Searcher(searcher.index, old)
+    nonsense, real = (old_searcher.mark_matches(r) for r in
+                      old_searcher.search_text(["zzzz qqqq", QUERIES[0]], k=5, candidates=N_IMAGES))
+    assert nonsense.match_test == real.match_test == "min_score" and nonsense.min_score == real.min_score == 0.22
+    assert all(h.match == (h.global_score >= 0.22) and h.relevance is None for h in real.hits + nonsense.hits)
+    uncalibrated = copy.copy(model)  # as loaded from a model folder with neither
+    uncalibrated.calibration, uncalibrated.reference = {}, None
     bare = Searcher(searcher.index, uncalibrated)
-    unmarked = bare.mark_matches(nonsense)
+    unmarked = bare.mark_matches(bare.search_text(["zzzz qqqq"], k=5, candidates=N_IMAGES)[0])
     assert bare.default_min_score is None and unmarked.min_score is None and not unmarked.no_match
     assert all(h.match is None for h in unmarked.hits)
 

@@ -64,14 +64,27 @@ def test_explain_grounds_each_word_in_a_grid_cell(client):
 
 def test_nonsense_matches_nothing_and_real_queries_keep_their_hits(client):
     nonsense = client.search_text("zzzz qqqq", k=5, candidates=N_IMAGES)
-    assert len(nonsense["results"]) == 5 and nonsense["no_match"] is True and 0 < nonsense["min_score"] < 1
-    assert all(r["match"] is False for r in nonsense["results"])
-    real = client.search_text("a dog runs through the grass", k=5, candidates=N_IMAGES)
-    assert real["no_match"] is False and real["min_score"] == nonsense["min_score"]
-    assert real["results"][0]["match"] is True
+    assert len(nonsense["results"]) == 5 and nonsense["no_match"] is True and nonsense["match_test"] == "reference"
+    assert all(r["match"] is False and 0 <= r["relevance"] <= 100 for r in nonsense["results"])
+    real = client.search_text("a red motorcycle", k=5, candidates=N_IMAGES)
+    assert real["no_match"] is False and real["match_test"] == "reference"
+    assert real["min_score"] != nonsense["min_score"]  # the reference test's threshold is the query's own
+    assert real["results"][0]["match"] is True and real["results"][0]["id"].endswith("motorcycle_right.png")
     assert all(r["match"] == (r["global_score"] >= real["min_score"]) for r in real["results"])
+    assert real["results"][0]["relevance"] > max(r["relevance"] for r in nonsense["results"])
     lowered = client.search_text("zzzz qqqq", k=5, candidates=N_IMAGES, min_score=-1)
-    assert lowered["no_match"] is False and all(r["match"] for r in lowered["results"])
+    assert lowered["no_match"] is False and lowered["match_test"] == "min_score" and lowered["min_score"] == -1
+    assert all(r["match"] for r in lowered["results"])
+
+
+def test_image_search_says_how_strong_its_captions_are(client, built):
+    from alignsearch.indexer.index import Index
+
+    res = client.search_image(next(Index(built).images_root.rglob("coffee.png")), k=5, candidates=100)
+    assert res["match_test"] == "reference" and isinstance(res["min_score"], float)
+    assert all(r["match"] == (r["global_score"] >= res["min_score"]) for r in res["results"])
+    assert all(0 <= r["relevance"] <= 100 for r in res["results"])
+    assert res["no_match"] is (not any(r["match"] for r in res["results"]))
 
 
 @pytest.mark.parametrize("bad", [1.5, -2, "high", None])

@@ -78,20 +78,28 @@ function imageUri(id) {
 }
 
 // -- how strong the matches are ------------------------------------------------------------------------------
-// /search/text returns its top k whatever their scores and says how strong they are: `match` on each result
-// (its global score reaches the threshold), `min_score` (the threshold applied: the model's calibrated one unless
-// the request sent its own; null: none) and `no_match` (no result reaches it). The page dims the results below the
-// threshold and says when none reaches it. `below_min_score` (how many results a server left out) is not part of
-// the API: it is read only if a server sends it, and then "Show them" asks again with min_score -1.
-// /search/image has no threshold: its results are shown as they are.
+// /search/text and /search/image return their top k whatever their scores and say how strong they are, the same
+// way: `match` on each result (true: a match; false: a weak hit, the closest there is), `relevance` (the percent of
+// the model's generic reference photos, or captions for an image query, that the result beats: the same scale on
+// any collection), `min_score` (the threshold on global_score applied to this query: the model's reference test's
+// unless the request sent its own; null: none), `match_test` and `no_match` (no result is a match). The page marks
+// matches "strong match", dims weak hits and says "No good match" only when the response says no_match.
+// `below_min_score` (how many results a server left out) is not part of the API: it is read only if a server
+// sends it, and then "Show them" asks again with min_score -1.
 
 let textThreshold = null; // the last min_score the text search applied
 
 function strength(res, fallback) {
   const min = typeof res.min_score === "number" && res.min_score > -1 ? res.min_score : fallback;
-  const weak = res.results.map((r) => typeof min === "number" && r.global_score < min);
-  return { min, weak, hidden: res.below_min_score || 0,
+  // match === (global_score >= min_score) in every response; the score is compared where min_score is given
+  const weak = res.results.map((r) => (typeof min === "number" ? r.global_score < min : r.match === false));
+  const strong = res.results.map((r, i) => !weak[i] && (typeof min === "number" || r.match === true));
+  return { min, weak, strong, hidden: res.below_min_score || 0,
            none: res.no_match === true || (weak.length > 0 && weak.every(Boolean)) };
+}
+
+function relevanceNote(r, what) {
+  return typeof r.relevance === "number" ? ` · above ${r.relevance.toFixed(1)}% of generic ${what}` : "";
 }
 
 function notice(id, kind, title, text, action) {
@@ -109,7 +117,7 @@ function notice(id, kind, title, text, action) {
 }
 
 function matchNotice(id, what, s, shown, showAll) {
-  const bar = s.min !== null && s.min !== undefined ? ` (global score ${s.min.toFixed(2)})` : "";
+  const bar = s.min !== null && s.min !== undefined ? ` (global score ${s.min.toFixed(2)} for this query)` : "";
   if (s.none && !shown) {
     notice(id, "warn", "No good match", ` No ${what.slice(0, -1)} in this index clears the match threshold${bar}: ` +
       "nothing here looks like what you described.", showAll && { text: "Show the closest anyway", run: showAll });
@@ -214,18 +222,20 @@ function legend(words, thumb) {
 
 // -- text -> images ----------------------------------------------------------------------------------------
 
-function imageCard(r, weak) {
+function imageCard(r, weak, strong) {
   const img = el("img", { alt: r.id, loading: "lazy" });
   showImage(img, r.uri);
   const words = groundedWords(r.grounding);
   const thumb = el("div", { class: "thumb" }, [img, ...overlay(words)]);
   const score = el("div", { class: "score", text: `#${r.rank} score ${r.score.toFixed(3)}` });
   if (weak) score.appendChild(el("span", { class: "badge", text: "weak match" }));
+  else if (strong) score.appendChild(el("span", { class: "tag", text: "strong match" }));
   return el("figure", { class: weak ? "card weak" : "card", "data-id": r.id, "data-rank": String(r.rank) }, [
     thumb,
     el("figcaption", { class: "meta" }, [
       score,
-      el("div", { class: "parts", text: `global ${r.global_score.toFixed(3)} · local ${r.local_score.toFixed(3)}` }),
+      el("div", { class: "parts", text: `global ${r.global_score.toFixed(3)} · local ${r.local_score.toFixed(3)}` +
+                                        relevanceNote(r, "photos") }),
       el("div", { class: "id", text: r.id }),
       ...(words.length ? [legend(words, thumb)] : []),
     ]),
@@ -246,7 +256,7 @@ async function searchText(showAll) {
     releaseImages();
     const s = strength(res, showAll ? textThreshold : null);
     if (typeof res.min_score === "number" && res.min_score > -1) textThreshold = res.min_score;
-    $("image-results").replaceChildren(...res.results.map((r, i) => imageCard(r, s.weak[i])));
+    $("image-results").replaceChildren(...res.results.map((r, i) => imageCard(r, s.weak[i], s.strong[i])));
     $("image-results").classList.toggle("explained", explain);
     matchNotice("text-notice", "images", s, res.results.length > 0, showAll ? null : () => searchText(true));
     const t = res.timings_ms;
@@ -296,8 +306,10 @@ async function searchImage(file) {
       } else {
         mini = el("span", { class: "mini none", title: "a caption without an image" });
       }
-      const score = el("span", { class: "score", text: `score ${r.score.toFixed(3)}` });
+      const score = el("span", { class: "score", text: `score ${r.score.toFixed(3)}`,
+                                 title: `global ${r.global_score.toFixed(3)}${relevanceNote(r, "captions")}` });
       if (s.weak[i]) score.appendChild(el("span", { class: "badge", text: "weak" }));
+      else if (s.strong[i]) score.appendChild(el("span", { class: "tag", text: "strong match" }));
       return el("li", { "data-id": r.id, class: s.weak[i] ? "weak" : "" }, [
         el("div", { class: "row" }, [el("span", { class: "rank", text: `${r.rank}.` }), mini,
                                      el("span", { class: "caption", text: r.caption }), score]),
