@@ -83,7 +83,7 @@ def load_reference(folder: str | os.PathLike) -> ReferenceBank | None:
     try:
         arrays = load_file(str(path))
         images, captions = (np.asarray(arrays[s], dtype=np.float32) for s in SIDES)
-    except (OSError, ValueError, KeyError):
+    except Exception:  # noqa: BLE001 - unreadable, not safetensors (SafetensorError), or a side missing
         return None
     if images.ndim != 2 or captions.ndim != 2 or images.shape[1] != captions.shape[1] or not len(images) \
             or not len(captions):
