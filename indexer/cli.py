@@ -10,6 +10,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+from alignsearch.console import require_file, require_folder
 from alignsearch.models.cli import add_progress_option, apply_progress_option
 
 from .allocator import keep_freed_memory
@@ -168,20 +169,21 @@ def _summary(report: dict) -> None:
         print(note, file=sys.stderr)
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """The photo folder and the captions file exist: checked before anything heavy is imported."""
+    require_folder(args.images, "images folder")
+    if args.captions:
+        require_file(args.captions, "captions file")
+
+
 def run_build(args: argparse.Namespace) -> int:
-    from alignsearch.models.factory import load_model
-
-    from .build import build
-
+    _check_inputs(args)  # the paths first: no model or FAISS loads for a typo
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out {args.out} is a file; the index is a folder: pick another --out")
     from alignsearch.models.preprocess import IMAGE_EXTENSIONS
 
     from .reader import scan_images, unread_note
 
-    options = _options(args, args.out)
-    if args.out.exists() and not args.out.is_dir():
-        raise FileExistsError(f"--out {args.out} is a file; the index is a folder: pick another --out")
-    if args.captions and not args.captions.is_file():
-        raise FileNotFoundError(f"captions file not found: {args.captions}")
     files, unread = scan_images(args.images)
     if not files and not args.captions:  # checked before any model loads or folder appears
         note = unread_note(unread)
@@ -190,10 +192,15 @@ def run_build(args: argparse.Namespace) -> int:
                                 + (f"; {note}" if note else ""))
     if args.ray_address and args.engine != "ray":
         raise ValueError("--ray-address goes with --engine ray")
+    options = _options(args, args.out)
     if args.engine == "ray":
         from .ray_engine import preflight
 
         preflight(args.ray_address)  # before the model loads
+    from alignsearch.models.factory import load_model
+
+    from .build import build
+
     apply_progress_option(args)
     keep_freed_memory()
     model = load_model(args.model, device=args.device)
@@ -212,12 +219,14 @@ def _distributor(args: argparse.Namespace, model):
 
 
 def run_add(args: argparse.Namespace) -> int:
+    require_index(args.index)
+    _check_inputs(args)  # before anything heavy is imported
     from alignsearch.models.factory import load_model
 
-    from .update import add
     from .layout import read_manifest
+    from .update import add
 
-    manifest = read_manifest(require_index(args.index))
+    manifest = read_manifest(args.index)
     apply_progress_option(args)
     keep_freed_memory()
     model = load_model(args.model or manifest["model"].get("source"), device=args.device)
@@ -276,16 +285,17 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from alignsearch.models.data import load_dataset
+    from alignsearch.models.data import load_dataset  # reads the file with the standard library only
+
+    require_file(args.dataset, "dataset file")  # the paths and the dataset first, before anything heavy loads
+    require_folder(args.images, "images folder")
+    load_dataset(args.dataset)
+    store = _store_fields(args)  # and the store settings
     from alignsearch.models.evaluation import format_table
     from alignsearch.models.factory import load_model
 
     from .evaluate import evaluate_split
 
-    load_dataset(args.dataset)  # fail on a bad dataset before loading any model
-    store = _store_fields(args)  # and on bad store settings
-    if not args.images.is_dir():
-        raise FileNotFoundError(f"images folder not found: {args.images}")
     apply_progress_option(args)
     model = load_model(args.model, device=args.device)
     report = evaluate_split(model, args.dataset, args.images, args.split, args.candidates, progress=not args.quiet,

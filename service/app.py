@@ -2,7 +2,7 @@
 
 Requests pass, outermost first: metrics (every request counted by route template) -> the gate (API key,
 then body size; see :mod:`service.gate`) -> FastAPI's routing (:mod:`service.routes`), with the error
-handlers of :mod:`service.errors`.
+handlers of :mod:`service.errors`; the API's docs pages come from :mod:`service.docs`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from alignsearch.indexer.search import Searcher
 
-from . import errors
+from . import docs, errors
 from .admission import Lanes
 from .auth import is_open
 from .compute import compute_threads
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
                 await lanes.stop()
             state.decoder.close()
 
-    app = FastAPI(title="alignsearch", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="alignsearch", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fine-grained image-text search: a FAISS first stage on global vectors, "
                               "reranked by region-word alignment.")
     app.state.alignsearch = state
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
     # the routers' routes themselves, not an include: ``app.routes`` then lists every route with its path on
     # any FastAPI version (newer ones wrap an included router in an object without one)
     app.router.routes.extend([*api.routes, *public.routes])
+    docs.install(app)  # /docs and /redoc with their assets from this install, no CDN; mounted before /static
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Gate, settings=state.settings)
     app.add_middleware(RequestMetrics, metrics=state.metrics, routes=list(app.routes))  # added last: runs first
