@@ -67,6 +67,7 @@ class Searching(threading.Thread):
                 self.statuses.append(client.post("/search/text", json=body).status_code)
 
 
+@pytest.mark.slow
 def test_a_live_server_sees_a_delete_and_an_add_within_seconds(index_copy, photos, tmp_path):
     image_id, photo, caption = _captioned_image(index_copy)
     with serve(index_copy, env={"ALIGNSEARCH_RELOAD_INTERVAL_S": "0.5"}) as url:
