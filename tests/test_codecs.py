@@ -92,6 +92,7 @@ def test_compact_index_searches_like_the_sqfp16_one(compact, built, model):
         assert np.corrcoef(local.T)[0, 1] > 0.9
 
 
+@pytest.mark.slow
 def test_the_suite_times_gather_and_decode_per_codec():
     from alignsearch.bench.suite import decode_speed
 

@@ -17,6 +17,8 @@ from alignsearch.indexer.index import Index
 from alignsearch.service.launch import serve
 from alignsearch.cli import main
 
+pytestmark = pytest.mark.slow  # each test starts its own server, which loads the model
+
 
 @pytest.fixture()
 def index_copy(built, tmp_path) -> Path:
@@ -67,7 +69,6 @@ class Searching(threading.Thread):
                 self.statuses.append(client.post("/search/text", json=body).status_code)
 
 
-@pytest.mark.slow
 def test_a_live_server_sees_a_delete_and_an_add_within_seconds(index_copy, photos, tmp_path):
     image_id, photo, caption = _captioned_image(index_copy)
     with serve(index_copy, env={"ALIGNSEARCH_RELOAD_INTERVAL_S": "0.5"}) as url:
