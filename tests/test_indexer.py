@@ -143,6 +143,7 @@ def test_caption_finds_its_image_and_image_finds_its_captions(built, model):
     assert all(h.caption for h in res.hits)
 
 
+@pytest.mark.slow
 def test_add_then_delete_round_trips(built, photos, tmp_path, model):
     from PIL import Image, ImageOps
 
