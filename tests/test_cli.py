@@ -160,6 +160,7 @@ def test_a_folder_of_camera_raw_files_says_what_would_read_them(tmp_path, capsys
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_build_and_add_name_the_photo_files_they_could_not_read(tmp_path, photos, capsys):
     """After a build and an add, the RAW files beside the photos are named on stderr with what reads them, and
     the build report keeps their count; the JSON on stdout is the usual summary."""

@@ -48,6 +48,7 @@ def browser():
         browser.close()
 
 
+@pytest.mark.slow
 def test_page_and_its_assets_need_no_key(page_server):
     """The page is open (the API key is typed into it); its assets are all served by the server itself."""
     html = httpx.get(page_server + "/")
