@@ -39,6 +39,9 @@ def _encoding_args(p: argparse.ArgumentParser) -> None:
                    help="image,caption CSV (other columns kept as metadata), Karpathy JSON, or JSON lines "
                         "({'image': ..., 'caption': ...}); a caption whose image is not indexed is kept as a "
                         "standalone caption, and linked if its image is added later")
+    p.add_argument("--metadata", type=Path, default=None,
+                   help="JSON lines of photos' fields to filter on: {\"image\": ID, FIELD: VALUE or [VALUES], ...} "
+                        "(numbers, ISO dates, true/false, text); with index add, also updates indexed photos' fields")
     p.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped default)")
     p.add_argument("--batch-size", type=int, default=32, help="images (or captions) per forward pass")
     p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes (threads for a features-only model)")
@@ -123,7 +126,8 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
 def _options(args: argparse.Namespace, out: Path):
     from .build import BuildOptions
 
-    options = BuildOptions(images=args.images, out=out, captions=args.captions, batch_size=args.batch_size,
+    options = BuildOptions(images=args.images, out=out, captions=args.captions, metadata=args.metadata,
+                           batch_size=args.batch_size,
                            workers=args.workers, shard_size=args.shard_size,
                            faiss_factory=getattr(args, "faiss_factory", None),
                            local_codec=getattr(args, "local_codec", DEFAULT_CODEC),
@@ -182,6 +186,8 @@ def run_build(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--out {args.out} is a file; the index is a folder: pick another --out")
     if args.captions and not args.captions.is_file():
         raise FileNotFoundError(f"captions file not found: {args.captions}")
+    if args.metadata and not args.metadata.is_file():
+        raise FileNotFoundError(f"metadata file not found: {args.metadata}")
     files, unread = scan_images(args.images)
     if not files and not args.captions:  # checked before any model loads or folder appears
         note = unread_note(unread)
