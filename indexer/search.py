@@ -179,6 +179,59 @@ class Searcher:
                                         "rebuild the index with the default store (FAISS)")
         return allowed
 
+    def similar_queries(self, image_ids: list[str]) -> tuple[EncoderOutput, list[int]]:
+        """The global vectors of indexed images (stored ones; the file encoded again where the store keeps none)
+        as queries for :meth:`search_similar_encoded`, and their rows. KeyError for an id not live."""
+        rows = []
+        for image_id in image_ids:
+            row = self.index.image_by_id(image_id)
+            if row is None:
+                raise KeyError(image_id)
+            rows.append(int(row["row"]))
+        col = self.index.images
+        vectors = getattr(col.index, "vectors", None)
+        if vectors is not None:
+            emb = torch.from_numpy(np.ascontiguousarray(vectors(np.array(rows, dtype=np.int64)), dtype=np.float32))
+            emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        else:
+            paths = [self.index.images_root / self.index.image_by_id(i)["path"] for i in image_ids]
+            emb = self.model.encode_images([Image.open(p).convert("RGB") for p in paths]).global_emb
+        n = len(rows)
+        return EncoderOutput(emb, torch.zeros(n, 1, emb.shape[1]), torch.zeros(n, 1, dtype=torch.bool)), rows
+
+    def search_similar_encoded(self, enc: EncoderOutput, k: int, filter: Any = None, offset: int = 0,
+                               exclude: list[int | None] | None = None) -> list[SearchResult]:
+        """Images -> the most similar indexed images ("more like this"), by the cosine of their global vectors
+        (exact among the allowed rows as the coarse stage is; no rerank), without each query's own row
+        ``exclude[q]``. ``hit.score`` = ``hit.global_score``; ``local_score`` 0."""
+        if k < 1 or offset < 0:
+            raise ValueError("k must be >= 1, offset >= 0")
+        col = self.index.images
+        allowed = self._allowed(col, filter)
+        exclude = exclude or [None] * len(enc)
+        need = offset + k
+        start = time.perf_counter()
+        queries = enc.global_emb.numpy()
+        if allowed is None:
+            rows_per_query, scores_per_query = self.coarse(queries, col, need + 1)
+        else:
+            rows_per_query, scores_per_query = self.coarse_filtered(queries, col, need + 1, allowed)
+        coarse_ms = _ms(start)
+        results = []
+        for q, (rows, scores) in enumerate(zip(rows_per_query, scores_per_query)):
+            start = time.perf_counter()
+            own = exclude[q]
+            total = col.live if allowed is None else allowed.count
+            if own is not None and (allowed is None or bool(allowed.contains(np.array([own]))[0])):
+                total -= 1
+            keep = rows != own if own is not None else np.ones(len(rows), dtype=bool)
+            rows, scores = rows[keep], scores[keep]
+            order = rank(scores, rows, need)[offset:]
+            g = torch.from_numpy(np.ascontiguousarray(scores[order], dtype=np.float32))
+            hits = self._hits(col.name, rows[order], g, g, torch.zeros_like(g))
+            results.append(_result(hits, coarse_ms, _ms(start), offset=offset, total=total))
+        return results
+
     @property
     def default_min_score(self) -> float | None:
         """The model's calibrated ``min_score`` (its folder's ``calibration.json``), or None."""

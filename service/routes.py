@@ -14,16 +14,19 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
 
+from alignsearch.indexer.filters import FilterError
 from alignsearch.indexer.search import Hit, Searcher, SearchResult
 
+from . import errors as errors_module
 from . import schemas
 from .admission import Lanes, overloaded
 from .auth import has_api_key
 from .errors import ErrorBody
-from .pipeline import ImageQuery, TextQuery
+from .pipeline import ImageQuery, SimilarQuery, TextQuery
 from .state import AppState
-from .uploads import ALLOWED_NAMES, read_upload
+from .uploads import ALLOWED_NAMES, read_similar, read_upload
 
 STATIC = Path(__file__).resolve().parent / "static"
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
@@ -35,7 +38,8 @@ _DESCRIPTIONS = {
     404: "no such image",
     413: "body, image file or image dimensions over the server's limits",
     415: f"not multipart or JSON, or not a {ALLOWED_NAMES} image",
-    422: "a field is missing or out of range (the answer lists which; the input is never copied)",
+    422: "a field is missing or out of range, or the filter does not fit the index's fields (the answer lists "
+         "which; the input is never copied)",
     503: "busy (queue full), over the time limit, or loading; retry after `Retry-After` seconds",
 }
 
@@ -53,6 +57,17 @@ def _image_request_body() -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": form},
         "application/json": {"schema": schemas.ImageSearchJSON.model_json_schema()},
+    }}}
+
+
+def _similar_request_body() -> dict[str, Any]:
+    fields = schemas.SimilarFields.model_json_schema()
+    form = {"type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": f"the photo ({ALLOWED_NAMES})"}, **fields["properties"]}}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schemas.SimilarJSON.model_json_schema()},
+        "multipart/form-data": {"schema": form},
     }}}
 
 
@@ -95,6 +110,41 @@ def _caption_result(rank: int, hit: Hit) -> schemas.CaptionResult:
                                  metadata=hit.metadata, grounding=hit.grounding)
 
 
+def _filter_error(exc: FilterError) -> HTTPException:
+    """A 422 in the shape of the validation errors: where in the filter, and what is wrong."""
+    loc: list[Any] = ["body"]
+    for part in exc.loc.replace("]", "").split("."):
+        name, _, index = part.partition("[")
+        loc += [name] + ([int(index)] if index else [])
+    return HTTPException(422, [{"loc": loc, "msg": errors_module.clean_errors([{"msg": exc.message}])[0]["msg"],
+                                "type": "filter"}])
+
+
+async def _check_filter(searcher: Searcher, collection: str, filter_: Any) -> None:
+    """Refuse a filter this index cannot run before the search is queued (its allowed rows are then cached for
+    the search); the SQLite work runs off the event loop."""
+    if filter_ is None:
+        return
+    try:
+        await run_in_threadpool(searcher.index.allowed, collection, filter_)
+    except FilterError as exc:
+        raise _filter_error(exc) from None
+    backend = searcher.index.collections[collection].index.backend
+    if backend != "faiss":
+        raise HTTPException(422, f"filters are not supported on indexes stored in {backend}")
+
+
+def _page(result: SearchResult) -> dict[str, Any]:
+    return {"offset": result.offset, "total": result.total, "has_more": result.has_more,
+            "next_offset": result.offset + len(result.hits) if result.has_more else None}
+
+
+def _found(result: SearchResult | FilterError) -> SearchResult:
+    if isinstance(result, FilterError):
+        raise _filter_error(result)
+    return result
+
+
 def _lanes(state: AppState, name: str) -> Lanes:
     lanes = state.lanes.get(name)
     if lanes is None:
@@ -112,30 +162,62 @@ api = APIRouter(dependencies=[Depends(require_api_key)])
 async def search_text(req: schemas.TextSearchRequest, state: AppState = Depends(get_state),
                       searcher: Searcher = Depends(get_searcher)) -> schemas.TextSearchResponse:
     started = time.perf_counter()
-    result = searcher.mark_matches(await _lanes(state, "text").run(TextQuery(req), req.candidates, req.k),
-                                   req.min_score)
+    await _check_filter(searcher, "images", req.filter)
+    found = _found(await _lanes(state, "text").run(TextQuery(req), req.ranked, req.k))
+    result = searcher.mark_matches(found, req.min_score)
     timings = _timings(result, started)
     state.metrics.observe_stages("/search/text", timings)
     return schemas.TextSearchResponse(query=req.query, truncated=result.truncated, timings_ms=timings,
-                                      results=[_image_result(i + 1, h) for i, h in enumerate(result.hits)],
-                                      min_score=result.min_score, no_match=result.no_match)
+                                      results=[_image_result(result.offset + i + 1, h)
+                                               for i, h in enumerate(result.hits)],
+                                      min_score=result.min_score, no_match=result.no_match, **_page(result))
 
 
 @api.post("/search/image", response_model=schemas.ImageSearchResponse,
           summary="ranked captions for an image (multipart field 'file', or JSON 'image_base64')",
           responses=errors(400, 401, 408, 413, 415, 422, 503), openapi_extra=_image_request_body())
 async def search_image(request: Request, state: AppState = Depends(get_state),
-                       _: Searcher = Depends(get_searcher)) -> schemas.ImageSearchResponse:
+                       searcher: Searcher = Depends(get_searcher)) -> schemas.ImageSearchResponse:
     started = time.perf_counter()
     data, params = await read_upload(request, state.settings.max_upload_bytes)
     lanes = _lanes(state, "image")
-    lanes.lane(params.candidates, params.k)  # refused before the decode when over the limit or busy
+    lanes.lane(params.ranked, params.k)  # refused before the decode when over the limit or busy
+    await _check_filter(searcher, "captions", params.filter)
     image = await state.decoder.decode(data)
-    result = await lanes.run(ImageQuery(image, params), params.candidates, params.k)
+    result = _found(await lanes.run(ImageQuery(image, params), params.ranked, params.k))
     timings = _timings(result, started)
     state.metrics.observe_stages("/search/image", timings)
-    return schemas.ImageSearchResponse(timings_ms=timings,
-                                       results=[_caption_result(i + 1, h) for i, h in enumerate(result.hits)])
+    return schemas.ImageSearchResponse(timings_ms=timings, **_page(result),
+                                       results=[_caption_result(result.offset + i + 1, h)
+                                                for i, h in enumerate(result.hits)])
+
+
+@api.post("/search/similar", response_model=schemas.SimilarSearchResponse,
+          summary="photos like an indexed photo (JSON 'id') or an uploaded one (multipart 'file' or JSON "
+                  "'image_base64'), by the cosine of their global vectors; the photo itself is left out",
+          responses=errors(400, 401, 404, 408, 413, 415, 422, 503), openapi_extra=_similar_request_body())
+async def search_similar(request: Request, state: AppState = Depends(get_state),
+                         searcher: Searcher = Depends(get_searcher)) -> schemas.SimilarSearchResponse:
+    started = time.perf_counter()
+    image_id, data, params = await read_similar(request, state.settings.max_upload_bytes)
+    lanes = _lanes(state, "similar")
+    lanes.lane(params.ranked, params.k)  # refused before any decode when over the limit or busy
+    await _check_filter(searcher, "images", params.filter)
+    image = None
+    if image_id is not None:
+        if searcher.get_image(image_id) is None:
+            raise HTTPException(404, "no indexed image has this id")
+    else:
+        image = await state.decoder.decode(data)
+    result = await lanes.run(SimilarQuery(image_id, image, params), params.ranked, params.k)
+    if isinstance(result, KeyError):
+        raise HTTPException(404, "no indexed image has this id")
+    result = _found(result)
+    timings = _timings(result, started)
+    state.metrics.observe_stages("/search/similar", timings)
+    return schemas.SimilarSearchResponse(timings_ms=timings, **_page(result),
+                                         results=[_image_result(result.offset + i + 1, h)
+                                                  for i, h in enumerate(result.hits)])
 
 
 @api.get("/images/{image_id:path}", summary="an indexed image", response_class=FileResponse,

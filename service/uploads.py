@@ -21,6 +21,7 @@ import binascii
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,9 +36,9 @@ from .admission import overloaded
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 ALLOWED_NAMES = "JPEG, PNG, WebP, GIF or BMP"
-# A JSON image request has a handful of fields and a base64 string (which has no ':'); more colons than this
-# means a body built to be expensive to parse (say, a million keys), refused before parsing.
-MAX_JSON_COLONS = 64
+# A JSON image request has a handful of fields, a filter and a base64 string (which has no ':'); more colons
+# than this means a body built to be expensive to parse (say, a million keys), refused before parsing.
+MAX_JSON_COLONS = 512
 KEEP_SIDE = 1024
 
 
@@ -128,39 +129,71 @@ def _validation(exc: ValidationError) -> RequestValidationError:
     return RequestValidationError(exc.errors(include_url=False, include_context=False, include_input=False))
 
 
+async def _multipart(request: Request, limit: int, model: type) -> tuple[bytes, Any]:
+    """The file and the other fields (validated as ``model``) of a multipart request."""
+    form = await request.form(max_files=1, max_fields=8)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise RequestValidationError([{"type": "missing", "loc": ("body", "file"),
+                                       "msg": "multipart field 'file' (the image) is required"}])
+    data = await upload.read(limit + 1)
+    try:
+        return data, model.model_validate({k: v for k, v in form.items() if k != "file"})
+    except ValidationError as exc:
+        raise _validation(exc) from None
+
+
+async def _json_body(request: Request, model: type) -> Any:
+    body = await request.body()
+    if body.count(b":") > MAX_JSON_COLONS:
+        raise HTTPException(400, "the JSON body has far more fields than an image search takes")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise _validation(exc) from None
+
+
+def _base64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(400, "image_base64 is not valid base64") from None
+
+
+def _checked(data: bytes, limit: int) -> bytes:
+    if len(data) > limit:
+        raise HTTPException(413, f"image exceeds the {limit}-byte upload limit")
+    if not data:
+        raise HTTPException(400, "the uploaded file is empty")
+    return data
+
+
 async def read_upload(request: Request, limit: int) -> tuple[bytes, schemas.ImageSearchFields]:
     """The image bytes and the search fields of a multipart or JSON request (the gate already bounded the
     body's size)."""
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=8)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise RequestValidationError([{"type": "missing", "loc": ("body", "file"),
-                                           "msg": "multipart field 'file' (the image) is required"}])
-        data = await upload.read(limit + 1)
-        try:
-            fields = schemas.ImageSearchFields.model_validate({k: v for k, v in form.items() if k != "file"})
-        except ValidationError as exc:
-            raise _validation(exc) from None
+        data, fields = await _multipart(request, limit, schemas.ImageSearchFields)
     elif ctype.startswith("application/json"):
-        body = await request.body()
-        if body.count(b":") > MAX_JSON_COLONS:
-            raise HTTPException(400, "the JSON body has far more fields than an image search takes")
-        try:
-            parsed = schemas.ImageSearchJSON.model_validate_json(body)
-        except ValidationError as exc:
-            raise _validation(exc) from None
-        try:
-            data = base64.b64decode(parsed.image_base64, validate=True)
-        except (binascii.Error, ValueError):
-            raise HTTPException(400, "image_base64 is not valid base64") from None
+        parsed = await _json_body(request, schemas.ImageSearchJSON)
+        data = _base64(parsed.image_base64)
         fields = schemas.ImageSearchFields.model_validate(parsed.model_dump(exclude={"image_base64"}))
     else:
         raise HTTPException(415, "send multipart/form-data with a 'file' field, or JSON with 'image_base64'")
-    if len(data) > limit:
-        raise HTTPException(413, f"image exceeds the {limit}-byte upload limit")
-    if not data:
-        raise HTTPException(400, "the uploaded file is empty")
-    return data, fields
+    return _checked(data, limit), fields
 
+
+async def read_similar(request: Request, limit: int) -> tuple[str | None, bytes | None, schemas.SimilarFields]:
+    """A "more like this" request: (an indexed photo's id, None) from JSON ``id``, or (None, the image bytes)
+    from multipart ``file`` or JSON ``image_base64``; and the search fields."""
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith("multipart/form-data"):
+        data, fields = await _multipart(request, limit, schemas.SimilarFields)
+        return None, _checked(data, limit), fields
+    if ctype.startswith("application/json"):
+        parsed = await _json_body(request, schemas.SimilarJSON)
+        fields = schemas.SimilarFields.model_validate(parsed.model_dump(exclude={"id", "image_base64"}))
+        if parsed.id is not None:
+            return parsed.id, None, fields
+        return None, _checked(_base64(parsed.image_base64), limit), fields
+    raise HTTPException(415, "send JSON with 'id' (an indexed photo) or 'image_base64', or multipart with 'file'")
