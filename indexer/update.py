@@ -72,7 +72,10 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
     def change(work: Path, manifest: dict) -> dict:
         conn = metadata.connect(work / layout.METADATA)
         existing = {r[0] for r in conn.execute("SELECT id FROM images")}
-        listed, unread = scan_images(options.images)
+        if options.files is not None:  # these files only: no scan of the whole folder
+            listed, unread = [f for f in options.files if (options.images / f).is_file()], {}
+        else:
+            listed, unread = scan_images(options.images)
         files = [f for f in listed if f not in existing]
         taken, present = set(), set()
         for r in conn.execute("SELECT id, text, image_id, extra FROM captions WHERE deleted = 0"):
@@ -108,6 +111,33 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
     finally:
         for path in scratch:
             shutil.rmtree(path, ignore_errors=True)
+    return report
+
+
+def set_fields(index_dir: Path, given: dict[str, photo_fields.Raw]) -> dict[str, Any]:
+    """Replace the named fields of live indexed images (image id -> field -> values; an empty list removes the
+    field), in one transaction; nothing else changes. Returns ``{"updated": n, "not_found": [...]}``. Values
+    that do not fit a field's type raise :class:`photo_fields.FieldError` before anything is written."""
+    conn = metadata.connect(Path(index_dir) / layout.METADATA, read_only=True)
+    try:
+        known = metadata.field_types(conn)
+        live = {r[0] for r in conn.execute("SELECT id FROM images WHERE deleted = 0 AND id IN "
+                                           "(SELECT value FROM json_each(?))", (json.dumps(list(given)),))}
+    finally:
+        conn.close()
+    photo_fields.typed({n: given[i] for n, i in enumerate(given)}, {**photo_fields.BUILTIN_TYPES, **known},
+                       dict(enumerate(given)))
+    report: dict[str, Any] = {"updated": 0, "not_found": sorted(set(given) - live)}
+    if not live:
+        return report
+
+    def change(work: Path, manifest: dict) -> dict:
+        conn = metadata.connect(work / layout.METADATA)
+        report["updated"] = update_fields(conn, {i: given[i] for i in live})
+        metadata.close_for_checksum(conn)
+        return manifest
+
+    transaction(index_dir, change)
     return report
 
 

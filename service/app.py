@@ -30,6 +30,7 @@ from .routes import STATIC, api, public
 from .settings import Settings
 from .state import AppState
 from .uploads import Decoder, ImageLimits, decode_side_for
+from .writes import Writer
 
 DECODE_QUEUE = 8
 
@@ -77,11 +78,13 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
                 state.metrics.waiting.labels(f"{name}-{lane_name}").set_function(lambda lane=lane: lane.waiting)
         state.metrics.decoding.set_function(lambda: state.decoder.busy)
         state.follower = follower
+        state.writer = Writer(follower)
         await follower.start()
         try:
             yield
         finally:
             await follower.stop()
+            state.writer.close()
             for lanes in state.lanes.values():
                 await lanes.stop()
             state.decoder.close()

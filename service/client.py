@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import quote
 from typing import Any
 
 import httpx
@@ -57,6 +58,17 @@ def _similar(image_id: str | None, image: bytes | str | Path | None, k: int, off
             "data": _form({"k": k, **_page(offset, filter)})}
 
 
+def _upload(image: bytes | str | Path, captions: list[str] | None, metadata: dict | None) -> dict[str, Any]:
+    data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+    fields = {**({"captions": json.dumps(captions)} if captions else {}),
+              **({"metadata": json.dumps(metadata)} if metadata else {})}
+    return {"files": {"file": ("image", data, "application/octet-stream")}, "data": fields}
+
+
+def _image_path(image_id: str) -> str:
+    return "/images/" + "/".join(quote(part, safe="") for part in image_id.split("/"))
+
+
 def _raise_for_status(response: httpx.Response) -> httpx.Response:
     if response.status_code >= 400:
         try:
@@ -103,6 +115,19 @@ class AlignSearchClient:
         """Photos like an indexed one (``image_id``) or an uploaded one (``image``: bytes or a file path)."""
         return _json(self.http.post("/search/similar", **_similar(image_id, image, k, offset, filter)))
 
+    def add_image(self, image: bytes | str | Path, captions: list[str] | None = None,
+                  metadata: dict | None = None) -> dict:
+        """Index a photo (``POST /images``; needs the API key or a server with --allow-writes): its id,
+        ``created`` and fields; searchable once this returns."""
+        return _json(self.http.post("/images", **_upload(image, captions, metadata)))
+
+    def set_metadata(self, image_id: str, fields: dict) -> dict:
+        """Replace the named fields of an indexed photo (None removes one)."""
+        return _json(self.http.patch(_image_path(image_id) + "/metadata", json=fields))
+
+    def delete_image(self, image_id: str) -> dict:
+        return _json(self.http.delete(_image_path(image_id)))
+
     def image(self, image_id_or_uri: str) -> bytes:
         path = image_id_or_uri if image_id_or_uri.startswith("/images/") else f"/images/{image_id_or_uri}"
         return _raise_for_status(self.http.get(path)).content
@@ -146,6 +171,16 @@ class AsyncAlignSearchClient:
     async def search_similar(self, image_id: str | None = None, image: bytes | str | Path | None = None,
                              k: int = 10, offset: int = 0, filter: dict | None = None) -> dict:
         return _json(await self.http.post("/search/similar", **_similar(image_id, image, k, offset, filter)))
+
+    async def add_image(self, image: bytes | str | Path, captions: list[str] | None = None,
+                        metadata: dict | None = None) -> dict:
+        return _json(await self.http.post("/images", **_upload(image, captions, metadata)))
+
+    async def set_metadata(self, image_id: str, fields: dict) -> dict:
+        return _json(await self.http.patch(_image_path(image_id) + "/metadata", json=fields))
+
+    async def delete_image(self, image_id: str) -> dict:
+        return _json(await self.http.delete(_image_path(image_id)))
 
     async def ready(self) -> dict:
         return _json(await self.http.get("/readyz"))

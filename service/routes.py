@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from alignsearch.indexer.filters import FilterError
+from alignsearch.indexer.photo_fields import FieldError
 from alignsearch.indexer.search import Hit, Searcher, SearchResult
 
 from . import errors as errors_module
@@ -26,7 +27,8 @@ from .auth import has_api_key
 from .errors import ErrorBody
 from .pipeline import ImageQuery, SimilarQuery, TextQuery
 from .state import AppState
-from .uploads import ALLOWED_NAMES, read_similar, read_upload
+from .uploads import ALLOWED_NAMES, read_similar, read_upload, upload_fields
+from .writes import Writer
 
 STATIC = Path(__file__).resolve().parent / "static"
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
@@ -35,6 +37,7 @@ _DESCRIPTIONS = {
     400: "malformed request (bad base64, a malformed body or header)",
     408: "the request body stopped arriving",
     401: "missing or wrong API key (`Authorization: Bearer KEY`)",
+    403: "writes are off: the server has no API key and was not started with --allow-writes",
     404: "no such image",
     413: "body, image file or image dimensions over the server's limits",
     415: f"not multipart or JSON, or not a {ALLOWED_NAMES} image",
@@ -246,6 +249,76 @@ async def reload(state: AppState = Depends(get_state), _: Searcher = Depends(get
 @api.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, responses=errors(401))
 async def metrics(state: AppState = Depends(get_state)) -> PlainTextResponse:
     return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def get_writer(state: AppState = Depends(get_state)) -> Writer:
+    """The writer, when writes are on: the server has an API key (already checked), or --allow-writes."""
+    if not state.settings.api_key and not state.settings.allow_writes:
+        raise HTTPException(403, "writes are off: start the server with an API key (--api-key) or --allow-writes")
+    if state.writer is None:
+        raise overloaded("the index is not loaded yet")
+    return state.writer
+
+
+def _fields_shown(state: AppState, image_id: str) -> dict[str, Any]:
+    searcher = state.follower.searcher
+    row = searcher.index.image_by_id(image_id)
+    return searcher.index.fields_of([row["row"]]).get(row["row"], {}) if row else {}
+
+
+@api.post("/images", status_code=201, response_model=schemas.Written, responses=errors(400, 401, 403, 413, 415, 422, 503),
+          summary="add a photo (multipart 'file', optional 'captions': a JSON list of strings, 'metadata': a JSON "
+                  "object of fields); searchable when this answers 201 (200: the photo was already indexed)")
+async def add_image(request: Request, state: AppState = Depends(get_state), writer: Writer = Depends(get_writer)
+                    ) -> JSONResponse:
+    data, image_format, captions, fields = await upload_fields(request, state.settings.max_upload_bytes)
+    await state.decoder.decode(data)  # the search uploads' limits and checks: a photo that decodes
+    try:
+        image_id, created = await writer.add(data, image_format, captions, fields)
+    except FieldError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except ValueError:
+        raise HTTPException(415, "the photo could not be read for indexing") from None
+    except OSError:
+        raise HTTPException(503, "the server could not store the photo (its images folder is not writable)") from None
+    body = schemas.Written(id=image_id, uri=f"/images/{quote(image_id)}", created=created,
+                           metadata=_fields_shown(state, image_id))
+    return JSONResponse(body.model_dump(), status_code=201 if created else 200)
+
+
+@api.delete("/images/{image_id:path}", response_model=schemas.Deleted, responses=errors(401, 403, 404, 503),
+            summary="remove a photo and its captions from the index (no search returns it after this answer)")
+async def delete_image(image_id: str, writer: Writer = Depends(get_writer),
+                       searcher: Searcher = Depends(get_searcher)) -> schemas.Deleted:
+    if searcher.get_image(image_id) is None:
+        raise HTTPException(404, "no indexed image has this id")
+    report = await writer.delete(image_id)
+    if report["images_deleted"] == 0:
+        raise HTTPException(404, "no indexed image has this id")
+    return schemas.Deleted(id=image_id, captions_deleted=report["captions_deleted_with_images"])
+
+
+@api.patch("/images/{image_id:path}/metadata", response_model=schemas.Written, responses=errors(401, 403, 404, 422, 503),
+           summary="replace the named fields of a photo (JSON object; null or [] removes a field)")
+async def patch_metadata(image_id: str, fields: dict[str, Any], state: AppState = Depends(get_state),
+                         writer: Writer = Depends(get_writer), searcher: Searcher = Depends(get_searcher)
+                         ) -> schemas.Written:
+    if searcher.get_image(image_id) is None:
+        raise HTTPException(404, "no indexed image has this id")
+    try:
+        report = await writer.set_fields(image_id, {k: _as_values(v) for k, v in fields.items()})
+    except FieldError as exc:
+        raise HTTPException(422, str(exc)) from None
+    if not report["updated"]:
+        raise HTTPException(404, "no indexed image has this id")
+    return schemas.Written(id=image_id, uri=f"/images/{quote(image_id)}", created=False,
+                           metadata=_fields_shown(state, image_id))
+
+
+def _as_values(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
 
 
 # -- open: the page, liveness and readiness ---------------------------------------------------------------

@@ -183,6 +183,18 @@ class SimilarSearchResponse(Page):
     timings_ms: Timings
 
 
+class Written(BaseModel):
+    id: str = Field(description="the photo's id (uploads/<content hash>.<ext>: the same photo twice is one photo)")
+    uri: str
+    created: bool = Field(description="false when this photo was already indexed (its captions and fields added)")
+    metadata: dict = Field(default_factory=dict, description="its fields as searches show them")
+
+
+class Deleted(BaseModel):
+    id: str
+    captions_deleted: int
+
+
 class Ready(BaseModel):
     status: str
     index: str | None = Field(None, description="the index folder's name (with the API key, when one is set)")

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import binascii
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -197,3 +198,50 @@ async def read_similar(request: Request, limit: int) -> tuple[str | None, bytes 
             return parsed.id, None, fields
         return None, _checked(_base64(parsed.image_base64), limit), fields
     raise HTTPException(415, "send JSON with 'id' (an indexed photo) or 'image_base64', or multipart with 'file'")
+
+
+MAX_UPLOAD_CAPTIONS = 20
+MAX_CAPTION_CHARS = 2000
+
+
+def _json_form_field(form: Any, name: str, kind: type, default: Any) -> Any:
+    value = form.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = [value] if kind is list and isinstance(value, str) else None  # one caption as plain text
+    if kind is list and isinstance(parsed, str):
+        parsed = [parsed]
+    if not isinstance(parsed, kind):
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", name),
+                                       "msg": f"{name} must be a JSON {'list' if kind is list else 'object'}"}])
+    return parsed
+
+
+async def upload_fields(request: Request, limit: int) -> tuple[bytes, str, list[str], dict[str, list[Any]]]:
+    """A photo to add: multipart ``file``, ``captions`` (a JSON list of strings, or one caption as text) and
+    ``metadata`` (a JSON object of fields); returns (bytes, image format, captions, field -> values)."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise HTTPException(415, "send multipart/form-data with a 'file' field (and 'captions', 'metadata')")
+    form = await request.form(max_files=1, max_fields=8)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise RequestValidationError([{"type": "missing", "loc": ("body", "file"),
+                                       "msg": "multipart field 'file' (the photo) is required"}])
+    data = _checked(await upload.read(limit + 1), limit)
+    captions = _json_form_field(form, "captions", list, [])
+    if len(captions) > MAX_UPLOAD_CAPTIONS or not all(isinstance(c, str) and 0 < len(c.strip()) <= MAX_CAPTION_CHARS
+                                                      for c in captions):
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", "captions"),
+                                       "msg": f"captions: at most {MAX_UPLOAD_CAPTIONS} non-empty strings of at most "
+                                              f"{MAX_CAPTION_CHARS} characters"}])
+    metadata = _json_form_field(form, "metadata", dict, {})
+    fields = {str(k): (v if isinstance(v, list) else [] if v is None else [v]) for k, v in metadata.items()}
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+            image_format = image.format
+    except Exception:  # noqa: BLE001  (Pillow's header parsers raise many kinds)
+        raise HTTPException(415, f"the upload is not a {ALLOWED_NAMES} image") from None
+    return data, image_format, [c.strip() for c in captions], fields
