@@ -40,6 +40,9 @@ def _encoding_args(p: argparse.ArgumentParser) -> None:
                    help="image,caption CSV (other columns kept as metadata), Karpathy JSON, or JSON lines "
                         "({'image': ..., 'caption': ...}); a caption whose image is not indexed is kept as a "
                         "standalone caption, and linked if its image is added later")
+    p.add_argument("--metadata", type=Path, default=None,
+                   help="JSON lines of photos' fields to filter on: {\"image\": ID, FIELD: VALUE or [VALUES], ...} "
+                        "(numbers, ISO dates, true/false, text); with index add, also updates indexed photos' fields")
     p.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped default)")
     p.add_argument("--batch-size", type=int, default=32, help="images (or captions) per forward pass")
     p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes (threads for a features-only model)")
@@ -124,7 +127,8 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
 def _options(args: argparse.Namespace, out: Path):
     from .build import BuildOptions
 
-    options = BuildOptions(images=args.images, out=out, captions=args.captions, batch_size=args.batch_size,
+    options = BuildOptions(images=args.images, out=out, captions=args.captions, metadata=args.metadata,
+                           batch_size=args.batch_size,
                            workers=args.workers, shard_size=args.shard_size,
                            faiss_factory=getattr(args, "faiss_factory", None),
                            local_codec=getattr(args, "local_codec", DEFAULT_CODEC),
@@ -174,6 +178,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
     require_folder(args.images, "images folder")
     if args.captions:
         require_file(args.captions, "captions file")
+    if getattr(args, "metadata", None):
+        require_file(args.metadata, "metadata file")
 
 
 def run_build(args: argparse.Namespace) -> int:

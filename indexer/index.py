@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from threading import Lock
 from typing import Any
 
 import numpy as np
@@ -11,7 +13,7 @@ import numpy as np
 from alignsearch.models.identity import RULE
 from alignsearch.models.model import AlignModel
 
-from . import layout, metadata
+from . import filters, layout, metadata, photo_fields
 from .stores import GlobalStore, LocalStore, global_backend, local_backend
 
 
@@ -71,6 +73,30 @@ def discard_stores(folder: Path) -> None:
             discard(folder / name, entry)
 
 
+@dataclass
+class Allowed:
+    """The live rows of a collection that a filter allows: sorted ``rows``, and ``mask`` (by row id) for
+    testing candidates."""
+
+    rows: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def contains(self, rows: np.ndarray) -> np.ndarray:
+        """Which of ``rows`` are allowed (ids beyond the mask, or -1, are not)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        inside = (rows >= 0) & (rows < len(self.mask))
+        out = np.zeros(len(rows), dtype=bool)
+        out[inside] = self.mask[rows[inside]]
+        return out
+
+
+ALLOWED_CACHE = 64  # filters whose allowed rows an index version keeps (its SQLite never changes)
+
+
 class Index:
     """A read-only view of an index folder."""
 
@@ -105,9 +131,54 @@ class Index:
     def rows(self, collection: str, rows: list[int]) -> dict[int, dict[str, Any]]:
         return metadata.row_dicts(self.conn, collection, rows)
 
+    def fields_of(self, rows: list[int]) -> dict[int, dict[str, Any]]:
+        """The fields of the images at ``rows`` as results show them (:func:`photo_fields.shown`)."""
+        types = self.field_types
+        return {row: photo_fields.shown(values, types) for row, values in metadata.image_fields(self.conn, rows).items()}
+
     def image_by_id(self, image_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM images WHERE id = ? AND deleted = 0", (image_id,)).fetchone()
         return dict(row) if row else None
+
+    def allowed(self, collection: str, filter_: Any) -> Allowed:
+        """The live rows of ``collection`` that ``filter_`` allows (:mod:`indexer.filters`; a caption is allowed
+        when its image is). Raises :class:`filters.FilterError` for a bad filter. The last ``ALLOWED_CACHE``
+        filters' sets are kept: this version of the index never changes."""
+        expr, params = filters.compile_filter(filter_, self.field_types)  # checked first, every time
+        key = (collection, filters.canonical(filter_))
+        cache = self.__dict__.setdefault("_allowed", OrderedDict())
+        with self.__dict__.setdefault("_allowed_lock", Lock()):
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+        images = f"SELECT row FROM images WHERE deleted = 0 AND {expr}"
+        sql = images if collection == "images" else \
+            f"SELECT row FROM captions WHERE deleted = 0 AND image_row IN ({images})"
+        rows = np.array([r[0] for r in self.conn.execute(sql + " ORDER BY row", params)], dtype=np.int64)
+        size = int(self.conn.execute(f"SELECT COALESCE(MAX(row) + 1, 0) FROM {collection}").fetchone()[0])
+        mask = np.zeros(size, dtype=bool)
+        mask[rows] = True
+        allowed = Allowed(rows, mask)
+        with self.__dict__["_allowed_lock"]:
+            cache[key] = allowed
+            while len(cache) > ALLOWED_CACHE:
+                cache.popitem(last=False)
+        return allowed
+
+    @property
+    def field_types(self) -> dict[str, str]:
+        """The photos' fields a filter can name, and their types (none for an index written before fields)."""
+        if not hasattr(self, "_field_types"):
+            self._field_types = metadata.field_types(self.conn)
+        return self._field_types
+
+    def fields_info(self) -> dict[str, dict[str, Any]]:
+        """Each field's type and how many live photos have it."""
+        if not self.field_types:
+            return {}
+        have = dict(self.conn.execute("SELECT f.field, COUNT(DISTINCT f.row) FROM image_fields f JOIN images i "
+                                      "ON i.row = f.row WHERE i.deleted = 0 GROUP BY f.field").fetchall())
+        return {name: {"type": kind, "photos": int(have.get(name, 0))} for name, kind in self.field_types.items()}
 
     def info(self) -> dict[str, Any]:
         """Counts, bytes per item, model, store backends and FAISS types."""
@@ -128,6 +199,7 @@ class Index:
                 "local_vectors": col.store.total_vectors,
                 "bytes_per_item": {"global": round(global_bytes / n, 1), "local": round(col.store.nbytes / n, 1)},
             }
+        out["fields"] = self.fields_info()
         out["metadata_bytes"] = files[layout.METADATA]["bytes"]
         items = sum(len(col.store) for col in self.collections.values())
         out["metadata_bytes_per_item"] = round(out["metadata_bytes"] / max(items, 1), 1)

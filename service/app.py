@@ -25,11 +25,12 @@ from .compute import compute_threads
 from .follow import IndexFollower
 from .gate import Gate
 from .metrics import RequestMetrics
-from .pipeline import image_batch, on_current, text_batch
+from .pipeline import image_batch, on_current, similar_batch, text_batch
 from .routes import STATIC, api, public
 from .settings import Settings
 from .state import AppState
 from .uploads import Decoder, ImageLimits, decode_side_for
+from .writes import Writer
 
 DECODE_QUEUE = 8
 
@@ -66,6 +67,8 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
                           threads),
             "image": Lanes("image", on_current(current, image_batch), s,
                            state.metrics.batch_size.labels("image").observe, threads),
+            "similar": Lanes("similar", on_current(current, similar_batch), s,
+                             state.metrics.batch_size.labels("similar").observe, threads),
         }
         limits = ImageLimits(s.max_pixels, s.max_image_side, decode_side_for(opened.model))
         state.decoder = Decoder(limits, s.decode_workers, DECODE_QUEUE, s.decode_timeout_s)
@@ -75,11 +78,13 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
                 state.metrics.waiting.labels(f"{name}-{lane_name}").set_function(lambda lane=lane: lane.waiting)
         state.metrics.decoding.set_function(lambda: state.decoder.busy)
         state.follower = follower
+        state.writer = Writer(follower)
         await follower.start()
         try:
             yield
         finally:
             await follower.stop()
+            state.writer.close()
             for lanes in state.lanes.values():
                 await lanes.stop()
             state.decoder.close()
