@@ -121,6 +121,8 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
 
     p = isub.add_parser("verify", help="check checksums and that FAISS, local store and SQLite agree")
     _index_arg(p)
+    p.add_argument("--seal", action="store_true",
+                   help="seal a manifest written before manifests were sealed, if everything else verifies")
     p.set_defaults(func=run_verify)
 
 
@@ -264,7 +266,7 @@ def run_info(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from .index import verify
 
-    problems = verify(require_index(args.index))
+    problems = verify(require_index(args.index), seal=args.seal)
     if problems:
         for p in problems:
             print(f"FAILED {p}", file=sys.stderr)

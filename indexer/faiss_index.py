@@ -294,6 +294,10 @@ class FaissGlobalStore:
             self.index = to_gpu(self.cpu_index)
         return removed
 
+    @property
+    def dim(self) -> int:
+        return int(self.cpu_index.d)
+
     def count(self) -> int:
         """Vectors held, removed-but-unremovable (HNSW) ones included."""
         return int(self.cpu_index.ntotal)

@@ -7,13 +7,14 @@ left open by a change to the gate's list of open paths.
 
 from __future__ import annotations
 
+import mimetypes
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from alignsearch.indexer.filters import FilterError
@@ -25,6 +26,7 @@ from . import schemas
 from .admission import Lanes, overloaded
 from .auth import has_api_key
 from .errors import ErrorBody
+from .files import NotServable, chunks, open_indexed
 from .pipeline import ImageQuery, SimilarQuery, TextQuery
 from .state import AppState
 from .uploads import ALLOWED_NAMES, read_similar, read_upload, upload_fields
@@ -227,14 +229,16 @@ async def search_similar(request: Request, state: AppState = Depends(get_state),
          responses={200: {"description": "the image file as indexed",
                           "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES}},
                     **errors(401, 404)})
-async def get_image(image_id: str, searcher: Searcher = Depends(get_searcher)) -> FileResponse:
+async def get_image(image_id: str, searcher: Searcher = Depends(get_searcher)) -> StreamingResponse:
     row = searcher.get_image(image_id)
     if row is None:
         raise HTTPException(404, "no indexed image has this id")
-    path = Path(row["file"])  # the index's own record: ids are looked up, never joined into paths
-    if not path.is_file():
-        raise HTTPException(404, "the file of this image is not available")
-    return FileResponse(path)
+    try:  # the index's own record, under its images root, never through a symlink (service/files.py)
+        fh, info = open_indexed(searcher.index.images_root, row["path"])
+    except NotServable:
+        raise HTTPException(404, "the file of this image is not available") from None
+    media = mimetypes.guess_type(row["path"])[0] or "application/octet-stream"
+    return StreamingResponse(chunks(fh), media_type=media, headers={"content-length": str(info.st_size)})
 
 
 @api.post("/admin/reload", response_model=schemas.Reloaded, responses=errors(401, 503),
