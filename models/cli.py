@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from alignsearch.console import require_file, require_folder
+
 from .config import ALIGNMENTS, BackboneConfig, HeadConfig, ModelConfig, PriorConfig
 
 DEFAULT_DATASET_HELP = "Karpathy-format JSON, or an image,caption CSV"
@@ -150,6 +152,12 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    require_file(args.dataset, "dataset file")  # the paths first, before torch is imported
+    require_folder(args.images, "images folder")
+    if args.config:
+        require_file(args.config, "model config")
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out {args.out} is a file; training writes a folder: pick another --out")
     from .train import TrainOptions, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

@@ -34,6 +34,8 @@ class Settings:
     api_key: str | None = field(default_factory=lambda: _env("API_KEY"))
     # listen on a non-loopback address without an API key (off: such a server refuses to start)
     allow_open: bool = field(default_factory=lambda: _bool("ALLOW_OPEN"))
+    # POST/DELETE/PATCH /images on a server without an API key (off: writes need the key)
+    allow_writes: bool = field(default_factory=lambda: _bool("ALLOW_WRITES"))
     max_batch: int = field(default_factory=lambda: _int("MAX_BATCH", 16))
     batch_wait_ms: float = field(default_factory=lambda: _float("BATCH_WAIT_MS", 5))
     # request bodies: an image upload, and everything else (JSON queries)

@@ -22,6 +22,8 @@ from PIL import Image
 
 from alignsearch.service.launch import serve
 
+pytestmark = pytest.mark.slow  # a minute of requests on 2 cores: the hostile-input tests are the fast layer
+
 KEY = "fuzz-key"
 EXAMPLES = int(os.environ.get("ALIGNSEARCH_FUZZ_EXAMPLES", "300"))
 FIELDS = ["query", "k", "candidates", "explain", "image_base64", "file", "min_score"]
