@@ -6,19 +6,21 @@ import json
 import os
 import shutil
 import sqlite3
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from alignsearch.models.model import AlignModel
+from alignsearch.models.precomputed import check_input
 
 from . import layout, metadata
 from .assemble import insert_metadata, model_fields, write_collection
 from .build import BuildOptions, encode_all
 from .caption_ids import caption_items
 from .index import check_model, open_collection
-from .reader import read_captions, scan_images
+from .reader import read_captions, scan_features, scan_images
 from .stores import global_backend, local_backend
 
 
@@ -55,18 +57,23 @@ def transaction(index_dir: Path, change: Callable[[Path, dict], dict]) -> dict:
 
 
 def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, Any]:
-    """Add the images of ``options.images`` not yet in the index (by id) and ``options.captions``."""
+    """Add the images of ``options.images`` (or ``options.features``) not yet in the index (by id) and
+    ``options.captions``."""
     manifest = layout.read_manifest(index_dir)
     check_model(manifest, model)
+    check_input(model, options.features)
     report: dict[str, Any] = {}
     scratch: list[Path] = []  # removed whatever happens (a failed add is redone from the start)
 
     def change(work: Path, manifest: dict) -> dict:
         conn = metadata.connect(work / layout.METADATA)
         existing = {r[0] for r in conn.execute("SELECT id FROM images")}
-        listed, unread = scan_images(options.images)
-        files = [f for f in listed if f not in existing]
         rows = read_captions(options.captions) if options.captions else []
+        if options.features is not None:
+            listed, unread = scan_features(options.features, rows), Counter()
+        else:
+            listed, unread = scan_images(options.images)
+        files = [f for f in listed if f not in existing]
         taken, present = set(), set()
         for r in conn.execute("SELECT id, text, image_id, extra FROM captions WHERE deleted = 0"):
             taken.add(r[0])

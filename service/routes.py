@@ -26,10 +26,12 @@ from .state import AppState
 from .uploads import ALLOWED_NAMES, read_upload
 
 STATIC = Path(__file__).resolve().parent / "static"
+FEATURES_ONLY = "this index was built from precomputed region features"
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
 
 _DESCRIPTIONS = {
-    400: "malformed request (bad base64, a malformed body or header)",
+    400: "malformed request (bad base64, a malformed body or header), or an image query to an index built from "
+         "precomputed region features",
     408: "the request body stopped arriving",
     401: "missing or wrong API key (`Authorization: Bearer KEY`)",
     404: "no such image",
@@ -125,8 +127,11 @@ async def search_text(req: schemas.TextSearchRequest, state: AppState = Depends(
           summary="ranked captions for an image (multipart field 'file', or JSON 'image_base64')",
           responses=errors(400, 401, 408, 413, 415, 422, 503), openapi_extra=_image_request_body())
 async def search_image(request: Request, state: AppState = Depends(get_state),
-                       _: Searcher = Depends(get_searcher)) -> schemas.ImageSearchResponse:
+                       searcher: Searcher = Depends(get_searcher)) -> schemas.ImageSearchResponse:
     started = time.perf_counter()
+    if not searcher.model.takes_images:
+        raise HTTPException(400, FEATURES_ONLY + ": its model cannot read an uploaded image; search it with text "
+                                 "(/search/text)")
     data, params = await read_upload(request, state.settings.max_upload_bytes)
     lanes = _lanes(state, "image")
     lanes.lane(params.candidates, params.k)  # refused before the decode when over the limit or busy
@@ -148,6 +153,9 @@ async def get_image(image_id: str, searcher: Searcher = Depends(get_searcher)) -
         raise HTTPException(404, "no indexed image has this id")
     path = Path(row["file"])  # the index's own record: ids are looked up, never joined into paths
     if not path.is_file():
+        if not searcher.model.takes_images:
+            raise HTTPException(404, FEATURES_ONLY + ": it has no photo file for this image (build it with --images "
+                                     "too to serve photos)")
         raise HTTPException(404, "the file of this image is not available")
     return FileResponse(path)
 
