@@ -9,7 +9,7 @@ import argparse
 import shlex
 import sys
 
-from .console import run_command, use_formatter
+from .console import one_line_errors, run_command, use_formatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_bench_parser(sub)
     use_formatter(parser)
+    one_line_errors(parser)
     return parser
 
 

@@ -268,11 +268,12 @@ def _run_million(args: argparse.Namespace, model: Any) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m alignsearch.bench``: the same as ``alignsearch bench``, with the same help and error handling."""
-    from alignsearch.console import HelpFormatter, run_command
+    from alignsearch.console import HelpFormatter, one_line_errors, run_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m alignsearch.bench", description=DESCRIPTION, formatter_class=HelpFormatter)
     _arguments(parser)
+    one_line_errors(parser)
     parser.set_defaults(func=run)
     args = parser.parse_args(argv)
     args.command, args.command_line = "bench", shlex.join(["python", "-m", "alignsearch.bench", *argv])

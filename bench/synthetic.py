@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -48,11 +49,15 @@ def _reused(shard: Shard, items: list[dict], rng: np.random.Generator) -> Shard:
 
 
 def write_synthetic_index(folder: Path, model: AlignModel, n: int, regions: int = 49, codec: str = "SQfp16",
-                          seed: int = 0, global_spec: str | None = "Flat") -> Path:
+                          seed: int = 0, global_spec: str | None = "Flat",
+                          fields: Callable[[int], dict[str, list[Any]]] | None = None) -> Path:
     """Create (or reuse, when its ``synthetic.json`` says the same) a synthetic index at ``folder``.
 
-    ``global_spec`` None chooses the global index as a build of real data of that size would."""
+    ``global_spec`` None chooses the global index as a build of real data of that size would. ``fields(i)``
+    gives image ``i`` fields to filter on (:mod:`indexer.photo_fields`)."""
     spec = {"n": n, "regions": regions, "codec": codec, "seed": seed, "model": model.fingerprint}
+    if fields is not None:
+        spec["fields"] = getattr(fields, "__qualname__", "fields")
     if global_spec != "Flat":
         spec["global_spec"] = global_spec or "chosen"
     if n > DISTINCT:
@@ -81,7 +86,8 @@ def write_synthetic_index(folder: Path, model: AlignModel, n: int, regions: int 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     assemble_index(folder, model, {"images": images, "captions": read_shards(work, "captions")}, folder, codec,
-                   global_spec=global_spec)
+                   global_spec=global_spec, fields=None if fields is None else {
+                       f"img{i:07d}": fields(i) for i in range(n)})
     shutil.rmtree(work)
     (folder / "synthetic.json").write_text(json.dumps(spec))
     return folder

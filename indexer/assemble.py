@@ -11,14 +11,14 @@ next to encoding at the sizes this project serves).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from alignsearch.models.identity import RULE
 from alignsearch.models.model import AlignModel
 
-from . import metadata
+from . import metadata, photo_fields
 from .layout import COLLECTIONS, METADATA, write_manifest
 from .stores import GlobalBackend, GlobalStore, LocalBackend, LocalStore, global_backend, local_backend
 from .writer import Shard
@@ -99,25 +99,42 @@ def write_collection(folder: Path, shards: list[Shard], first_row: int, spec: st
             "local_vectors": written.total_vectors, "code_size": written.code_size}
 
 
-def insert_metadata(conn: Any, name: str, first_row: int, shards: list[Shard]) -> None:
-    """Metadata rows of ``shards`` in collection ``name``, numbered from ``first_row``."""
+def insert_metadata(conn: Any, name: str, first_row: int, shards: list[Shard], root: Path | None = None,
+                    fields: Mapping[str, photo_fields.Raw] | None = None) -> None:
+    """Metadata rows of ``shards`` in collection ``name``, numbered from ``first_row``; for images, their
+    fields too: what the build reads of the files under ``root`` and the user's ``fields`` (image id -> field ->
+    values, :mod:`indexer.photo_fields`)."""
     row = first_row
     for shard in shards:
         if name == "images":
             metadata.insert_images(conn, row, [metadata.ImageItem(i["id"], i["path"], i["width"], i["height"])
                                                for i in shard.items])
+            store_fields(conn, {row + n: photo_fields.merged(photo_fields.file_fields(item, root) if root else None,
+                                                             (fields or {}).get(item["id"]))
+                                for n, item in enumerate(shard.items)},
+                         {row + n: item["id"] for n, item in enumerate(shard.items)})
         else:
             metadata.insert_captions(conn, row, [metadata.CaptionItem(i["id"], i["text"], i["image_id"],
                                                                       i.get("extra", {})) for i in shard.items])
         row += len(shard.items)
 
 
+def store_fields(conn: Any, raw: dict[int, photo_fields.Raw], label: dict[int, str], replace: bool = False) -> None:
+    """Type ``raw`` (image row -> field -> values) against the fields the index has, declare the new ones, and
+    store the values (``replace``: a named field's old values of that row go)."""
+    values, new = photo_fields.typed(raw, metadata.field_types(conn), label)
+    metadata.declare_fields(conn, new)
+    metadata.set_image_fields(conn, values, replace=replace)
+
+
 def assemble_index(final: Path, model: AlignModel, shards: dict[str, list[Shard]], images_root: Path,
                    local_codec: str, global_spec: str | None = None, memory_budget_bytes: float = 4e9,
-                   backend: GlobalBackend | None = None, local: LocalBackend | None = None) -> dict[str, Any]:
+                   backend: GlobalBackend | None = None, local: LocalBackend | None = None,
+                   fields: Mapping[str, photo_fields.Raw] | None = None) -> dict[str, Any]:
     """Write the index folder ``final`` from the finished shards of both collections: each collection's
-    stores (a global spec chosen by the backend for its size unless ``global_spec``), SQLite, and the
-    manifest last. Returns the manifest."""
+    stores (a global spec chosen by the backend for its size unless ``global_spec``), SQLite (with the photos'
+    fields: read from their files, and ``fields`` given by image id), and the manifest last. Returns the
+    manifest."""
     backend, local = backend or global_backend(), local or local_backend()
     counts = {name: sum(len(s.items) for s in shards[name]) for name in COLLECTIONS}
     collections = {}
@@ -130,7 +147,7 @@ def assemble_index(final: Path, model: AlignModel, shards: dict[str, list[Shard]
         collections[name]["local_codec"] = codec_spec
     conn = metadata.connect(final / METADATA)
     for name in COLLECTIONS:
-        insert_metadata(conn, name, 0, shards[name])
+        insert_metadata(conn, name, 0, shards[name], images_root, fields)
     metadata.close_for_checksum(conn)
     return write_manifest(final, {
         "model": model_fields(model), "images_root": str(images_root), "local_codec": local_codec,

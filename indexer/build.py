@@ -24,7 +24,7 @@ from typing import Any, Callable
 from alignsearch.models.model import AlignModel
 from alignsearch.models.precomputed import FeatureFolder, check_input
 
-from . import layout
+from . import layout, photo_fields
 from .assemble import assemble_index
 from .caption_ids import caption_items
 from .distributor import Distributor, LocalDistributor, Mapper
@@ -52,6 +52,7 @@ class BuildOptions:
     memory_budget_gb: float = 4.0
     progress: bool = True
     files: list[str] | None = None  # index only these files of ``images`` (relative paths)
+    metadata: Path | None = None  # JSON lines of photos' fields ({"image": id, FIELD: VALUE, ...})
     backend: str | GlobalBackend = DEFAULT_GLOBAL  # the global store's backend, a name or a configured one
     local_backend: str | LocalBackend = DEFAULT_LOCAL  # (see indexer.stores)
     distributor: Distributor | None = field(default=None, repr=False)  # None: LocalDistributor
@@ -114,12 +115,27 @@ def build(model: AlignModel, options: BuildOptions) -> dict[str, Any]:
         files = [f for f in files if f in wanted]
     if options.features is not None:  # a width that is not the model's fails here, before any encoding
         FeatureFolder(options.features).resolve(files[:32], model.image_backbone.feature_dim)
+    fields = user_fields(caption_rows, options.metadata, {})  # a bad field fails before any encoding
     if options.faiss_factory:
         global_backend(options.backend).validate(options.faiss_factory, model.embed_dim)
     local_backend(options.local_backend).validate(options.local_codec, model.embed_dim)  # before any encoding
     options = replace(options, out=layout.real_path(options.out))  # through a symlink: the real index is rebuilt
     with layout.exclusive(options.out), layout.disk_full_is_one_line(options.out, _work(options.out)):
-        return _build(model, options, files, caption_rows, unread)
+        return _build(model, options, files, caption_rows, unread, fields)
+
+
+def user_fields(caption_rows: list[CaptionRow], metadata_file: Path | None, known: dict[str, str]
+                ) -> dict[str, photo_fields.Raw]:
+    """The photos' fields the user gives: the captions' extra columns, then the metadata file's (which win),
+    by image id; checked against the types ``known`` (the index's and the built-in fields') so that a bad
+    value fails before anything is encoded."""
+    given = photo_fields.caption_fields(caption_rows)
+    for image, fields in (photo_fields.read_metadata_file(metadata_file) if metadata_file else {}).items():
+        given[image] = photo_fields.merged(given.get(image), fields)
+    ids = list(given)
+    photo_fields.typed({n: given[i] for n, i in enumerate(ids)}, {**photo_fields.BUILTIN_TYPES, **known},
+                       dict(enumerate(ids)))
+    return given
 
 
 def _work(out: Path) -> Path:
@@ -128,7 +144,7 @@ def _work(out: Path) -> Path:
 
 
 def _build(model: AlignModel, options: BuildOptions, files: list[str], caption_rows: list[CaptionRow],
-           unread: Counter[str]) -> dict[str, Any]:
+           unread: Counter[str], fields: dict[str, photo_fields.Raw]) -> dict[str, Any]:
     work = _work(options.out)
     plan = {"model": model.fingerprint, "files": _digest(files), "captions": _digest([vars(r) for r in caption_rows]),
             "shard_size": options.shard_size, "images": str(options.images_root),
@@ -154,7 +170,8 @@ def _build(model: AlignModel, options: BuildOptions, files: list[str], caption_r
     shutil.rmtree(final, ignore_errors=True)
     final.mkdir()
     assemble_index(final, model, shards, options.images_root, options.local_codec, options.faiss_factory,
-                   options.memory_budget_gb * 1e9, global_backend(options.backend), local_backend(options.local_backend))
+                   options.memory_budget_gb * 1e9, global_backend(options.backend), local_backend(options.local_backend),
+                   fields=fields)
     (final / REPORT).write_text(json.dumps(report, indent=2))
     layout.replace_folder(final, options.out)
     shutil.rmtree(work, ignore_errors=True)

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+from alignsearch.console import require_file, require_folder
 from alignsearch.models.cli import add_progress_option, apply_progress_option, image_input
 
 from .allocator import keep_freed_memory
@@ -44,6 +45,9 @@ def _encoding_args(p: argparse.ArgumentParser) -> None:
                    help="image,caption CSV (other columns kept as metadata), Karpathy JSON, or JSON lines "
                         "({'image': ..., 'caption': ...}); a caption whose image is not indexed is kept as a "
                         "standalone caption, and linked if its image is added later")
+    p.add_argument("--metadata", type=Path, default=None,
+                   help="JSON lines of photos' fields to filter on: {\"image\": ID, FIELD: VALUE or [VALUES], ...} "
+                        "(numbers, ISO dates, true/false, text); with index add, also updates indexed photos' fields")
     p.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped default)")
     p.add_argument("--batch-size", type=int, default=32, help="images (or captions) per forward pass")
     p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes (threads for a features-only model)")
@@ -122,19 +126,16 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
 
     p = isub.add_parser("verify", help="check checksums and that FAISS, local store and SQLite agree")
     _index_arg(p)
+    p.add_argument("--seal", action="store_true",
+                   help="seal a manifest written before manifests were sealed, if everything else verifies")
     p.set_defaults(func=run_verify)
 
 
 def _options(args: argparse.Namespace, out: Path):
     from .build import BuildOptions
 
-    if args.images is None and args.features is None:
-        raise ValueError("give --images DIR (photos) or --features DIR (precomputed region features)")
-    if args.features is not None and not args.features.is_dir():
-        raise FileNotFoundError(f"features folder not found: {args.features}")
-    if args.images is not None and not args.images.is_dir():
-        raise FileNotFoundError(f"images folder not found: {args.images}")
-    options = BuildOptions(images=args.images, features=args.features, out=out, captions=args.captions, batch_size=args.batch_size,
+    options = BuildOptions(images=args.images, features=args.features, out=out, captions=args.captions,
+                           metadata=args.metadata, batch_size=args.batch_size,
                            workers=args.workers, shard_size=args.shard_size,
                            faiss_factory=getattr(args, "faiss_factory", None),
                            local_codec=getattr(args, "local_codec", DEFAULT_CODEC),
@@ -179,20 +180,28 @@ def _summary(report: dict) -> None:
         print(note, file=sys.stderr)
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """The photo and/or features folder and the captions file exist: checked before anything heavy is imported."""
+    if args.images is None and args.features is None:
+        raise ValueError("give --images DIR (photos) or --features DIR (precomputed region features)")
+    if args.features is not None:
+        require_folder(args.features, "features folder")
+    if args.images is not None:
+        require_folder(args.images, "images folder")
+    if args.captions:
+        require_file(args.captions, "captions file")
+    if getattr(args, "metadata", None):
+        require_file(args.metadata, "metadata file")
+
+
 def run_build(args: argparse.Namespace) -> int:
-    from alignsearch.models.factory import load_model
-
-    from .build import build
-
+    _check_inputs(args)  # the paths first: no model or FAISS loads for a typo
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out {args.out} is a file; the index is a folder: pick another --out")
     from alignsearch.models.preprocess import IMAGE_EXTENSIONS
 
     from .reader import scan_images, unread_note
 
-    options = _options(args, args.out)
-    if args.out.exists() and not args.out.is_dir():
-        raise FileExistsError(f"--out {args.out} is a file; the index is a folder: pick another --out")
-    if args.captions and not args.captions.is_file():
-        raise FileNotFoundError(f"captions file not found: {args.captions}")
     files, unread = scan_images(args.images) if args.features is None else ([], Counter())
     if not files and args.features is None and not args.captions:  # checked before any model loads or folder appears
         note = unread_note(unread)
@@ -203,10 +212,15 @@ def run_build(args: argparse.Namespace) -> int:
         raise ValueError("--ray-address goes with --engine ray")
     if args.features is not None and args.engine == "ray":
         raise ValueError("--engine ray decodes photos; a build from --features runs with --engine local")
+    options = _options(args, args.out)
     if args.engine == "ray":
         from .ray_engine import preflight
 
         preflight(args.ray_address)  # before the model loads
+    from alignsearch.models.factory import load_model
+
+    from .build import build
+
     apply_progress_option(args)
     keep_freed_memory()
     model = load_model(args.model, device=args.device)
@@ -225,12 +239,14 @@ def _distributor(args: argparse.Namespace, model):
 
 
 def run_add(args: argparse.Namespace) -> int:
+    require_index(args.index)
+    _check_inputs(args)  # before anything heavy is imported
     from alignsearch.models.factory import load_model
 
-    from .update import add
     from .layout import read_manifest
+    from .update import add
 
-    manifest = read_manifest(require_index(args.index))
+    manifest = read_manifest(args.index)
     apply_progress_option(args)
     keep_freed_memory()
     model = load_model(args.model or manifest["model"].get("source"), device=args.device)
@@ -262,7 +278,7 @@ def run_info(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from .index import verify
 
-    problems = verify(require_index(args.index))
+    problems = verify(require_index(args.index), seal=args.seal)
     if problems:
         for p in problems:
             print(f"FAILED {p}", file=sys.stderr)
@@ -292,19 +308,17 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from alignsearch.models.data import load_dataset
+    from alignsearch.models.data import load_dataset  # reads the file with the standard library only
+
+    require_file(args.dataset, "dataset file")  # the paths and the dataset first, before anything heavy loads
+    image_input(args)  # exactly one of --images / --features, an existing folder
+    load_dataset(args.dataset)
+    store = _store_fields(args)  # and the store settings
     from alignsearch.models.evaluation import format_table
     from alignsearch.models.factory import load_model
 
     from .evaluate import evaluate_split
 
-    load_dataset(args.dataset)  # fail on a bad dataset before loading any model
-    store = _store_fields(args)  # and on bad store settings
-    image_input(args)
-    if args.images is not None and not args.images.is_dir():
-        raise FileNotFoundError(f"images folder not found: {args.images}")
-    if args.features is not None and not args.features.is_dir():
-        raise FileNotFoundError(f"features folder not found: {args.features}")
     apply_progress_option(args)
     model = load_model(args.model, device=args.device)
     report = evaluate_split(model, args.dataset, args.images, args.split, args.candidates, progress=not args.quiet,

@@ -2,7 +2,7 @@
 (the mapper of the build). Images are decoded and resized in worker processes (:class:`~indexer.reader.DecodePool`):
 a few batches ahead of an encoder on a GPU; taking turns with an encoder on the CPU (256 images decoded on every
 core, then encoded with no decoder running), since a decoder beside it can stall its threads at their barriers
-(README, "Taking turns": measured, the gain is within this machine's noise). The encoder's process only
+(docs/benchmarks.md, "Build throughput": measured, the gain is within the noise of a 2-core box). The encoder's process only
 normalises them. Captions are encoded in order of length (batches of similar lengths pad little), then put back
 in file order. A model whose image backbone is ``precomputed:D`` reads region arrays from its features folder
 instead of decoding photos (:func:`~indexer.reader.feature_batches`), and skips the backbone forward."""

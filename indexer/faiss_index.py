@@ -75,6 +75,30 @@ def _ivf_params(index: faiss.Index, nprobe: int) -> Any:
     return None
 
 
+HNSW_MAX_EF = 4096
+
+
+def _selector_params(index: faiss.Index, sel: Any, k: int, nprobe: int | None = None, share: float = 1.0) -> Any:
+    """Per-search parameters that restrict ``index`` to the ids ``sel`` selects: an IVF (also under OPQ) with
+    ``nprobe`` probes, an ``IndexIDMap2`` over a flat or HNSW index. HNSW explores ``2 k / share`` nodes (at
+    least its ``efSearch``, at most ``HNSW_MAX_EF``), ``share`` the fraction of ids selected: about 2 k of the
+    nodes it visits are then selected ones, which keeps its recall near the unfiltered search's."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe or index.nprobe)
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = _selector_params(index.index, sel, k, nprobe, share)
+        params = faiss.SearchParametersPreTransform()
+        params.index_params = inner
+        params.inner = inner  # keeps the inner object alive as long as the outer one
+        return params
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    if isinstance(inner, faiss.IndexHNSW):
+        ef = max(inner.hnsw.efSearch, k, min(HNSW_MAX_EF, int(2 * k / max(share, 1e-6))))
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
+    return faiss.SearchParameters(sel=sel)
+
+
 def new_index(dim: int, factory: str, sample: np.ndarray | Callable[[], np.ndarray]) -> faiss.Index:
     """An empty inner-product index whose FAISS ids are row ids (``add_with_ids``), trained on ``sample`` when
     the type needs training (on the GPU when there is one; the trained index lives on the CPU). ``sample`` may
@@ -235,6 +259,28 @@ class FaissGlobalStore:
             short = short[(more_ids[:, :want] < 0).any(axis=1)]
         return scores, ids
 
+    def search_ids(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` among ``ids`` only (sorted row ids), through a FAISS ID selector on the CPU index
+        (GPU indexes take none). An IVF whose probed lists hold fewer than k of the ids is searched again with
+        4x the probes, up to every list."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        sel = faiss.IDSelectorBatch(ids)
+        share = len(ids) / max(self.count(), 1)
+        scores, found = self.cpu_index.search(queries, k, params=_selector_params(self.cpu_index, sel, k, share=share))
+        ivf, want = self._ivf, min(k, len(ids))
+        if ivf is None:
+            return scores, found
+        short = np.flatnonzero((found[:, :want] < 0).any(axis=1))
+        nprobe = ivf.nprobe
+        while len(short) and nprobe < ivf.nlist:
+            nprobe = min(ivf.nlist, nprobe * 4)
+            params = _selector_params(self.cpu_index, sel, k, nprobe)
+            more_scores, more_ids = self.cpu_index.search(queries[short], k, params=params)
+            scores[short], found[short] = more_scores, more_ids
+            short = short[(more_ids[:, :want] < 0).any(axis=1)]
+        return scores, found
+
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         if len(ids):
             self.cpu_index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
@@ -247,6 +293,10 @@ class FaissGlobalStore:
         if removed and self.index is not self.cpu_index:
             self.index = to_gpu(self.cpu_index)
         return removed
+
+    @property
+    def dim(self) -> int:
+        return int(self.cpu_index.d)
 
     def count(self) -> int:
         """Vectors held, removed-but-unremovable (HNSW) ones included."""

@@ -4,7 +4,7 @@ An index is one folder::
 
     manifest.json            format version, model, dimension, counts, each collection's store backends
                              (``faiss``, ``faiss-codec``), FAISS factory strings and search settings,
-                             sha256 of every data file; written last
+                             sha256 of every data file, and its own sha256 (``seal``); written last
     metadata.sqlite          items, captions, tombstones, user columns
     images/global.faiss      global vectors (inner product on L2-normalised vectors), FAISS ids = row ids
     images/codec.faiss       the standalone FAISS codec of the per-region vectors (SQfp16 by default)
@@ -42,6 +42,8 @@ GLOBAL_FILE = "global.faiss"
 CODEC_FILE = "codec.faiss"
 CODES_FILE = "codes.npy"
 OFFSETS_FILE = "offsets.npy"
+SEAL = "seal"  # the manifest's own hash (:func:`seal`)
+MAX_MANIFEST_BYTES = 16 << 20
 DEFAULT_CODEC = "SQfp16"  # FAISS codec of the local (per-region / per-word) vectors
 
 
@@ -127,28 +129,64 @@ def write_manifest(folder: Path, fields: dict[str, Any], reuse: dict[str, dict] 
         "files": {f: reuse[f] if f in reuse else {"sha256": digests[f], "bytes": (folder / f).stat().st_size}
                   for f in files},
     }
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    _fsync(tmp)
-    tmp.replace(folder / MANIFEST)
+    manifest.pop(SEAL, None)
+    manifest[SEAL] = seal(manifest)
+    _write_json(folder / MANIFEST, manifest)
     return manifest
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True))
+    _fsync(tmp)
+    tmp.replace(path)
+
+
+def seal_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` with its seal (``index verify --seal`` does it for a manifest written before seals,
+    once everything else verifies)."""
+    manifest = {k: v for k, v in manifest.items() if k != SEAL}
+    manifest[SEAL] = seal(manifest)
+    _write_json(Path(folder) / MANIFEST, manifest)
+
+
+def seal(manifest: dict[str, Any]) -> str:
+    """sha256 over the manifest's canonical JSON (sorted keys, no spaces), its ``seal`` field left out: any
+    edit of the manifest after it was written (a file's entry removed, a count changed) breaks it."""
+    content = {k: v for k, v in manifest.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_manifest(folder: Path, unsealed_ok: bool = False) -> dict[str, Any]:
+    """The manifest of the index in ``folder``, checked: JSON of the expected shape, sealed (unless
+    ``unsealed_ok``), its seal matching its content; :class:`IndexError_` naming the file otherwise."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise IndexError_(f"{folder} is not an alignsearch index: no {MANIFEST}")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise IndexError_(f"{path}: corrupt manifest ({exc})") from exc
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise IndexError_(f"{path}: corrupt manifest (over {MAX_MANIFEST_BYTES} bytes)")
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexError_(f"{path}: corrupt manifest (not JSON: {str(exc)[:80]})") from None
+    except RecursionError:
+        raise IndexError_(f"{path}: corrupt manifest (nested too deeply)") from None
     if not isinstance(manifest, dict):
         raise IndexError_(f"{path}: corrupt manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexError_(f"{path}: index format {manifest.get('format_version')!r:.20} is not {FORMAT_VERSION}")
+        raise IndexError_(f"{path}: index format {str(manifest.get('format_version'))[:20]!r} is not "
+                          f"{FORMAT_VERSION}")
     problem = _shape_problem(manifest)
     if problem:
         raise IndexError_(f"{path}: corrupt manifest ({problem})")
+    if SEAL not in manifest and unsealed_ok:
+        return manifest
+    if not isinstance(manifest.get(SEAL), str):
+        raise IndexError_(f"{path}: the manifest is not sealed (written before manifests were sealed, or edited): "
+                          f"`alignsearch index verify --seal {Path(folder)}` seals it if all else verifies")
+    if manifest[SEAL] != seal(manifest):
+        raise IndexError_(f"{path}: the manifest's seal does not match its content (it was changed after it "
+                          f"was written): rebuild the index")
     return manifest
 
 
@@ -170,6 +208,16 @@ def _shape_problem(manifest: dict[str, Any]) -> str | None:
         return "'model' has no fingerprint"
     if not all(isinstance(manifest["collections"].get(name), dict) for name in COLLECTIONS):
         return f"'collections' lacks one of {', '.join(COLLECTIONS)}"
+    for name in COLLECTIONS:
+        entry = manifest["collections"][name]
+        for key in ("factory", "type"):
+            if not isinstance(entry.get(key), str):
+                return f"collection {name!r} has no {key!r}"
+        for key in ("backend", "local_backend"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                return f"collection {name!r}: {key!r} is not a name"
+    if not isinstance(manifest["model"].get("dim"), int):
+        return "'model' has no dim"
     if not all(isinstance(v, int) for v in manifest["counts"].values()):
         return "'counts' holds a value that is not a number"
     return None
@@ -260,6 +308,31 @@ def exclusive(target: Path) -> Iterator[None]:
 
 def _old(target: Path) -> Path:
     return target.with_name(f".{target.name}.old")
+
+
+def clean_leftovers(target: Path) -> list[Path]:
+    """Remove what a killed update left beside the index in ``target`` (its work copy ``.NAME.update``, the
+    encoded items ``.NAME.update.shards``, the previous version ``.NAME.old``), unless a build or update holds
+    the index's lock (it is using them) or the folder cannot be written; returns what was removed."""
+    target = real_path(target)
+    leftovers = [p for p in (target.with_name(f".{target.name}.update"),
+                             target.with_name(f".{target.name}.update.shards"), _old(target)) if p.exists()]
+    if not leftovers or not target.is_dir():
+        return []
+    try:
+        import fcntl
+
+        fh = open(target.with_name(f".{target.name}.lock"), "a+")
+    except (ImportError, OSError):  # no locks on this platform, or a folder this process cannot write
+        return []
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # an update is running
+            return []
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+    return leftovers
 
 
 def recover(target: Path) -> None:

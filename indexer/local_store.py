@@ -27,7 +27,7 @@ TRAIN_SAMPLE = 65_536
 COPY_CHUNK = 262_144  # vectors encoded / codes copied per step while writing a store
 
 PRESETS: dict[str, dict[str, str]] = {
-    # chosen on the validation images (README, Benchmarks): region codes <= 4 kB per photo within 1 rsum of
+    # chosen on the validation images (docs/design.md, "Compact local store"): region codes <= 4 kB per photo within 1 rsum of
     # SQfp16; the caption side keeps SQfp16, where the word vectors lose most to PQ (image-to-text recall)
     "compact": {"images": "PQ64", "captions": "SQfp16"},
 }
@@ -194,6 +194,7 @@ class LocalStore:
     codes: np.ndarray
     offsets: np.ndarray
     backend = "faiss-codec"
+    files = (CODEC_FILE, CODES_FILE, OFFSETS_FILE)
 
     def __post_init__(self) -> None:
         codec = faiss.downcast_index(self.codec)
@@ -261,13 +262,24 @@ class LocalStore:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def check(self) -> list[str]:
-        """Inconsistencies between the offsets and the codes."""
+    def check(self, dim: int | None = None) -> list[str]:
+        """What is wrong with the arrays, each naming its file: dtypes and shapes, offsets that start at 0,
+        never decrease and end at the number of codes, codes as wide as the codec's, the codec's dimension
+        (``dim``). Reads the offsets once (8 bytes per item), never the codes."""
         problems = []
-        if int(self.offsets[-1]) != len(self.codes):
-            problems.append(f"offsets end at {self.offsets[-1]} but there are {len(self.codes)} codes")
-        if np.any(np.diff(self.offsets) < 0):
-            problems.append("offsets are not increasing")
+        codes, offsets = self.codes, self.offsets
+        if dim is not None and self.codec.d != dim:
+            problems.append(f"{CODEC_FILE}: a codec of {self.codec.d}-d vectors, the model's are {dim}-d")
+        if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != self.code_size:
+            problems.append(f"{CODES_FILE}: {codes.dtype} array of shape {codes.shape}, expected uint8 of shape "
+                            f"(n, {self.code_size})")
+        if offsets.dtype != np.int64 or offsets.ndim != 1 or len(offsets) < 1:
+            return problems + [f"{OFFSETS_FILE}: {offsets.dtype} array of shape {offsets.shape}, expected int64 "
+                               f"of shape (items + 1,)"]
+        if int(offsets[0]) != 0 or bool(np.any(offsets[1:] < offsets[:-1])):
+            problems.append(f"{OFFSETS_FILE}: offsets do not start at 0 and increase")
+        if int(offsets[-1]) != len(codes):
+            problems.append(f"{OFFSETS_FILE}: offsets end at {int(offsets[-1])}, {CODES_FILE} has {len(codes)} codes")
         return problems
 
     def prefetch(self, rows: np.ndarray) -> None:

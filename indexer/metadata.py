@@ -1,4 +1,10 @@
-"""Item metadata in SQLite (WAL): ids, paths, sizes, caption text, caption -> image links, tombstones."""
+"""Item metadata in SQLite (WAL): ids, paths, sizes, caption text, caption -> image links, tombstones, and
+the photos' typed fields that filters read.
+
+Fields: ``fields`` records each field's type (``string``, ``number``, ``date``, ``bool``); ``image_fields``
+holds one (image row, field, value) per value (a multi-valued field has several), the value stored as its type
+says (dates as seconds since the epoch, UTC; bools as 0/1), indexed by (field, value) for filters and by row.
+Indexes written before fields existed have neither table; they read as having no fields."""
 
 from __future__ import annotations
 
@@ -18,7 +24,12 @@ CREATE TABLE IF NOT EXISTS captions (
     image_row INTEGER, image_id TEXT, deleted INTEGER NOT NULL DEFAULT 0, extra TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS captions_by_image ON captions(image_id);
+CREATE TABLE IF NOT EXISTS fields (name TEXT PRIMARY KEY, type TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS image_fields (row INTEGER NOT NULL, field TEXT NOT NULL, value NOT NULL);
+CREATE INDEX IF NOT EXISTS image_fields_by_value ON image_fields(field, value, row);
+CREATE INDEX IF NOT EXISTS image_fields_by_row ON image_fields(row);
 """
+FIELD_TYPES = ("string", "number", "date", "bool")
 
 
 @dataclass
@@ -123,4 +134,49 @@ def row_dicts(conn: sqlite3.Connection, table: str, rows: list[int]) -> dict[int
         d = dict(r)
         d["extra"] = json.loads(d["extra"])
         out[d["row"]] = d
+    return out
+
+
+def has_fields(conn: sqlite3.Connection) -> bool:
+    """Whether the database has the field tables (indexes written before them do not)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'image_fields'").fetchone() is not None
+
+
+def field_types(conn: sqlite3.Connection) -> dict[str, str]:
+    """Every field and its type, by name."""
+    if not has_fields(conn):
+        return {}
+    return {r[0]: r[1] for r in conn.execute("SELECT name, type FROM fields ORDER BY name")}
+
+
+def declare_fields(conn: sqlite3.Connection, types: dict[str, str]) -> None:
+    """Record the types of new fields (a field keeps the type it was first given)."""
+    assert all(t in FIELD_TYPES for t in types.values())
+    conn.executemany("INSERT OR IGNORE INTO fields(name, type) VALUES (?, ?)", sorted(types.items()))
+
+
+def set_image_fields(conn: sqlite3.Connection, values: dict[int, dict[str, list[Any]]], replace: bool = False) -> None:
+    """Store typed ``values`` (row -> field -> stored values) of images; the fields must be declared.
+    ``replace``: each named field's old values of that row go first (else values are added)."""
+    rows = []
+    for row, fields in values.items():
+        for name, stored in fields.items():
+            if replace:
+                conn.execute("DELETE FROM image_fields WHERE row = ? AND field = ?", (int(row), name))
+            rows += [(int(row), name, v) for v in stored]
+    conn.executemany("INSERT INTO image_fields(row, field, value) VALUES (?, ?, ?)", rows)
+
+
+def remove_image_fields(conn: sqlite3.Connection, row: int, names: list[str]) -> None:
+    conn.executemany("DELETE FROM image_fields WHERE row = ? AND field = ?", [(int(row), n) for n in names])
+
+
+def image_fields(conn: sqlite3.Connection, rows: list[int]) -> dict[int, dict[str, list[Any]]]:
+    """The stored values of ``rows``' fields: row -> field -> values (in insertion order)."""
+    if not rows or not has_fields(conn):
+        return {}
+    out: dict[int, dict[str, list[Any]]] = {}
+    for r in conn.execute("SELECT row, field, value FROM image_fields WHERE row IN (SELECT value FROM json_each(?)) "
+                          "ORDER BY rowid", (json.dumps([int(x) for x in rows]),)):
+        out.setdefault(r[0], {}).setdefault(r[1], []).append(r[2])
     return out

@@ -214,8 +214,14 @@ class QdrantLocalStore:
     def lengths(self) -> np.ndarray:
         return self._lengths
 
-    def check(self) -> list[str]:
-        return []
+    def check(self, dim: int | None = None) -> list[str]:
+        problems = []
+        if self._lengths.dtype != np.int64 or self._lengths.ndim != 1 or bool(np.any(self._lengths < 0)):
+            problems.append(f"{LENGTHS_FILE}: {self._lengths.dtype} array of shape {self._lengths.shape}, expected "
+                            f"int64 token counts")
+        if dim is not None and self.codec.dim != dim:
+            problems.append(f"{STATE_FILE}: a collection of {self.codec.dim}-d vectors, the model's are {dim}-d")
+        return problems
 
     def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [int(r) for r in rows]

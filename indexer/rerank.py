@@ -16,7 +16,7 @@ The matmul runs in ``float16`` on CUDA, whose tensor cores read the SQfp16 codes
 float16 arithmetic (AVX512-FP16 or AMX-FP16) for batches of :data:`HALF_FROM_QUERIES` text queries or more
 (about 2x faster than float32 there, scores within 2e-3); in ``float32`` for smaller batches, for image queries
 (captions are too short for float16 to pay off) and on other CPUs, where torch emulates float16 (bf16 was
-measured slower: converting the fp16 codes costs more than the matmul saves, see README "Benchmarks"). The
+measured slower: converting the fp16 codes costs more than the matmul saves, see docs/benchmarks.md). The
 similarities are pooled in float32 either way.
 """
 
@@ -40,7 +40,7 @@ DENSE_UNION_FACTOR = 2  # dense scoring when the union holds at most this many t
 BLOCK_BUDGET_BYTES = 256 << 20  # at most this much of per-query candidate copies at once (block scoring)
 # ``auto`` on a CPU with float16 arithmetic: text queries in batches of this many or more in float16 (1.6-2x
 # faster here from 3 to 16 queries against photos' 49 regions at K=100); fewer in float32, where float16 was
-# slower (1.7x for one query), and image queries too: against captions' few words float16 never won (README)
+# slower (1.7x for one query), and image queries too: against captions' few words float16 never won (docs/benchmarks.md)
 HALF_FROM_QUERIES = 3
 
 
@@ -169,7 +169,7 @@ def cpu_has_float16_arithmetic(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 def compute_dtype(device: torch.device) -> torch.dtype:
     """float16 on CUDA (tensor cores; SQfp16 codes as stored) and on CPUs with float16 arithmetic (2-2.4x
-    faster than float32 there: 41% of memcpy bandwidth against 18%, README), float32 on other CPUs."""
+    faster than float32 there: 41% of memcpy bandwidth against 18%, docs/benchmarks.md), float32 on other CPUs."""
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_float16_arithmetic()):
         return torch.float16
     return torch.float32

@@ -5,6 +5,12 @@ The service, ``alignsearch eval`` and the benchmarks all call :class:`Searcher`.
 (:mod:`indexer.rerank`): the local vectors of the union of all queries' candidates are gathered and decoded
 once, every query is scored against its own candidates in one batched matmul on the model's device with the
 model's region-word alignment, and mixed with the global score as TGDT does: ``S = S_global + w * S_local``.
+
+Filters (:mod:`indexer.filters`) are evaluated in SQLite to the allowed rows, and the coarse stage returns the
+top ``candidates`` *allowed* rows by global score, so a filtered search equals the two-stage search of the
+filtered collection alone (the rerank only ever sees allowed candidates). How the coarse stage finds them
+depends on how many rows are allowed (:meth:`Searcher.coarse_filtered`). Pages: ``offset`` skips the first
+ranks of the same ranking (the candidates grow to ``offset + k`` when fewer).
 """
 
 from __future__ import annotations
@@ -24,8 +30,12 @@ from alignsearch.models.model import AlignModel, EncoderOutput
 from alignsearch.models.scoring import ScoringConfig, rank
 from alignsearch.models.words import content_words
 
-from .index import Collection, Index, check_model
+from .filters import FilterError
+from .index import Allowed, Collection, Index, check_model
 from .rerank import Reranked, Reranker, precision_dtype
+
+EXACT_MAX = 2048  # allowed rows up to this many are scored exactly from their stored global vectors
+SELECTOR_MAX_FRACTION = 0.25  # up to this share of the collection: the global store searches the allowed ids only
 
 
 @dataclass
@@ -49,6 +59,13 @@ class SearchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     truncated: bool = False
     min_score: float | None = None  # the threshold :meth:`Searcher.mark_matches` applied, if any
+    offset: int = 0  # the rank (0-based) of the first hit
+    total: int | None = None  # items the search ranks from: live items, or those the filter allows
+
+    @property
+    def has_more(self) -> bool:
+        """More results follow this page (at ``offset + len(hits)``)."""
+        return self.total is not None and self.offset + len(self.hits) < self.total
 
     @property
     def no_match(self) -> bool:
@@ -66,10 +83,22 @@ def _ms(start: float) -> float:
 
 
 def _result(hits: list[Hit], coarse_ms: float, rerank_ms: float, enc: EncoderOutput | None = None,
-            q: int = 0) -> SearchResult:
+            q: int = 0, offset: int = 0, total: int | None = None) -> SearchResult:
     """A result with its stage timings; with ``enc``, whether query ``q``'s text was cut to the model's length."""
     return SearchResult(hits, {"coarse": coarse_ms, "rerank": rerank_ms, "total": round(coarse_ms + rerank_ms, 3)},
-                        bool(enc.truncated[q]) if enc is not None and enc.truncated else False)
+                        bool(enc.truncated[q]) if enc is not None and enc.truncated else False,
+                        offset=offset, total=total)
+
+
+def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of one query's (scores, rows): score descending, ties by row id."""
+    if len(rows) > k:
+        keep = np.argpartition(-scores, k - 1)[:k]
+        cut = scores[keep].min()
+        keep = np.flatnonzero(scores >= cut)  # every tie at the cut, so the row-id order decides among them
+        scores, rows = scores[keep], rows[keep]
+    order = np.lexsort((rows, -scores))[:k]
+    return rows[order], scores[order]
 
 
 class Searcher:
@@ -104,32 +133,104 @@ class Searcher:
 
     # -- public API -------------------------------------------------------------------------------------
     def search_text(self, queries: list[str], k: int = 10, candidates: int = 100, explain: bool = False,
-                    scoring: ScoringConfig | None = None) -> list[SearchResult]:
-        """Texts -> ranked images."""
+                    scoring: ScoringConfig | None = None, filter: Any = None, offset: int = 0) -> list[SearchResult]:
+        """Texts -> ranked images (of those ``filter`` allows; ranks ``offset + 1`` to ``offset + k``)."""
         start = time.perf_counter()
         enc = self.model.encode_texts(queries)
-        return self._with_encode(self.search_text_encoded(enc, k, candidates, explain, scoring), _ms(start))
+        return self._with_encode(self.search_text_encoded(enc, k, candidates, explain, scoring, filter, offset),
+                                 _ms(start))
 
     def search_image(self, images: list[Image.Image], k: int = 10, candidates: int = 100, explain: bool = False,
-                     scoring: ScoringConfig | None = None) -> list[SearchResult]:
-        """Images -> ranked captions."""
+                     scoring: ScoringConfig | None = None, filter: Any = None, offset: int = 0) -> list[SearchResult]:
+        """Images -> ranked captions (of the images ``filter`` allows)."""
         start = time.perf_counter()
         enc = self.model.encode_images(images)
-        return self._with_encode(self.search_image_encoded(enc, k, candidates, explain, scoring), _ms(start))
+        return self._with_encode(self.search_image_encoded(enc, k, candidates, explain, scoring, filter, offset),
+                                 _ms(start))
 
     def search_text_encoded(self, enc: EncoderOutput, k: int, candidates: int, explain: bool = False,
-                            scoring: ScoringConfig | None = None) -> list[SearchResult]:
+                            scoring: ScoringConfig | None = None, filter: Any = None, offset: int = 0
+                            ) -> list[SearchResult]:
         """Encoded text queries -> ranked images (words are the query side)."""
         scoring = scoring or self.scoring
-        in_store = self._search_in_store(enc, self.index.images, k, candidates, explain, scoring)
-        if in_store is not None:
-            return in_store
-        return self._search(enc, self.index.images, k, candidates, explain, True, scoring)
+        allowed = self._allowed(self.index.images, filter)
+        if allowed is None:
+            in_store = self._search_in_store(enc, self.index.images, k, candidates, explain, scoring, offset)
+            if in_store is not None:
+                return in_store
+        return self._search(enc, self.index.images, k, candidates, explain, True, scoring, allowed, offset)
 
     def search_image_encoded(self, enc: EncoderOutput, k: int, candidates: int, explain: bool = False,
-                             scoring: ScoringConfig | None = None) -> list[SearchResult]:
-        """Encoded image queries -> ranked captions (words are the candidates' side)."""
-        return self._search(enc, self.index.captions, k, candidates, explain, False, scoring or self.scoring)
+                             scoring: ScoringConfig | None = None, filter: Any = None, offset: int = 0
+                             ) -> list[SearchResult]:
+        """Encoded image queries -> ranked captions (words are the candidates' side). With ``filter``, only
+        captions of the images it allows (standalone captions have no image, so a filter leaves them out)."""
+        allowed = self._allowed(self.index.captions, filter)
+        return self._search(enc, self.index.captions, k, candidates, explain, False, scoring or self.scoring,
+                            allowed, offset)
+
+    def _allowed(self, col: Collection, filter_: Any) -> Allowed | None:
+        """The rows ``filter_`` allows (None: no filter); FilterError for a filter this index cannot run."""
+        if filter_ is None:
+            return None
+        allowed = self.index.allowed(col.name, filter_)
+        if col.index.backend != "faiss":
+            raise FilterError("filter", f"filters are not supported on indexes stored in {col.index.backend}; "
+                                        "rebuild the index with the default store (FAISS)")
+        return allowed
+
+    def similar_queries(self, image_ids: list[str]) -> tuple[EncoderOutput, list[int]]:
+        """The global vectors of indexed images (stored ones; the file encoded again where the store keeps none)
+        as queries for :meth:`search_similar_encoded`, and their rows. KeyError for an id not live."""
+        rows = []
+        for image_id in image_ids:
+            row = self.index.image_by_id(image_id)
+            if row is None:
+                raise KeyError(image_id)
+            rows.append(int(row["row"]))
+        col = self.index.images
+        vectors = getattr(col.index, "vectors", None)
+        if vectors is not None:
+            emb = torch.from_numpy(np.ascontiguousarray(vectors(np.array(rows, dtype=np.int64)), dtype=np.float32))
+            emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        else:
+            paths = [self.index.images_root / self.index.image_by_id(i)["path"] for i in image_ids]
+            emb = self.model.encode_images([Image.open(p).convert("RGB") for p in paths]).global_emb
+        n = len(rows)
+        return EncoderOutput(emb, torch.zeros(n, 1, emb.shape[1]), torch.zeros(n, 1, dtype=torch.bool)), rows
+
+    def search_similar_encoded(self, enc: EncoderOutput, k: int, filter: Any = None, offset: int = 0,
+                               exclude: list[int | None] | None = None) -> list[SearchResult]:
+        """Images -> the most similar indexed images ("more like this"), by the cosine of their global vectors
+        (exact among the allowed rows as the coarse stage is; no rerank), without each query's own row
+        ``exclude[q]``. ``hit.score`` = ``hit.global_score``; ``local_score`` 0."""
+        if k < 1 or offset < 0:
+            raise ValueError("k must be >= 1, offset >= 0")
+        col = self.index.images
+        allowed = self._allowed(col, filter)
+        exclude = exclude or [None] * len(enc)
+        need = offset + k
+        start = time.perf_counter()
+        queries = enc.global_emb.numpy()
+        if allowed is None:
+            rows_per_query, scores_per_query = self.coarse(queries, col, need + 1)
+        else:
+            rows_per_query, scores_per_query = self.coarse_filtered(queries, col, need + 1, allowed)
+        coarse_ms = _ms(start)
+        results = []
+        for q, (rows, scores) in enumerate(zip(rows_per_query, scores_per_query)):
+            start = time.perf_counter()
+            own = exclude[q]
+            total = col.live if allowed is None else allowed.count
+            if own is not None and (allowed is None or bool(allowed.contains(np.array([own]))[0])):
+                total -= 1
+            keep = rows != own if own is not None else np.ones(len(rows), dtype=bool)
+            rows, scores = rows[keep], scores[keep]
+            order = rank(scores, rows, need)[offset:]
+            g = torch.from_numpy(np.ascontiguousarray(scores[order], dtype=np.float32))
+            hits = self._hits(col.name, rows[order], g, g, torch.zeros_like(g))
+            results.append(_result(hits, coarse_ms, _ms(start), offset=offset, total=total))
+        return results
 
     @property
     def default_min_score(self) -> float | None:
@@ -178,18 +279,62 @@ class Searcher:
             out_scores.append(s[keep][:candidates])
         return out_rows, out_scores
 
+    def coarse_filtered(self, queries: np.ndarray, col: Collection, candidates: int, allowed: Allowed
+                        ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Top ``candidates`` *allowed* rows per query by global inner product: (rows, scores) per query.
+
+        The way is chosen by how many rows are allowed: up to ``EXACT_MAX``, their stored vectors are scored
+        exactly (cost: that many dot products); up to ``SELECTOR_MAX_FRACTION`` of the collection, the global
+        store searches the allowed ids only (FAISS with an ID selector: flat, IVF and HNSW); beyond, the
+        global store's top is widened until it holds ``candidates`` allowed rows (about ``candidates / share``
+        fetched, doubled while short), which are kept. Flat indexes give the exact top in every way; an
+        approximate index (IVF, HNSW) is as approximate as its unfiltered search, except the exact way."""
+        n, want = allowed.count, min(candidates, allowed.count)
+        if n == 0 or len(queries) == 0:
+            return [np.zeros(0, np.int64)] * len(queries), [np.zeros(0, np.float32)] * len(queries)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if n <= EXACT_MAX:
+            scores = queries @ np.asarray(col.index.vectors(allowed.rows), dtype=np.float32).T
+            tops = [_top(s, allowed.rows, want) for s in scores]
+            return [t[0] for t in tops], [t[1] for t in tops]
+        search_ids = getattr(col.index, "search_ids", None)
+        if search_ids is not None and n <= SELECTOR_MAX_FRACTION * max(col.live, 1):
+            scores, rows = search_ids(queries, want, allowed.rows)
+            found = [r[r >= 0] for r in rows]
+            if all(len(f) >= want for f in found):
+                return [f[:want] for f in found], [s[r >= 0][:want] for s, r in zip(scores, rows)]
+        return self._widened(queries, col, want, allowed)
+
+    def _widened(self, queries: np.ndarray, col: Collection, want: int, allowed: Allowed
+                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The global store's top, widened until each query has ``want`` allowed rows (or the store is done)."""
+        held = col.index.count()
+        share = allowed.count / max(held, 1)
+        fetch = min(held, int(want / share * 1.25) + 16)
+        while True:
+            scores, rows = col.search(queries, fetch)
+            keep = [allowed.contains(r) for r in rows]
+            if fetch >= held or all(int(k.sum()) >= want for k in keep):
+                return [r[k][:want] for r, k in zip(rows, keep)], [s[k][:want] for s, k in zip(scores, keep)]
+            fetch = min(held, fetch * 2)
+
     def rerank(self, enc: EncoderOutput, col: Collection, rows_per_query: list[np.ndarray], query_is_text: bool,
                scoring: ScoringConfig | None = None) -> Reranked:
         """Local alignment scores of every query of ``enc`` against its candidates, in one batched pass."""
         return self.reranker.rerank(enc, col.store, rows_per_query, query_is_text, scoring or self.scoring)
 
     def _search(self, enc: EncoderOutput, col: Collection, k: int, candidates: int, explain: bool,
-                query_is_text: bool, scoring: ScoringConfig) -> list[SearchResult]:
-        if k < 1 or candidates < 1:
-            raise ValueError("k and candidates must be >= 1")
-        candidates = max(candidates, k)
+                query_is_text: bool, scoring: ScoringConfig, allowed: Allowed | None = None, offset: int = 0
+                ) -> list[SearchResult]:
+        if k < 1 or candidates < 1 or offset < 0:
+            raise ValueError("k and candidates must be >= 1, offset >= 0")
+        candidates = max(candidates, offset + k)
+        total = col.live if allowed is None else allowed.count
         start = time.perf_counter()
-        rows_per_query, global_per_query = self.coarse(enc.global_emb.numpy(), col, candidates)
+        if allowed is None:
+            rows_per_query, global_per_query = self.coarse(enc.global_emb.numpy(), col, candidates)
+        else:
+            rows_per_query, global_per_query = self.coarse_filtered(enc.global_emb.numpy(), col, candidates, allowed)
         coarse_ms = _ms(start)
         start = time.perf_counter()
         reranked = self.rerank(enc, col, rows_per_query, query_is_text, scoring)
@@ -203,55 +348,57 @@ class Searcher:
         for q, rows in enumerate(rows_per_query):
             start = time.perf_counter()
             if len(rows) == 0:
-                results.append(_result([], coarse_ms, 0.0))
+                results.append(_result([], coarse_ms, 0.0, offset=offset, total=total))
                 continue
             n = len(rows)
             fused, g, local_scores = fused_all[q, :n], g_all[q, :n], reranked.scores[q, :n]
-            order = rank(fused, rows, k)
+            order = rank(fused, rows, offset + k)[offset:]
             hits = self._hits(col.name, rows[order], fused[order], g[order], local_scores[order])
-            if explain:
+            if explain and len(hits):
                 self._explain(enc, q, hits, *reranked.candidates(q, order), query_is_text)
-            results.append(_result(hits, coarse_ms, round(batch_ms + _ms(start), 3), enc, q))
+            results.append(_result(hits, coarse_ms, round(batch_ms + _ms(start), 3), enc, q, offset, total))
         return results
 
     def _search_in_store(self, enc: EncoderOutput, col: Collection, k: int, candidates: int, explain: bool,
-                         scoring: ScoringConfig) -> list[SearchResult] | None:
+                         scoring: ScoringConfig, offset: int = 0) -> list[SearchResult] | None:
         """Text -> images where the global store ranks by the fused score itself (Qdrant: prefetch on global,
         MAX_SIM on local, a formula; :mod:`indexer.qdrant_store`); None where it cannot, for this store or
         this scoring (then :meth:`_search` runs). Same hits, scores and groundings as :meth:`_search`."""
         search_fused = getattr(col.index, "search_fused", None)
         if search_fused is None:
             return None
-        if k < 1 or candidates < 1:
-            raise ValueError("k and candidates must be >= 1")
+        if k < 1 or candidates < 1 or offset < 0:
+            raise ValueError("k and candidates must be >= 1, offset >= 0")
         if not col.live:
-            return [_result([], 0.0, 0.0) for _ in range(len(enc.local))]
+            return [_result([], 0.0, 0.0, offset=offset, total=0) for _ in range(len(enc.local))]
         start = time.perf_counter()
         words = [enc.local[q][enc.mask[q].bool()].numpy() for q in range(len(enc.local))]
-        found = search_fused(enc.global_emb.numpy(), words, k, max(candidates, k), scoring)
+        need = offset + k
+        found = search_fused(enc.global_emb.numpy(), words, need, max(candidates, need), scoring)
         if found is None:
             return None
         store_ms = _ms(start)
         results = []
         for q, (rows, fused, g, local) in enumerate(found):
             start = time.perf_counter()
-            order = rank(fused, rows, k)
+            order = rank(fused, rows, need)[offset:]
             hits = self._hits(col.name, rows[order], *(torch.from_numpy(x[order]) for x in (fused, g, local)))
             if explain and len(hits):
                 self._explain(enc, q, hits, *col.store.gather(rows[order]), True)
-            results.append(_result(hits, store_ms, _ms(start), enc, q))  # the store ranked: rerank = metadata
+            results.append(_result(hits, store_ms, _ms(start), enc, q, offset, col.live))  # the store ranked: rerank = metadata
         return results
 
     def _hits(self, collection: str, rows: np.ndarray, fused: torch.Tensor, g: torch.Tensor,
               local: torch.Tensor) -> list[Hit]:
         meta = self.index.rows(collection, rows.tolist())
+        fields = self.index.fields_of(rows.tolist()) if collection == "images" else {}
         hits = []
         for row, s, gs, ls in zip(rows.tolist(), fused.tolist(), g.tolist(), local.tolist()):
             m = meta[row]
             extra = m.get("extra", {})
             if collection == "images":
                 hits.append(Hit(row, m["id"], s, gs, ls, m["path"], None, None,
-                                {"width": m["width"], "height": m["height"], **extra}))
+                                {"width": m["width"], "height": m["height"], **extra, **fields.get(row, {})}))
             else:
                 hits.append(Hit(row, m["id"], s, gs, ls, None, m["text"], m["image_id"], extra))
         return hits

@@ -105,8 +105,8 @@ class LocalStore(Protocol):
     def lengths(self) -> np.ndarray:
         """Tokens per item."""
 
-    def check(self) -> list[str]:
-        """Internal inconsistencies found (for ``index verify``)."""
+    def check(self, dim: int | None = None) -> list[str]:
+        """Internal inconsistencies found, each naming its file (dtypes, shapes, offsets; vectors of ``dim``)."""
 
     def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The vectors of ``rows``: (K x T x D float32, K x T bool mask)."""

@@ -15,9 +15,9 @@ import numpy as np
 from alignsearch.models.model import AlignModel
 from alignsearch.models.precomputed import check_input
 
-from . import layout, metadata
-from .assemble import insert_metadata, model_fields, write_collection
-from .build import BuildOptions, encode_all
+from . import layout, metadata, photo_fields
+from .assemble import insert_metadata, model_fields, store_fields, write_collection
+from .build import BuildOptions, encode_all, user_fields
 from .caption_ids import caption_items
 from .index import check_model, open_collection
 from .reader import read_captions, scan_features, scan_images
@@ -62,15 +62,27 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
     manifest = layout.read_manifest(index_dir)
     check_model(manifest, model)
     check_input(model, options.features)
+    conn = metadata.connect(Path(index_dir) / layout.METADATA, read_only=True)
+    try:
+        known = metadata.field_types(conn)
+    finally:
+        conn.close()
+    rows = read_captions(options.captions) if options.captions else []
+    fields = user_fields(rows, options.metadata, known)  # a bad field fails before any encoding
+    given = set(photo_fields.read_metadata_file(options.metadata)) if options.metadata else set()
     report: dict[str, Any] = {}
     scratch: list[Path] = []  # removed whatever happens (a failed add is redone from the start)
 
     def change(work: Path, manifest: dict) -> dict:
         conn = metadata.connect(work / layout.METADATA)
         existing = {r[0] for r in conn.execute("SELECT id FROM images")}
-        rows = read_captions(options.captions) if options.captions else []
         if options.features is not None:
             listed, unread = scan_features(options.features, rows), Counter()
+            if options.files is not None:
+                wanted = set(options.files)
+                listed = [f for f in listed if f in wanted]
+        elif options.files is not None:  # these files only: no scan of the whole folder
+            listed, unread = [f for f in options.files if (options.images / f).is_file()], Counter()
         else:
             listed, unread = scan_images(options.images)
         files = [f for f in listed if f not in existing]
@@ -91,12 +103,13 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
             manifest["collections"][name] = write_collection(
                 work / name, shards[name], first, entry["factory"], col.store.codec, previous=(col.index, col.store),
                 backend=global_backend(entry.get("backend")), local=local_backend(entry.get("local_backend")))
-            insert_metadata(conn, name, first, shards[name])
+            insert_metadata(conn, name, first, shards[name], Path(manifest["images_root"]), fields)
             manifest["counts"][name] = metadata.count(conn, name, live_only=True)
+        updated = update_fields(conn, {i: fields[i] for i in given & existing})
         linked = metadata.link_captions(conn, [i["id"] for s in shards["images"] for i in s.items])
         metadata.close_for_checksum(conn)
         manifest["model"] = model_fields(model)  # an index of the previous fingerprint rule is migrated here
-        report.update(captions_linked=linked, images_added=sum(len(s.items) for s in shards["images"]),
+        report.update(metadata_updated=updated, captions_linked=linked, images_added=sum(len(s.items) for s in shards["images"]),
                       captions_added=sum(len(s.items) for s in shards["captions"]),
                       skipped=[k for name in layout.COLLECTIONS for s in shards[name] for k in s.skipped],
                       not_read=dict(sorted(unread.items())))
@@ -108,6 +121,45 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
         for path in scratch:
             shutil.rmtree(path, ignore_errors=True)
     return report
+
+
+def set_fields(index_dir: Path, given: dict[str, photo_fields.Raw]) -> dict[str, Any]:
+    """Replace the named fields of live indexed images (image id -> field -> values; an empty list removes the
+    field), in one transaction; nothing else changes. Returns ``{"updated": n, "not_found": [...]}``. Values
+    that do not fit a field's type raise :class:`photo_fields.FieldError` before anything is written."""
+    conn = metadata.connect(Path(index_dir) / layout.METADATA, read_only=True)
+    try:
+        known = metadata.field_types(conn)
+        live = {r[0] for r in conn.execute("SELECT id FROM images WHERE deleted = 0 AND id IN "
+                                           "(SELECT value FROM json_each(?))", (json.dumps(list(given)),))}
+    finally:
+        conn.close()
+    photo_fields.typed({n: given[i] for n, i in enumerate(given)}, {**photo_fields.BUILTIN_TYPES, **known},
+                       dict(enumerate(given)))
+    report: dict[str, Any] = {"updated": 0, "not_found": sorted(set(given) - live)}
+    if not live:
+        return report
+
+    def change(work: Path, manifest: dict) -> dict:
+        conn = metadata.connect(work / layout.METADATA)
+        report["updated"] = update_fields(conn, {i: given[i] for i in live})
+        metadata.close_for_checksum(conn)
+        return manifest
+
+    transaction(index_dir, change)
+    return report
+
+
+def update_fields(conn: sqlite3.Connection, given: dict[str, photo_fields.Raw], replace: bool = True) -> int:
+    """Set the fields of live indexed images (image id -> field -> values; an empty list removes a field);
+    ``replace`` False: the given values are added to the field's. Returns how many images were updated."""
+    raw, label = {}, {}
+    for image_id, fields in given.items():
+        found = conn.execute("SELECT row FROM images WHERE id = ? AND deleted = 0", (image_id,)).fetchone()
+        if found:
+            raw[found[0]], label[found[0]] = fields, image_id
+    store_fields(conn, raw, label, replace=replace)
+    return len(raw)
 
 
 def _captions_of(conn: Any, image_rows: list[int], exclude: set[str]) -> list[str]:

@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from alignsearch.console import require_file, require_folder
+
 from .config import ALIGNMENTS, BackboneConfig, HeadConfig, ModelConfig, PriorConfig
 
 DEFAULT_DATASET_HELP = "Karpathy-format JSON, or an image,caption CSV"
@@ -78,7 +80,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/alignsearch/features"),
                    help="where frozen-backbone features are cached between runs")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in OUT")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is in OUT from its last finished epoch (after Ctrl-C, "
+                        "a kill or a crash); without it, a checkpoint in OUT is an error, never overwritten")
     add_progress_option(p)
     p.set_defaults(func=run_train)
 
@@ -155,6 +159,10 @@ def image_input(args: argparse.Namespace) -> None:
     """Exactly one of ``--images`` (photos) and ``--features`` (precomputed region features)."""
     if (args.images is None) == (args.features is None):
         raise ValueError("give --images DIR (photos) or --features DIR (precomputed region features), one of them")
+    if args.images is not None:
+        require_folder(args.images, "images folder")
+    else:
+        require_folder(args.features, "features folder")
 
 
 def _features_config(args: argparse.Namespace, config: ModelConfig) -> ModelConfig:
@@ -168,16 +176,21 @@ def _features_config(args: argparse.Namespace, config: ModelConfig) -> ModelConf
 
 
 def run_train(args: argparse.Namespace) -> int:
+    require_file(args.dataset, "dataset file")  # the paths first, before torch is imported
+    image_input(args)  # exactly one of --images / --features, an existing folder
+    if args.config:
+        require_file(args.config, "model config")
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out {args.out} is a file; training writes a folder: pick another --out")
     from .train import TrainOptions, train
 
-    image_input(args)
     config = _features_config(args, config_from_args(args))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     apply_progress_option(args)
     options = TrainOptions(
         dataset=args.dataset, images=args.images, features=args.features, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, margin=args.margin, val_size=args.val_size, candidates=args.candidates,
-        seed=args.seed, cache_dir=args.cache_dir.expanduser(), device=args.device, resume=not args.no_resume,
+        seed=args.seed, cache_dir=args.cache_dir.expanduser(), device=args.device, resume=args.resume,
         tune_local_weight=not args.no_tune_weight, augment_views=args.augment_views,
         mosaic_loss_weight=args.mosaic_loss, mosaics=args.mosaics, prior_lr=args.prior_lr,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ class TrainOptions:
     cache_dir: Path | None = None
     device: str = "auto"
     workers: int = 4
-    resume: bool = True
+    resume: bool = False
     tune_local_weight: bool = True
     augment_views: int = 4
     mosaic_loss_weight: float = 0.0
@@ -109,6 +110,7 @@ def _save_checkpoint(out: Path, model: AlignModel, opt: torch.optim.Optimizer, m
     tensors_path, meta_path = _checkpoint_paths(out)
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v for k, v in model.trainable_state_dict().items()}
+    tensors["rng.torch"] = torch.get_rng_state()
     opt_state = opt.state_dict()
     for pid, state in opt_state["state"].items():
         for name, value in state.items():
@@ -128,6 +130,8 @@ def _load_checkpoint(out: Path, model: AlignModel, opt: torch.optim.Optimizer) -
     meta = json.loads(meta_path.read_text())
     tensors = load_file(str(tensors_path))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+    if "rng.torch" in tensors:  # dropout draws from it: restored, a resumed run ends with the same weights
+        torch.set_rng_state(tensors["rng.torch"])
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
@@ -135,6 +139,21 @@ def _load_checkpoint(out: Path, model: AlignModel, opt: torch.optim.Optimizer) -
             state.setdefault(int(pid), {})[name] = value.to(model.device) if name != "step" else value
     opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
     return meta
+
+
+class CheckpointError(ValueError):
+    """A checkpoint in the output folder that this run may not silently reuse or overwrite."""
+
+
+# Options that do not change what a run computes: a run may be resumed with other values of these.
+RESUMABLE_CHANGES = ("resume", "progress", "device", "workers", "cache_dir", "epochs")
+
+
+def run_identity(options: TrainOptions, config: ModelConfig) -> dict:
+    """What a checkpoint must match to be resumed: the model's config and the options that shape training.
+    ``epochs`` may grow (the schedule is then that of the longer run from the resumed epoch on)."""
+    opts = {k: str(v) for k, v in asdict(options).items() if k not in RESUMABLE_CHANGES}
+    return json.loads(json.dumps({"config": config.to_dict(), "options": opts}))
 
 
 def _has_trainable(module: torch.nn.Module) -> bool:
@@ -195,6 +214,7 @@ class TrainRun:
     loss_fn: Callable[..., torch.Tensor]
     loss_kwargs: dict[str, float]
     mosaic: "MosaicTask | None" = None
+    identity: dict = field(default_factory=dict)
     start_epoch: int = 0
     best: dict | None = None
     history: list[dict] = field(default_factory=list)
@@ -313,6 +333,8 @@ def prepare_run(options: TrainOptions, config: ModelConfig) -> TrainRun:
         raise FileNotFoundError(f"images folder not found: {options.images}")
     if options.loss not in LOSSES:
         raise ValueError(f"unknown loss {options.loss!r}; choose from {sorted(LOSSES)}")
+    identity = run_identity(options, config)
+    resume = _resume_checked(options, identity)  # before any feature is computed
     records = load_dataset(options.dataset)
     train_records = select_split(records, "train", options.val_size, options.seed)
     val_records = select_split(records, "val", options.val_size, options.seed)
@@ -347,10 +369,30 @@ def prepare_run(options: TrainOptions, config: ModelConfig) -> TrainRun:
     if options.mosaic_loss_weight > 0:
         run.mosaic = _mosaic_task(model, options, [options.images / f for f in filenames], train_pairs, val_pairs,
                                   texts)
-    meta = _load_checkpoint(options.out, model, opt) if options.resume else None
+    meta = _load_checkpoint(options.out, model, opt) if resume else None
     if meta:
         run.start_epoch, run.best, run.history = meta["epoch"] + 1, meta["best"], meta["history"]
+        log.info("resumed after epoch %d of %d", run.start_epoch, options.epochs)
+    run.identity = identity
     return run
+
+
+def _resume_checked(options: TrainOptions, identity: dict) -> bool:
+    """Whether to load the checkpoint in ``options.out``: only with ``resume``, and only one written by a run of
+    the same config and options; a checkpoint found without ``resume`` is an error, not overwritten."""
+    _, meta_path = _checkpoint_paths(options.out)
+    if not meta_path.is_file():
+        return False
+    if not options.resume:
+        raise CheckpointError(f"{options.out} holds a checkpoint of an earlier run: add --resume to continue it, "
+                              "or choose another --out")
+    saved = json.loads(meta_path.read_text()).get("identity")
+    if saved is not None and saved != identity:
+        changed = sorted({k for part in ("config", "options") for k in identity[part]
+                          if saved.get(part, {}).get(k) != identity[part][k]})
+        raise CheckpointError(f"{options.out}: its checkpoint was written with other settings ({', '.join(changed)}); "
+                              "resume with the same ones, or choose another --out")
+    return True
 
 
 def train_epoch(run: TrainRun, epoch: int) -> float:
@@ -402,9 +444,19 @@ def evaluate_epoch(run: TrainRun) -> dict[str, dict[str, float]]:
     return metrics
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux and macOS; 0 where unknown)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
+
+
 def select_epoch(run: TrainRun, epoch: int, loss: float, seconds: float, metrics: dict[str, dict[str, float]]) -> None:
     """Record the epoch, save the model when its two-stage rsum is the best so far, and write the checkpoint."""
-    row = {"epoch": epoch + 1, "loss": loss, "seconds": round(seconds, 2),
+    row = {"epoch": epoch + 1, "loss": loss, "seconds": round(seconds, 2), "peak_rss_mb": peak_rss_mb(),
            **{f"val_{m}_rsum": v["rsum"] for m, v in metrics.items() if "rsum" in v},
            **{f"val_{m}_{k}": x for m, v in metrics.items() if "rsum" not in v for k, x in v.items()}}
     run.history.append(row)
@@ -415,7 +467,8 @@ def select_epoch(run: TrainRun, epoch: int, loss: float, seconds: float, metrics
     if run.best is None or score > run.best["score"]:
         run.best = {"score": score, "epoch": epoch + 1}
         save_model(run.model, run.out_model)
-    _save_checkpoint(run.options.out, run.model, run.optimizer, {"epoch": epoch, "best": run.best, "history": run.history})
+    _save_checkpoint(run.options.out, run.model, run.optimizer,
+                     {"epoch": epoch, "best": run.best, "history": run.history, "identity": run.identity})
 
 
 def finish(run: TrainRun) -> dict:
@@ -441,9 +494,14 @@ def finish(run: TrainRun) -> dict:
 def train(options: TrainOptions, config: ModelConfig) -> dict:
     """Train heads for ``config`` on the dataset; the best epoch on validation is saved to ``options.out``."""
     run = prepare_run(options, config)
-    for epoch in range(run.start_epoch, options.epochs):
-        t0 = time.time()
-        loss = train_epoch(run, epoch)
-        metrics = evaluate_epoch(run)
-        select_epoch(run, epoch, loss, time.time() - t0, metrics)
+    try:
+        for epoch in range(run.start_epoch, options.epochs):
+            t0 = time.time()
+            loss = train_epoch(run, epoch)
+            metrics = evaluate_epoch(run)
+            select_epoch(run, epoch, loss, time.time() - t0, metrics)
+    except KeyboardInterrupt:
+        print(f"{len(run.history)} of {options.epochs} epochs are saved in {options.out}: the same command with "
+              "--resume continues from there", file=sys.stderr)
+        raise
     return finish(run)

@@ -2,7 +2,7 @@
 
 Requests pass, outermost first: metrics (every request counted by route template) -> the gate (API key,
 then body size; see :mod:`service.gate`) -> FastAPI's routing (:mod:`service.routes`), with the error
-handlers of :mod:`service.errors`.
+handlers of :mod:`service.errors`; the API's docs pages come from :mod:`service.docs`.
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ from fastapi.staticfiles import StaticFiles
 
 from alignsearch.indexer.search import Searcher
 
-from . import errors
+from . import docs, errors
 from .admission import Lanes
 from .auth import is_open
 from .compute import compute_threads
 from .follow import IndexFollower
 from .gate import Gate
 from .metrics import RequestMetrics
-from .pipeline import image_batch, on_current, text_batch
+from .pipeline import image_batch, on_current, similar_batch, text_batch
 from .routes import STATIC, api, public
 from .settings import Settings
 from .state import AppState
 from .uploads import Decoder, ImageLimits, decode_side_for
+from .writes import Writer
 
 DECODE_QUEUE = 8
 
@@ -66,6 +67,8 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
                           threads),
             "image": Lanes("image", on_current(current, image_batch), s,
                            state.metrics.batch_size.labels("image").observe, threads),
+            "similar": Lanes("similar", on_current(current, similar_batch), s,
+                             state.metrics.batch_size.labels("similar").observe, threads),
         }
         limits = ImageLimits(s.max_pixels, s.max_image_side, decode_side_for(opened.model))
         state.decoder = Decoder(limits, s.decode_workers, DECODE_QUEUE, s.decode_timeout_s)
@@ -75,16 +78,18 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
                 state.metrics.waiting.labels(f"{name}-{lane_name}").set_function(lambda lane=lane: lane.waiting)
         state.metrics.decoding.set_function(lambda: state.decoder.busy)
         state.follower = follower
+        state.writer = Writer(follower)
         await follower.start()
         try:
             yield
         finally:
             await follower.stop()
+            state.writer.close()
             for lanes in state.lanes.values():
                 await lanes.stop()
             state.decoder.close()
 
-    app = FastAPI(title="alignsearch", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="alignsearch", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fine-grained image-text search: a FAISS first stage on global vectors, "
                               "reranked by region-word alignment.")
     app.state.alignsearch = state
@@ -92,6 +97,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
     # the routers' routes themselves, not an include: ``app.routes`` then lists every route with its path on
     # any FastAPI version (newer ones wrap an included router in an object without one)
     app.router.routes.extend([*api.routes, *public.routes])
+    docs.install(app)  # /docs and /redoc with their assets from this install, no CDN; mounted before /static
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Gate, settings=state.settings)
     app.add_middleware(RequestMetrics, metrics=state.metrics, routes=list(app.routes))  # added last: runs first

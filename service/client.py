@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from urllib.parse import quote
 from typing import Any
 
 import httpx
@@ -23,15 +25,48 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def _text_body(query: str, k: int, candidates: int, explain: bool, min_score: float | None = None) -> dict[str, Any]:
-    body = {"query": query, "k": k, "candidates": candidates, "explain": explain}
+def _page(offset: int, filter: dict | None) -> dict[str, Any]:
+    return {**({"offset": offset} if offset else {}), **({"filter": filter} if filter is not None else {})}
+
+
+def _text_body(query: str, k: int, candidates: int, explain: bool, min_score: float | None = None,
+               offset: int = 0, filter: dict | None = None) -> dict[str, Any]:
+    body = {"query": query, "k": k, "candidates": candidates, "explain": explain, **_page(offset, filter)}
     return body if min_score is None else {**body, "min_score": min_score}
 
 
-def _image_files(image: bytes | str | Path, k: int, candidates: int, explain: bool) -> dict[str, Any]:
+def _form(fields: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v) if isinstance(v, (dict, bool)) else str(v) for k, v in fields.items()}
+
+
+def _image_files(image: bytes | str | Path, k: int, candidates: int, explain: bool, offset: int = 0,
+                 filter: dict | None = None) -> dict[str, Any]:
     data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
     return {"files": {"file": ("image", data, "application/octet-stream")},
-            "data": {"k": str(k), "candidates": str(candidates), "explain": str(explain).lower()}}
+            "data": _form({"k": k, "candidates": candidates, "explain": explain, **_page(offset, filter)})}
+
+
+def _similar(image_id: str | None, image: bytes | str | Path | None, k: int, offset: int, filter: dict | None
+             ) -> dict[str, Any]:
+    """The request of a "more like this" search: JSON with the indexed photo's id, or the photo uploaded."""
+    if (image_id is None) == (image is None):
+        raise ValueError("give exactly one of image_id and image")
+    if image_id is not None:
+        return {"json": {"id": image_id, "k": k, **_page(offset, filter)}}
+    data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+    return {"files": {"file": ("image", data, "application/octet-stream")},
+            "data": _form({"k": k, **_page(offset, filter)})}
+
+
+def _upload(image: bytes | str | Path, captions: list[str] | None, metadata: dict | None) -> dict[str, Any]:
+    data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+    fields = {**({"captions": json.dumps(captions)} if captions else {}),
+              **({"metadata": json.dumps(metadata)} if metadata else {})}
+    return {"files": {"file": ("image", data, "application/octet-stream")}, "data": fields}
+
+
+def _image_path(image_id: str) -> str:
+    return "/images/" + "/".join(quote(part, safe="") for part in image_id.split("/"))
 
 
 def _raise_for_status(response: httpx.Response) -> httpx.Response:
@@ -65,12 +100,33 @@ class AlignSearchClient:
         self.http.close()
 
     def search_text(self, query: str, k: int = 10, candidates: int = 100, explain: bool = False,
-                    min_score: float | None = None) -> dict:
-        return _json(self.http.post("/search/text", json=_text_body(query, k, candidates, explain, min_score)))
+                    min_score: float | None = None, offset: int = 0, filter: dict | None = None) -> dict:
+        """Ranked photos; ``offset`` skips ranks (the answer's ``next_offset`` gives the next page's),
+        ``filter`` keeps photos whose fields match (see docs/filters.md)."""
+        return _json(self.http.post("/search/text", json=_text_body(query, k, candidates, explain, min_score,
+                                                                    offset, filter)))
 
     def search_image(self, image: bytes | str | Path, k: int = 10, candidates: int = 100,
-                     explain: bool = False) -> dict:
-        return _json(self.http.post("/search/image", **_image_files(image, k, candidates, explain)))
+                     explain: bool = False, offset: int = 0, filter: dict | None = None) -> dict:
+        return _json(self.http.post("/search/image", **_image_files(image, k, candidates, explain, offset, filter)))
+
+    def search_similar(self, image_id: str | None = None, image: bytes | str | Path | None = None, k: int = 10,
+                       offset: int = 0, filter: dict | None = None) -> dict:
+        """Photos like an indexed one (``image_id``) or an uploaded one (``image``: bytes or a file path)."""
+        return _json(self.http.post("/search/similar", **_similar(image_id, image, k, offset, filter)))
+
+    def add_image(self, image: bytes | str | Path, captions: list[str] | None = None,
+                  metadata: dict | None = None) -> dict:
+        """Index a photo (``POST /images``; needs the API key or a server with --allow-writes): its id,
+        ``created`` and fields; searchable once this returns."""
+        return _json(self.http.post("/images", **_upload(image, captions, metadata)))
+
+    def set_metadata(self, image_id: str, fields: dict) -> dict:
+        """Replace the named fields of an indexed photo (None removes one)."""
+        return _json(self.http.patch(_image_path(image_id) + "/metadata", json=fields))
+
+    def delete_image(self, image_id: str) -> dict:
+        return _json(self.http.delete(_image_path(image_id)))
 
     def image(self, image_id_or_uri: str) -> bytes:
         path = image_id_or_uri if image_id_or_uri.startswith("/images/") else f"/images/{image_id_or_uri}"
@@ -103,13 +159,28 @@ class AsyncAlignSearchClient:
         await self.http.aclose()
 
     async def search_text(self, query: str, k: int = 10, candidates: int = 100, explain: bool = False,
-                          min_score: float | None = None) -> dict:
-        return _json(await self.http.post("/search/text",
-                                          json=_text_body(query, k, candidates, explain, min_score)))
+                          min_score: float | None = None, offset: int = 0, filter: dict | None = None) -> dict:
+        return _json(await self.http.post("/search/text", json=_text_body(query, k, candidates, explain, min_score,
+                                                                          offset, filter)))
 
     async def search_image(self, image: bytes | str | Path, k: int = 10, candidates: int = 100,
-                           explain: bool = False) -> dict:
-        return _json(await self.http.post("/search/image", **_image_files(image, k, candidates, explain)))
+                           explain: bool = False, offset: int = 0, filter: dict | None = None) -> dict:
+        return _json(await self.http.post("/search/image",
+                                          **_image_files(image, k, candidates, explain, offset, filter)))
+
+    async def search_similar(self, image_id: str | None = None, image: bytes | str | Path | None = None,
+                             k: int = 10, offset: int = 0, filter: dict | None = None) -> dict:
+        return _json(await self.http.post("/search/similar", **_similar(image_id, image, k, offset, filter)))
+
+    async def add_image(self, image: bytes | str | Path, captions: list[str] | None = None,
+                        metadata: dict | None = None) -> dict:
+        return _json(await self.http.post("/images", **_upload(image, captions, metadata)))
+
+    async def set_metadata(self, image_id: str, fields: dict) -> dict:
+        return _json(await self.http.patch(_image_path(image_id) + "/metadata", json=fields))
+
+    async def delete_image(self, image_id: str) -> dict:
+        return _json(await self.http.delete(_image_path(image_id)))
 
     async def ready(self) -> dict:
         return _json(await self.http.get("/readyz"))

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from alignsearch.console import require_file, require_folder
 from alignsearch.indexer.allocator import keep_freed_memory
 from alignsearch.models.cli import add_progress_option, apply_progress_option
 
@@ -94,15 +95,10 @@ def _stamp(images: Path, captions: Path | None, fingerprint: str) -> str:
 
 def prepare(args: argparse.Namespace):
     """Build (or reuse) the demo index; returns ``(index_dir, model)``."""
-    from alignsearch.indexer.build import BuildOptions, build
-    from alignsearch.models.factory import load_model
-
     out = args.out or default_cache()
     if args.images:
-        images = args.images.expanduser()
-        if not images.is_dir():
-            raise NotADirectoryError(f"--images {images}: not a folder")
-        captions = args.captions or _find_captions(images)
+        images = require_folder(args.images.expanduser(), "images folder")
+        captions = require_file(args.captions, "captions file") if args.captions else _find_captions(images)
         slug = hashlib.sha256(str(images.resolve()).encode()).hexdigest()[:10]
         index_dir = out / f"index-{images.resolve().name or 'photos'}-{slug}"
     else:
@@ -110,6 +106,9 @@ def prepare(args: argparse.Namespace):
             raise ValueError("--captions goes with --images (the sample photos have their own captions)")
         images, captions = sample_photos(out / "photos"), DEMO_CAPTIONS
         index_dir = out / "index"
+
+    from alignsearch.indexer.build import BuildOptions, build
+    from alignsearch.models.factory import load_model
 
     apply_progress_option(args)
     keep_freed_memory()  # it builds, then serves (indexer/allocator.py)

@@ -26,7 +26,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-UPLOAD_PATHS = frozenset({"/search/image"})
+UPLOAD_PATHS = frozenset({"/search/image", "/search/similar", "/images"})
 
 
 class BodyTooLarge(HTTPException):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_K = 100
@@ -9,17 +12,53 @@ MAX_CANDIDATES = 1000
 MAX_QUERY_CHARS = 2000  # far beyond what the text model reads (it truncates, and says so)
 
 
+FILTER_DOC = ("only photos that match: {\"must\": [...], \"should\": [...], \"must_not\": [...]} of conditions "
+              "{\"key\": FIELD, \"match\": {\"value\": V} | {\"any\": [V, ...]}}, {\"key\": FIELD, \"range\": "
+              "{\"gte\": A, \"lt\": B}} (numbers, ISO dates) or {\"key\": FIELD, \"prefix\": \"a/b\"} "
+              "(see docs/filters.md; `alignsearch index info` lists the fields)")
+
+
 class SearchParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     k: int = Field(10, ge=1, le=MAX_K, description="results to return")
     candidates: int = Field(100, ge=1, le=MAX_CANDIDATES, description="first-stage candidates to rerank")
+    offset: int = Field(0, ge=0, le=MAX_CANDIDATES - 1,
+                        description="ranks to skip: offset=k gives page 2 of the same ranking (the candidates grow to "
+                                    "offset + k when fewer; offset + k at most %d)" % MAX_CANDIDATES)
+    filter: dict[str, Any] | None = Field(None, description=FILTER_DOC)
+
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _filter_json(cls, value: Any) -> Any:
+        """A multipart form carries the filter as JSON text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("filter is not valid JSON") from None
+        return value
 
     @model_validator(mode="after")
     def _candidates_cover_k(self) -> SearchParams:
         if self.candidates < self.k:
             raise ValueError(f"candidates ({self.candidates}) must be >= k ({self.k})")
+        if self.offset + self.k > MAX_CANDIDATES:
+            raise ValueError(f"offset + k must be at most {MAX_CANDIDATES}")
         return self
+
+    @property
+    def ranked(self) -> int:
+        """Candidates the search reranks: ``candidates``, or ``offset + k`` when more."""
+        return max(self.candidates, self.offset + self.k)
+
+
+class Page(BaseModel):
+    offset: int = Field(0, description="the rank of the first result, less one")
+    total: int | None = Field(None, description="items the search ranked from: the photos (or captions) the filter "
+                                                "allows, or all")
+    has_more: bool = Field(False, description="more results follow this page")
+    next_offset: int | None = Field(None, description="the offset of the next page (null when there is none)")
 
 
 class TextSearchRequest(SearchParams):
@@ -46,6 +85,38 @@ class ImageSearchFields(SearchParams):
 
 class ImageSearchJSON(ImageSearchFields):
     image_base64: str = Field(..., min_length=1, description="the image file's bytes, base64-encoded")
+
+
+class SimilarFields(BaseModel):
+    """A "more like this" search: ranked photos like an indexed photo (``id``) or an uploaded one."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    k: int = Field(10, ge=1, le=MAX_K, description="results to return")
+    offset: int = Field(0, ge=0, le=MAX_CANDIDATES - 1, description="ranks to skip (offset=k: page 2)")
+    filter: dict[str, Any] | None = Field(None, description=FILTER_DOC)
+    _filter_json = field_validator("filter", mode="before")(SearchParams._filter_json.__func__)
+
+    @model_validator(mode="after")
+    def _page_fits(self) -> SimilarFields:
+        if self.offset + self.k > MAX_CANDIDATES:
+            raise ValueError(f"offset + k must be at most {MAX_CANDIDATES}")
+        return self
+
+    @property
+    def ranked(self) -> int:
+        return self.offset + self.k + 1  # the query's own photo may be among them
+
+
+class SimilarJSON(SimilarFields):
+    id: str | None = Field(None, min_length=1, max_length=4096, description="an indexed photo's id")
+    image_base64: str | None = Field(None, min_length=1, description="or a photo's bytes, base64-encoded")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SimilarJSON:
+        if (self.id is None) == (self.image_base64 is None):
+            raise ValueError("give exactly one of id and image_base64")
+        return self
 
 
 class Grounding(BaseModel):
@@ -81,7 +152,7 @@ class ImageResult(BaseModel):
                                "(null when no min_score applies)")
 
 
-class TextSearchResponse(BaseModel):
+class TextSearchResponse(Page):
     query: str
     results: list[ImageResult]
     timings_ms: Timings
@@ -102,9 +173,26 @@ class CaptionResult(BaseModel):
     grounding: list[Grounding] | None = None
 
 
-class ImageSearchResponse(BaseModel):
+class ImageSearchResponse(Page):
     results: list[CaptionResult]
     timings_ms: Timings
+
+
+class SimilarSearchResponse(Page):
+    results: list[ImageResult]
+    timings_ms: Timings
+
+
+class Written(BaseModel):
+    id: str = Field(description="the photo's id (uploads/<content hash>.<ext>: the same photo twice is one photo)")
+    uri: str
+    created: bool = Field(description="false when this photo was already indexed (its captions and fields added)")
+    metadata: dict = Field(default_factory=dict, description="its fields as searches show them")
+
+
+class Deleted(BaseModel):
+    id: str
+    captions_deleted: int
 
 
 class Ready(BaseModel):

@@ -35,6 +35,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=defaults.api_key,
                    help="require 'Authorization: Bearer KEY' on the API (default: none; env ALIGNSEARCH_API_KEY)")
     add_allow_open_option(p, defaults.allow_open)
+    p.add_argument("--allow-writes", action="store_true", default=defaults.allow_writes,
+                   help="accept POST /images, DELETE /images/ID and PATCH /images/ID/metadata without an API key "
+                        "(with a key they need it; without either they are refused); env ALIGNSEARCH_ALLOW_WRITES=1")
     p.add_argument("--max-batch", type=int, default=defaults.max_batch,
                    help="micro-batch size (1 disables batching); env ALIGNSEARCH_MAX_BATCH")
     p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
@@ -137,7 +140,8 @@ def run_serve(args: argparse.Namespace) -> int:
         from .compute import compute_threads
 
         settings = Settings(index=args.index, model=args.model, device=args.device, api_key=args.api_key,
-                            allow_open=args.allow_open, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                            allow_open=args.allow_open, allow_writes=args.allow_writes,
+                            max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                             max_upload_bytes=args.max_upload_bytes, rerank_precision=args.rerank_precision)
         # fails clearly on a mismatch; loaded on the thread that runs the searches (service/compute.py)
         searcher = compute_threads().light.run(Searcher.open, settings.index, settings.model, settings.device,

@@ -28,11 +28,14 @@ class Settings:
     index: Path = field(default_factory=lambda: Path(_env("INDEX", "index")))
     model: str | None = field(default_factory=lambda: _env("MODEL"))
     device: str = field(default_factory=lambda: _env("DEVICE", "auto"))
-    # the rerank's arithmetic: auto (float16 on CUDA, float32 on CPU), float32, float16
+    # the rerank's arithmetic: auto (float16 on CUDA, and on CPUs with float16 arithmetic for batches of 3+ text
+    # queries; float32 otherwise: indexer/rerank.py), float32, float16
     rerank_precision: str = field(default_factory=lambda: _env("RERANK_PRECISION", "auto"))
     api_key: str | None = field(default_factory=lambda: _env("API_KEY"))
     # listen on a non-loopback address without an API key (off: such a server refuses to start)
     allow_open: bool = field(default_factory=lambda: _bool("ALLOW_OPEN"))
+    # POST/DELETE/PATCH /images on a server without an API key (off: writes need the key)
+    allow_writes: bool = field(default_factory=lambda: _bool("ALLOW_WRITES"))
     max_batch: int = field(default_factory=lambda: _int("MAX_BATCH", 16))
     batch_wait_ms: float = field(default_factory=lambda: _float("BATCH_WAIT_MS", 5))
     # request bodies: an image upload, and everything else (JSON queries)

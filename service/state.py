@@ -9,6 +9,7 @@ from .follow import IndexFollower
 from .metrics import Metrics
 from .settings import Settings
 from .uploads import Decoder
+from .writes import Writer
 
 
 @dataclass
@@ -18,3 +19,4 @@ class AppState:
     follower: IndexFollower | None = None
     lanes: dict[str, Lanes] = field(default_factory=dict)
     decoder: Decoder | None = None
+    writer: Writer | None = None

@@ -19,8 +19,10 @@ import asyncio
 import base64
 import binascii
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,9 +37,9 @@ from .admission import overloaded
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 ALLOWED_NAMES = "JPEG, PNG, WebP, GIF or BMP"
-# A JSON image request has a handful of fields and a base64 string (which has no ':'); more colons than this
-# means a body built to be expensive to parse (say, a million keys), refused before parsing.
-MAX_JSON_COLONS = 64
+# A JSON image request has a handful of fields, a filter and a base64 string (which has no ':'); more colons
+# than this means a body built to be expensive to parse (say, a million keys), refused before parsing.
+MAX_JSON_COLONS = 512
 KEEP_SIDE = 1024
 
 
@@ -128,39 +130,118 @@ def _validation(exc: ValidationError) -> RequestValidationError:
     return RequestValidationError(exc.errors(include_url=False, include_context=False, include_input=False))
 
 
+async def _multipart(request: Request, limit: int, model: type) -> tuple[bytes, Any]:
+    """The file and the other fields (validated as ``model``) of a multipart request."""
+    form = await request.form(max_files=1, max_fields=8)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise RequestValidationError([{"type": "missing", "loc": ("body", "file"),
+                                       "msg": "multipart field 'file' (the image) is required"}])
+    data = await upload.read(limit + 1)
+    try:
+        return data, model.model_validate({k: v for k, v in form.items() if k != "file"})
+    except ValidationError as exc:
+        raise _validation(exc) from None
+
+
+async def _json_body(request: Request, model: type) -> Any:
+    body = await request.body()
+    if body.count(b":") > MAX_JSON_COLONS:
+        raise HTTPException(400, "the JSON body has far more fields than an image search takes")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise _validation(exc) from None
+
+
+def _base64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(400, "image_base64 is not valid base64") from None
+
+
+def _checked(data: bytes, limit: int) -> bytes:
+    if len(data) > limit:
+        raise HTTPException(413, f"image exceeds the {limit}-byte upload limit")
+    if not data:
+        raise HTTPException(400, "the uploaded file is empty")
+    return data
+
+
 async def read_upload(request: Request, limit: int) -> tuple[bytes, schemas.ImageSearchFields]:
     """The image bytes and the search fields of a multipart or JSON request (the gate already bounded the
     body's size)."""
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=8)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise RequestValidationError([{"type": "missing", "loc": ("body", "file"),
-                                           "msg": "multipart field 'file' (the image) is required"}])
-        data = await upload.read(limit + 1)
-        try:
-            fields = schemas.ImageSearchFields.model_validate({k: v for k, v in form.items() if k != "file"})
-        except ValidationError as exc:
-            raise _validation(exc) from None
+        data, fields = await _multipart(request, limit, schemas.ImageSearchFields)
     elif ctype.startswith("application/json"):
-        body = await request.body()
-        if body.count(b":") > MAX_JSON_COLONS:
-            raise HTTPException(400, "the JSON body has far more fields than an image search takes")
-        try:
-            parsed = schemas.ImageSearchJSON.model_validate_json(body)
-        except ValidationError as exc:
-            raise _validation(exc) from None
-        try:
-            data = base64.b64decode(parsed.image_base64, validate=True)
-        except (binascii.Error, ValueError):
-            raise HTTPException(400, "image_base64 is not valid base64") from None
+        parsed = await _json_body(request, schemas.ImageSearchJSON)
+        data = _base64(parsed.image_base64)
         fields = schemas.ImageSearchFields.model_validate(parsed.model_dump(exclude={"image_base64"}))
     else:
         raise HTTPException(415, "send multipart/form-data with a 'file' field, or JSON with 'image_base64'")
-    if len(data) > limit:
-        raise HTTPException(413, f"image exceeds the {limit}-byte upload limit")
-    if not data:
-        raise HTTPException(400, "the uploaded file is empty")
-    return data, fields
+    return _checked(data, limit), fields
 
+
+async def read_similar(request: Request, limit: int) -> tuple[str | None, bytes | None, schemas.SimilarFields]:
+    """A "more like this" request: (an indexed photo's id, None) from JSON ``id``, or (None, the image bytes)
+    from multipart ``file`` or JSON ``image_base64``; and the search fields."""
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith("multipart/form-data"):
+        data, fields = await _multipart(request, limit, schemas.SimilarFields)
+        return None, _checked(data, limit), fields
+    if ctype.startswith("application/json"):
+        parsed = await _json_body(request, schemas.SimilarJSON)
+        fields = schemas.SimilarFields.model_validate(parsed.model_dump(exclude={"id", "image_base64"}))
+        if parsed.id is not None:
+            return parsed.id, None, fields
+        return None, _checked(_base64(parsed.image_base64), limit), fields
+    raise HTTPException(415, "send JSON with 'id' (an indexed photo) or 'image_base64', or multipart with 'file'")
+
+
+MAX_UPLOAD_CAPTIONS = 20
+MAX_CAPTION_CHARS = 2000
+
+
+def _json_form_field(form: Any, name: str, kind: type, default: Any) -> Any:
+    value = form.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = [value] if kind is list and isinstance(value, str) else None  # one caption as plain text
+    if kind is list and isinstance(parsed, str):
+        parsed = [parsed]
+    if not isinstance(parsed, kind):
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", name),
+                                       "msg": f"{name} must be a JSON {'list' if kind is list else 'object'}"}])
+    return parsed
+
+
+async def upload_fields(request: Request, limit: int) -> tuple[bytes, str, list[str], dict[str, list[Any]]]:
+    """A photo to add: multipart ``file``, ``captions`` (a JSON list of strings, or one caption as text) and
+    ``metadata`` (a JSON object of fields); returns (bytes, image format, captions, field -> values)."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise HTTPException(415, "send multipart/form-data with a 'file' field (and 'captions', 'metadata')")
+    form = await request.form(max_files=1, max_fields=8)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise RequestValidationError([{"type": "missing", "loc": ("body", "file"),
+                                       "msg": "multipart field 'file' (the photo) is required"}])
+    data = _checked(await upload.read(limit + 1), limit)
+    captions = _json_form_field(form, "captions", list, [])
+    if len(captions) > MAX_UPLOAD_CAPTIONS or not all(isinstance(c, str) and 0 < len(c.strip()) <= MAX_CAPTION_CHARS
+                                                      for c in captions):
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", "captions"),
+                                       "msg": f"captions: at most {MAX_UPLOAD_CAPTIONS} non-empty strings of at most "
+                                              f"{MAX_CAPTION_CHARS} characters"}])
+    metadata = _json_form_field(form, "metadata", dict, {})
+    fields = {str(k): (v if isinstance(v, list) else [] if v is None else [v]) for k, v in metadata.items()}
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+            image_format = image.format
+    except Exception:  # noqa: BLE001  (Pillow's header parsers raise many kinds)
+        raise HTTPException(415, f"the upload is not a {ALLOWED_NAMES} image") from None
+    return data, image_format, [c.strip() for c in captions], fields

@@ -73,6 +73,72 @@ def test_every_option_has_help_text_and_shows_its_default():
         assert "%(" not in text
 
 
+
+@pytest.mark.parametrize("argv, line", [
+    (["index", "build", "--images", "photos"],
+     "alignsearch index build: error: the following arguments are required: --out (see --help)"),
+    ([], "alignsearch: error: the following arguments are required: COMMAND (see --help)"),
+    (["index"], "alignsearch index: error: the following arguments are required: ACTION (see --help)"),
+    (["serve", "--port", "eighty"], "alignsearch serve: error: argument --port: invalid int value: 'eighty' (see --help)"),
+    (["index", "build", "--images", "p", "--out", "o", "--engine", "spark"],
+     "alignsearch index build: error: argument --engine: invalid choice: 'spark' (choose from 'local', 'ray') "
+     "(see --help)"),
+    (["eval", "--dataset"], "alignsearch eval: error: argument --dataset: expected one argument (see --help)"),
+    (["index", "info", "idx", "--bogus"], "alignsearch: error: unrecognized arguments: --bogus (see --help)"),
+])
+def test_a_wrong_command_line_is_one_line_without_the_usage(argv, line, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == ""
+    assert captured.err == line + "\n"  # argparse's usage block (13 lines for index build) is not printed
+
+
+def test_help_still_prints_the_usage():
+    for name, parser in _parsers(build_parser()):
+        assert parser.format_help().startswith(f"usage: {name}")
+
+
+def _fail_light(argv: list[str], cwd: Path) -> tuple[int, str, list[str]]:
+    """Run ``main(argv)`` in a fresh interpreter: its status, its stderr, and which heavy libraries it imported."""
+    code = ("import json, sys\nfrom alignsearch.cli import main\nstatus = main(sys.argv[1:])\n"
+            f"print(json.dumps([status, [m for m in {HEAVY!r} if m in sys.modules]]))")
+    result = subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=120)
+    status, loaded = json.loads(result.stdout)
+    return status, result.stderr, loaded
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["index", "build", "--images", "{tmp}/no/such/dir", "--out", "{tmp}/x"], "images folder not found: {tmp}/no/such/dir"),
+    (["index", "build", "--images", "{tmp}/a.csv", "--out", "{tmp}/x"], "images folder is a file, not a folder: {tmp}/a.csv"),
+    (["index", "build", "--images", "{tmp}/photos", "--captions", "{tmp}/none.csv", "--out", "{tmp}/x"],
+     "captions file not found: {tmp}/none.csv"),
+    (["index", "build", "--images", "{tmp}/photos", "--out", "{tmp}/a.csv"], "--out {tmp}/a.csv is a file"),
+    (["index", "add", "{tmp}/no-index", "--images", "{tmp}/photos"], "no index at {tmp}/no-index"),
+    (["index", "add", "{tmp}/index", "--images", "{tmp}/no/such/dir"], "images folder not found: {tmp}/no/such/dir"),
+    (["index", "add", "{tmp}/index", "--images", "{tmp}/photos", "--captions", "{tmp}/photos"],
+     "captions file is a folder, not a file: {tmp}/photos"),
+    (["eval", "--dataset", "{tmp}/none.json", "--images", "{tmp}/photos"], "dataset file not found: {tmp}/none.json"),
+    (["eval", "--dataset", "{tmp}/a.csv", "--images", "{tmp}/no/such/dir"], "images folder not found: {tmp}/no/such/dir"),
+    (["train", "--dataset", "{tmp}/none.json", "--images", "{tmp}/photos", "--out", "{tmp}/run"],
+     "dataset file not found: {tmp}/none.json"),
+    (["train", "--dataset", "{tmp}/a.csv", "--images", "{tmp}/no/such/dir", "--out", "{tmp}/run"],
+     "images folder not found: {tmp}/no/such/dir"),
+    (["serve", "--index", "{tmp}/missing"], "no index at {tmp}/missing"),
+    (["demo", "--no-serve", "--images", "{tmp}/no/such/dir"], "images folder not found: {tmp}/no/such/dir"),
+])
+def test_a_wrong_path_fails_in_one_line_before_torch_or_faiss_loads(tmp_path, argv, message):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "manifest.json").write_text("{}")
+    (tmp_path / "a.csv").write_text("image,caption\na.jpg,a dog on the grass\n")
+    status, err, loaded = _fail_light([arg.format(tmp=tmp_path) for arg in argv], cwd=tmp_path)
+    assert status == 2 and err.count("\n") == 1 and message.format(tmp=tmp_path) in err, err
+    assert err.startswith(f"alignsearch {' '.join(a for a in argv[:2] if not a.startswith(('-', '{')))}: error: ")
+    assert not {"torch", "faiss", "transformers"} & set(loaded), f"{argv[:2]} imported {loaded} before failing"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "index", "photos"]  # nothing written
+
 def test_index_build_on_a_folder_without_images_leaves_nothing(tmp_path, capsys):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "notes.txt").write_text("not a photo")
@@ -94,6 +160,7 @@ def test_a_folder_of_camera_raw_files_says_what_would_read_them(tmp_path, capsys
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_build_and_add_name_the_photo_files_they_could_not_read(tmp_path, photos, capsys):
     """After a build and an add, the RAW files beside the photos are named on stderr with what reads them, and
     the build report keeps their count; the JSON on stdout is the usual summary."""

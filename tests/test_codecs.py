@@ -47,6 +47,7 @@ def test_an_unknown_codec_is_a_one_line_refusal_before_anything_is_written(photo
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_compact_region_codes_fit_the_budget_and_captions_keep_sqfp16(compact, built):
     info, reference = compact.info(), Index(built).info()
     assert info["local_codec"] == "compact"
@@ -59,6 +60,7 @@ def test_compact_region_codes_fit_the_budget_and_captions_keep_sqfp16(compact, b
     assert verify(compact.folder) == []
 
 
+@pytest.mark.slow
 def test_compact_round_trip_is_close_to_sqfp16(compact, built):
     rows = np.arange(N_IMAGES)
     exact, exact_mask = Index(built).images.store.gather(rows)
@@ -75,6 +77,7 @@ def test_compact_round_trip_is_close_to_sqfp16(compact, built):
                                   Index(built).captions.store.gather(captions)[0].numpy())
 
 
+@pytest.mark.slow
 def test_compact_index_searches_like_the_sqfp16_one(compact, built, model):
     texts = [r["text"] for r in compact.conn.execute(
         "SELECT text FROM captions WHERE image_id IS NOT NULL ORDER BY row LIMIT 12")]
@@ -89,6 +92,7 @@ def test_compact_index_searches_like_the_sqfp16_one(compact, built, model):
         assert np.corrcoef(local.T)[0, 1] > 0.9
 
 
+@pytest.mark.slow
 def test_the_suite_times_gather_and_decode_per_codec():
     from alignsearch.bench.suite import decode_speed
 

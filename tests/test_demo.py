@@ -42,6 +42,7 @@ def test_demo_indexes_the_sample_photos(tmp_path, capsys):
     assert any(h.id.startswith("motorcycle") for h in hits)
 
 
+@pytest.mark.slow
 def test_demo_on_your_own_folder_finds_its_captions(tmp_path, capsys, photos):
     images, captions = photos
     mine = tmp_path / "my photos"

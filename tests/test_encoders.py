@@ -34,7 +34,7 @@ def _small_heads(**kw) -> ModelConfig:
     return ModelConfig(embed_dim=16, image_head=HeadConfig(layers=1, heads=2), text_head=HeadConfig(layers=1, heads=2), **kw)
 
 
-@pytest.mark.parametrize("size,grid", [(224, 7), (320, 10)])
+@pytest.mark.parametrize("size,grid", [(224, 7), pytest.param(320, 10, marks=pytest.mark.slow)])
 def test_efficientnet_grid_regions(size, grid):
     model = create_model(_small_heads(
         image_backbone=BackboneConfig("efficientnet", "lite0", image_size=size),
@@ -45,6 +45,7 @@ def test_efficientnet_grid_regions(size, grid):
     assert model.region_grid() == (grid, grid)
 
 
+@pytest.mark.slow
 def test_folded_batch_norms_compute_the_same_features():
     from alignsearch.models.backbones import EfficientNetBackbone
     from alignsearch.models.efficientnet_lite import load_efficientnet_lite

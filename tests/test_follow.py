@@ -17,6 +17,8 @@ from alignsearch.indexer.index import Index
 from alignsearch.service.launch import serve
 from alignsearch.cli import main
 
+pytestmark = pytest.mark.slow  # each test starts its own server, which loads the model
+
 
 @pytest.fixture()
 def index_copy(built, tmp_path) -> Path:

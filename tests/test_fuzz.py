@@ -2,7 +2,7 @@
 (bodies, content types, methods, keys, uploads), zero 5xx allowed, each error a JSON ``detail``.
 
 ``ALIGNSEARCH_FUZZ_EXAMPLES`` sets the number of requests (default 300, about a minute on 2 CPU cores);
-the longer runs in the README's numbers used 5,000.
+longer runs used 5,000.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from alignsearch.service.launch import serve
+
+pytestmark = pytest.mark.slow  # a minute of requests on 2 cores: the hostile-input tests are the fast layer
 
 KEY = "fuzz-key"
 EXAMPLES = int(os.environ.get("ALIGNSEARCH_FUZZ_EXAMPLES", "300"))

@@ -105,6 +105,7 @@ def test_a_structurally_wrong_manifest_is_a_one_line_refusal(built, tmp_path, ca
         Index(tmp_path)
 
 
+@pytest.mark.slow
 def test_search_equals_exhaustive_when_k_covers_the_collection(built, model):
     searcher = Searcher(Index(built), model)
     queries = ["a dog runs through the grass", "children playing", "a man on a bike", "people in the snow"]
@@ -142,6 +143,7 @@ def test_caption_finds_its_image_and_image_finds_its_captions(built, model):
     assert all(h.caption for h in res.hits)
 
 
+@pytest.mark.slow
 def test_add_then_delete_round_trips(built, photos, tmp_path, model):
     from PIL import Image, ImageOps
 

@@ -89,6 +89,7 @@ def test_an_add_killed_mid_way_leaves_the_previous_index(index_copy, photos, tmp
     assert Index(index_copy).manifest["counts"]["images"] == N_IMAGES + 6 and verify(index_copy) == []
 
 
+@pytest.mark.slow
 def test_add_is_idempotent_and_never_reuses_ids(index_copy, photos, tmp_path, model):
     extra = tmp_path / "more"
     extra.mkdir()
@@ -158,6 +159,7 @@ def test_delete_through_a_symlink_changes_the_real_index_under_its_one_lock(inde
     assert not list(link.parent.glob(".current*"))  # no lock, copy or leftovers beside the symlink
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("codec", ["SQ8", "PQ16", "compact"])
 def test_trained_codecs_without_captions_then_add_captions(photos, tmp_path, model, codec, capsys):
     out = tmp_path / "idx"
@@ -176,6 +178,7 @@ def test_trained_codecs_without_captions_then_add_captions(photos, tmp_path, mod
     assert len(hits) == N_IMAGES and caption["image_id"] in [h.id for h in hits[:8]]
 
 
+@pytest.mark.slow
 def test_rebuild_replaces_an_existing_index_in_one_step(index_copy, photos, tmp_path):
     old_inode = (index_copy / layout.MANIFEST).stat().st_ino
     assert main(["index", "build", "--images", str(photos[0]), "--out", str(index_copy), "--quiet"]) == 0
@@ -200,6 +203,7 @@ def test_streaming_store_appends_like_one_write(tmp_path):
     assert len(first) == 3 and len(two) == 5  # the first store's memory map still reads its own (old) file
 
 
+@pytest.mark.slow
 def test_add_with_another_model_is_refused_naming_both_fingerprints(index_copy, photos, tmp_path, model, capsys):
     from alignsearch.models import ModelConfig, create_model, save_model
 
@@ -274,6 +278,7 @@ except OSError as exc:
     assert not [p for p in small_disk.rglob("*") if p.is_file()]  # the temp file went with the error
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_keeps_the_old_index_and_leaves_nothing(built, photos, small_disk, capsys):
     index = small_disk / "index"
     shutil.copytree(built, index)

@@ -48,6 +48,7 @@ def browser():
         browser.close()
 
 
+@pytest.mark.slow
 def test_page_and_its_assets_need_no_key(page_server):
     """The page is open (the API key is typed into it); its assets are all served by the server itself."""
     html = httpx.get(page_server + "/")
@@ -61,6 +62,64 @@ def test_page_and_its_assets_need_no_key(page_server):
     assert httpx.post(page_server + "/search/text", json={"query": "dog"}).status_code == 401
     assert "/" not in httpx.get(page_server + "/openapi.json").json()["paths"]
 
+
+@pytest.mark.parametrize("path, assets", [
+    ("/docs", {"/static/docs/swagger-ui-bundle.js": "javascript", "/static/docs/swagger-ui.css": "text/css",
+               "/static/docs/favicon.png": "image/png"}),
+    ("/redoc", {"/static/docs/redoc.standalone.js": "javascript", "/static/docs/favicon.png": "image/png"}),
+])
+def test_api_docs_load_nothing_from_other_hosts(page_server, path, assets):
+    """The docs pages link only to this server's own copies of Swagger UI and ReDoc (no CDN, no web fonts),
+    open without the API key like the schema they render."""
+    html = httpx.get(page_server + path)
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    linked = set(re.findall(r'(?:src|href)="([^"]*)"', html.text))
+    assert linked == set(assets), linked
+    assert not re.search(r"(?:https?:)?//[\w.-]+", html.text.replace("http://www.w3.org", ""))  # no host named
+    for asset, kind in assets.items():
+        response = httpx.get(page_server + asset)
+        assert response.status_code == 200 and kind in response.headers["content-type"], asset
+        assert len(response.content) > 1000, asset
+    assert httpx.get(page_server + "/openapi.json").status_code == 200
+    # and the browser may fetch nothing from elsewhere (ReDoc's footer names a logo on its makers' CDN)
+    assert "default-src 'self'" in html.headers["content-security-policy"]
+    assert "http" not in html.headers["content-security-policy"]
+    if path == "/docs":  # Swagger UI's validator badge would send the schema's address to another host
+        assert '"validatorUrl": null' in html.text
+
+
+def _only_this_server(page, server: str) -> list[str]:
+    """Route every request the page makes: to ``server`` it goes through, any other is aborted and listed."""
+    elsewhere: list[str] = []
+
+    def handle(route):
+        if route.request.url.startswith(server + "/"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", handle)
+    return elsewhere
+
+
+def test_api_docs_render_with_no_other_host_in_reach(browser, page_server):
+    """Swagger UI at /docs and ReDoc at /redoc draw the API's operations with every other host unreachable,
+    as on a machine without internet access, and try to reach none."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    elsewhere = _only_this_server(page, page_server)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(page_server + "/docs")
+    page.locator('.opblock-summary-path[data-path="/search/text"]').wait_for(state="visible", timeout=30_000)
+    assert page.locator(".opblock-summary-path").count() >= 5  # every route of the API, not one
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "docs-swagger.png"))
+    page.goto(page_server + "/redoc")
+    page.get_by_text("ranked images for a sentence").first.wait_for(state="visible", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "docs-redoc.png"))
+    page.close()
+    assert elsewhere == [] and errors == []
 
 def _all_images_loaded(page, selector: str) -> None:
     page.wait_for_function(
@@ -136,9 +195,10 @@ def _rewrite(page, path: str, change) -> None:
 
 
 def _min_score_api(page, threshold: float) -> list:
-    """Answer /search/text as the API with a match threshold does (issue 9): the server's results less those whose
+    """Answer /search/text as a server that leaves weak results out would: the server's results less those whose
     global score is below ``threshold`` (all of them when the page sends min_score -1), with ``min_score``,
-    ``below_min_score`` and ``no_match``. Returns the min_score of each request, as the page sent it."""
+    ``below_min_score`` (not a field of the real API; the page reads it when present) and ``no_match``. Returns
+    the min_score of each request, as the page sent it."""
     sent = []
 
     def handle(route):

@@ -71,6 +71,7 @@ def photo_queries(photos) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in sample_files(photos[0])[:6]]
 
 
+@pytest.mark.slow
 def test_both_directions_match_faiss(faiss_index, qdrant_index, photos, model):
     reference, searcher = float32_searcher(faiss_index, model), float32_searcher(qdrant_index, model)
     assert searcher.index.images.index.backend == "qdrant"
@@ -81,6 +82,7 @@ def test_both_directions_match_faiss(faiss_index, qdrant_index, photos, model):
                     searcher.search_image(photo_queries(photos), k=10, candidates=candidates))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scoring", [ScoringConfig("MrAVGw", 0.5), ScoringConfig("Symm", 0.3),
                                      ScoringConfig("MrSw", 0.0)], ids=["MrAVGw-in-qdrant", "Symm-ours", "w0-ours"])
 def test_other_alignments_are_mapped_or_scored_by_ours(faiss_index, qdrant_index, model, scoring):
@@ -91,6 +93,7 @@ def test_other_alignments_are_mapped_or_scored_by_ours(faiss_index, qdrant_index
                 searcher.search_text(TEXTS, k=5, candidates=10, scoring=scoring))
 
 
+@pytest.mark.slow
 def test_manifest_records_backend_and_connection_and_verify_passes(qdrant_index, monkeypatch):
     manifest = json.loads((qdrant_index / "manifest.json").read_text())
     entries = [manifest["collections"][name] for name in ("images", "captions")]
@@ -104,6 +107,7 @@ def test_manifest_records_backend_and_connection_and_verify_passes(qdrant_index,
     assert info["images"]["backend"] == "qdrant" and info["images"]["local_vectors"] > 0
 
 
+@pytest.mark.slow
 def test_client_code_path_matches_faiss(faiss_index, photos, model, tmp_path):
     """qdrant-client's local mode runs the same requests a server gets (prefetch, MAX_SIM, formula)."""
     settings = qdrant_store.QdrantSettings(url=":memory:")
@@ -121,6 +125,7 @@ def test_client_code_path_matches_faiss(faiss_index, photos, model, tmp_path):
     assert verify(out) == []
 
 
+@pytest.mark.slow
 def test_add_then_delete_go_to_qdrant(faiss_index, photos, model, tmp_path):
     images, captions = photos
     files = sorted(p.relative_to(images).as_posix() for p in sample_files(images))
@@ -166,6 +171,7 @@ def test_bad_connection_settings_are_one_line(photos, tmp_path, capsys, argv, me
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_served_through_a_real_server_and_the_embedded_store_is_locked(qdrant_index, faiss_index, photos, model,
                                                                        capsys):
     from alignsearch.service.launch import serve
@@ -208,6 +214,7 @@ def test_flickr8k_800_gives_the_same_top_10_both_ways(dataset_dir, tmp_path_fact
     assert got["same_top_ids"] == got["queries"] == 50 and got["max_score_difference"] < 1e-4
 
 
+@pytest.mark.slow
 def test_scalar_quantization_scores_the_codes(faiss_index, photos, model, tmp_path):
     """With --qdrant-quantization scalar the MAX_SIM stage reads int8 codes: scores move a little, ranks hold."""
     root = tmp_path / "q"

@@ -60,6 +60,7 @@ def assert_same_index(got: Path, expected: Path) -> None:
     assert main(["index", "verify", str(got)]) == 0
 
 
+@pytest.mark.slow
 def test_ray_build_equals_the_local_build(local_ray, photos, built, tmp_path, capsys):
     out = tmp_path / "index"
     assert build_index(*photos, out, *RAY_ARGS) == 0
@@ -68,6 +69,7 @@ def test_ray_build_equals_the_local_build(local_ray, photos, built, tmp_path, ca
     assert not out.with_name("index.partial").exists()
 
 
+@pytest.mark.slow
 def test_cpu_actors_leave_cpus_to_the_decode_tasks(local_ray):
     from alignsearch.indexer.ray_engine import RayDistributor
     from alignsearch.models import load_model
@@ -79,6 +81,7 @@ def test_cpu_actors_leave_cpus_to_the_decode_tasks(local_ray):
     assert ray.is_initialized()  # joined the running instance: leaving it is not its to shut down
 
 
+@pytest.mark.slow
 def test_a_worker_that_fails_is_one_line_naming_why(local_ray, photos, tmp_path):
     from alignsearch.indexer.plan import image_tasks
     from alignsearch.indexer.ray_engine import RayDistributor, RaySettings
@@ -95,6 +98,7 @@ def test_a_worker_that_fails_is_one_line_naming_why(local_ray, photos, tmp_path)
     assert not (tmp_path / "shards" / "images-00000").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_ray_build_resumes_from_its_finished_shards(local_ray, photos, built, tmp_path, monkeypatch,
                                                              capsys):
     from alignsearch.indexer import ray_engine, writer

@@ -127,6 +127,7 @@ def test_get_image_and_hit_metadata(searcher):
     assert caption.metadata.get("source") in ("demo", "user")
 
 
+@pytest.mark.slow
 def test_ties_are_broken_by_row_id(photos, model, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -143,6 +144,7 @@ def test_ties_are_broken_by_row_id(photos, model, tmp_path):
         assert len({h.score for h in dupes}) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory", ["IVF4,Flat", "HNSW32,Flat"])
 def test_approximate_global_indexes_agree_with_flat(photos, built, model, tmp_path, factory):
     """IVF is searched with enough probes (not FAISS's default of one) and HNSW keeps tombstones, which the

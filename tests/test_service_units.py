@@ -192,7 +192,8 @@ def test_openapi_tells_the_truth(key):
     secured = [p for p, ops in paths.items() for op in ops.values() if op.get("security")]
     if key:
         assert spec["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
-        assert set(secured) == {"/search/text", "/search/image", "/images/{image_id}", "/admin/reload", "/metrics"}
+        assert set(secured) == {"/search/text", "/search/image", "/search/similar", "/images", "/images/{image_id}",
+                                "/images/{image_id}/metadata", "/admin/reload", "/metrics"}
     else:
         assert not secured and "securitySchemes" not in spec.get("components", {})
     assert "maxLength" in str(spec["components"]["schemas"]["TextSearchRequest"]["properties"]["query"])

@@ -86,6 +86,7 @@ class RecordingDistributor:
                 write_shard(work, task.collection, task.number, mapper(task, lambda n: None))
 
 
+@pytest.mark.slow
 def test_a_distributor_plugs_into_the_build(photos, built, tmp_path):
     distributor = RecordingDistributor()
     out = tmp_path / "idx"

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import demo_captions, sample_files
 from alignsearch.models import BackboneConfig, HeadConfig, ModelConfig, load_model
@@ -53,7 +54,9 @@ def test_train_saves_best_model_skips_corrupt_image_and_resumes(tmp_path, small_
     summary = json.loads((out / "training.json").read_text())
     assert [h["epoch"] for h in summary["history"]] == [1]
     assert any(p.endswith("broken.jpg") for p in summary["skipped_images"])
-    assert main(args + ["--epochs", "2"]) == 0  # resumes from the checkpoint: only epoch 2 runs
+    assert main(args + ["--epochs", "2"]) == 2  # a checkpoint is never overwritten without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--epochs", "2", "--resume"]) == 0  # resumes from the checkpoint: only epoch 2 runs
     summary = json.loads((out / "training.json").read_text())
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
     model = load_model(out / "model", device="cpu")
@@ -188,3 +191,48 @@ def test_mosaic_loss_builds_training_mosaics_and_trains_the_image_head(tmp_path,
     loss.backward()
     grads = [p.grad for p in run.model.image_head.parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_an_interrupted_run_resumed_ends_with_the_same_model(tmp_path, small_set, tiny_vit, tiny_bert, monkeypatch,
+                                                               capsys):
+    """Ctrl-C during epoch 2 of 3, then --resume: the same weights and history as a run never stopped (the
+    checkpoint carries the optimiser and the random state that dropout draws from)."""
+    from safetensors.torch import load_file
+
+    from alignsearch.models import train as train_module
+
+    dataset, images = small_set
+    config = _tiny_config(tmp_path, tiny_vit, tiny_bert)
+
+    def args(out: Path) -> list[str]:
+        return ["train", "--dataset", str(dataset), "--images", str(images), "--out", str(out), "--config",
+                str(config), "--batch-size", "4", "--val-size", "5", "--candidates", "3", "--epochs", "3",
+                "--cache-dir", str(tmp_path / "cache"), "--dropout", "0.3", "--augment-views", "1"]
+
+    assert main(args(tmp_path / "clean")) == 0
+    real_epoch = train_module.train_epoch
+
+    def interrupted(run, epoch):
+        if epoch == 1:
+            real_epoch(run, epoch)  # half-way through: the epoch's work is lost, its checkpoint never written
+            raise KeyboardInterrupt
+        return real_epoch(run, epoch)
+
+    monkeypatch.setattr(train_module, "train_epoch", interrupted)
+    assert main(args(tmp_path / "stopped")) == 130
+    assert "1 of 3 epochs are saved" in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "train_epoch", real_epoch)
+    assert main(args(tmp_path / "stopped") + ["--lr", "1e-3", "--resume"]) == 2  # other settings: refused, named
+    assert "lr" in capsys.readouterr().err
+    assert main(args(tmp_path / "stopped") + ["--resume"]) == 0
+
+    clean = load_file(str(tmp_path / "clean" / "model" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "stopped" / "model" / "model.safetensors"))
+    assert clean.keys() == resumed.keys()
+    for name in clean:
+        assert torch.equal(clean[name], resumed[name]), name
+    history = [json.loads((tmp_path / run / "training.json").read_text())["history"] for run in ("clean", "stopped")]
+    drop = ("seconds", "peak_rss_mb")
+    assert [{k: v for k, v in h.items() if k not in drop} for h in history[0]] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in history[1]]
+    assert all(h["peak_rss_mb"] > 0 for h in history[1])

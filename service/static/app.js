@@ -78,10 +78,12 @@ function imageUri(id) {
 }
 
 // -- how strong the matches are ------------------------------------------------------------------------------
-// The API leaves out the images whose global score is below its `min_score` (the model's calibrated threshold)
-// and says so: `min_score` (the threshold applied; null: none), `below_min_score` (how many of the top k it left
-// out) and `no_match` (none cleared it). A server that sends none of these gets its results shown as they are.
-// "Show them anyway" asks again with min_score -1 and dims what falls below the threshold.
+// /search/text returns its top k whatever their scores and says how strong they are: `match` on each result
+// (its global score reaches the threshold), `min_score` (the threshold applied: the model's calibrated one unless
+// the request sent its own; null: none) and `no_match` (no result reaches it). The page dims the results below the
+// threshold and says when none reaches it. `below_min_score` (how many results a server left out) is not part of
+// the API: it is read only if a server sends it, and then "Show them" asks again with min_score -1.
+// /search/image has no threshold: its results are shown as they are.
 
 let textThreshold = null; // the last min_score the text search applied
 
@@ -212,6 +214,56 @@ function legend(words, thumb) {
 
 // -- text -> images ----------------------------------------------------------------------------------------
 
+// One list of image results at a time: a text search or a "more like this"; "load more" asks the same endpoint
+// for the next page (the answer's next_offset) and appends it.
+let listing = null; // { path, body, next } of the results shown
+
+function folderFilter() {
+  const folder = $("folder").value.trim().replace(/^\/+|\/+$/g, "");
+  return folder ? { filter: { must: [{ key: "folder", prefix: folder }] } } : {};
+}
+
+function showMore(res) {
+  listing.next = res.has_more ? res.next_offset : null;
+  $("load-more").hidden = listing.next === null || listing.next === undefined;
+}
+
+async function loadMore() {
+  if (!listing || listing.next === null) return;
+  setStatus("text-status", "loading more…");
+  try {
+    const res = await call(listing.path, {
+      method: "POST", headers: authHeaders({ "Content-Type": "application/json" }),
+      body: JSON.stringify(Object.assign({}, listing.body, { offset: listing.next })),
+    });
+    const s = strength(res, textThreshold);
+    $("image-results").append(...res.results.map((r, i) => imageCard(r, listing.path === "/search/text" && s.weak[i])));
+    showMore(res);
+    setStatus("text-status", `${$("image-results").children.length} of ${res.total} images`);
+  } catch (err) {
+    setStatus("text-status", err.message, true);
+  }
+}
+
+async function moreLike(id) {
+  setStatus("text-status", "finding similar photos…");
+  const body = Object.assign({ id, k: searchParams().k }, folderFilter());
+  try {
+    const res = await call("/search/similar", {
+      method: "POST", headers: authHeaders({ "Content-Type": "application/json" }), body: JSON.stringify(body),
+    });
+    releaseImages();
+    listing = { path: "/search/similar", body };
+    $("image-results").replaceChildren(...res.results.map((r) => imageCard(r, false)));
+    $("image-results").classList.remove("explained");
+    notice("text-notice", "info", "More like ", `${id} (by the whole photo's similarity).`);
+    showMore(res);
+    setStatus("text-status", `${res.results.length} of ${res.total} photos in ${res.timings_ms.total.toFixed(0)} ms`);
+  } catch (err) {
+    setStatus("text-status", err.message, true);
+  }
+}
+
 function imageCard(r, weak) {
   const img = el("img", { alt: r.id, loading: "lazy" });
   showImage(img, r.uri);
@@ -226,8 +278,15 @@ function imageCard(r, weak) {
       el("div", { class: "parts", text: `global ${r.global_score.toFixed(3)} · local ${r.local_score.toFixed(3)}` }),
       el("div", { class: "id", text: r.id }),
       ...(words.length ? [legend(words, thumb)] : []),
+      similarButton(r.id),
     ]),
   ]);
+}
+
+function similarButton(id) {
+  const button = el("button", { type: "button", class: "link more-like", text: "more like this" });
+  button.addEventListener("click", () => moreLike(id));
+  return button;
 }
 
 async function searchText(showAll) {
@@ -237,11 +296,13 @@ async function searchText(showAll) {
   const explain = $("explain").checked;
   setStatus("text-status", "searching…");
   try {
+    const body = Object.assign({ query, explain }, searchParams(), folderFilter(), showAll ? { min_score: -1 } : {});
     const res = await call("/search/text", {
-      method: "POST", headers: authHeaders({ "Content-Type": "application/json" }),
-      body: JSON.stringify(Object.assign({ query, explain }, searchParams(), showAll ? { min_score: -1 } : {})),
+      method: "POST", headers: authHeaders({ "Content-Type": "application/json" }), body: JSON.stringify(body),
     });
     releaseImages();
+    listing = { path: "/search/text", body };
+    showMore(res);
     const s = strength(res, showAll ? textThreshold : null);
     if (typeof res.min_score === "number" && res.min_score > -1) textThreshold = res.min_score;
     $("image-results").replaceChildren(...res.results.map((r, i) => imageCard(r, s.weak[i])));
@@ -262,6 +323,7 @@ $("text-form").addEventListener("submit", (event) => {
   event.preventDefault();
   searchText(false);
 });
+$("load-more").addEventListener("click", loadMore);
 $("explain").addEventListener("change", () => {
   if ($("query").value.trim()) searchText(false);
 });
