@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alignsearch.models.model import AlignModel
+from alignsearch.models.precomputed import FeatureFolder, check_input
 
 from . import layout, photo_fields
 from .assemble import assemble_index
@@ -30,7 +31,7 @@ from .distributor import Distributor, LocalDistributor, Mapper
 from .encode import decode_pool, encode_task
 from .layout import DEFAULT_CODEC
 from .plan import caption_tasks, image_tasks
-from .reader import CaptionRow, read_captions, scan_images
+from .reader import CaptionRow, read_captions, scan_features, scan_images
 from .stores import DEFAULT_GLOBAL, DEFAULT_LOCAL, GlobalBackend, LocalBackend, global_backend, local_backend
 from .writer import Shard, read_shards
 
@@ -40,7 +41,7 @@ REPORT = "build_report.json"
 
 @dataclass
 class BuildOptions:
-    images: Path
+    images: Path | None  # the photos; with ``features``, only where photos are served from (None: none are)
     out: Path
     captions: Path | None = None
     batch_size: int = 32
@@ -55,6 +56,17 @@ class BuildOptions:
     backend: str | GlobalBackend = DEFAULT_GLOBAL  # the global store's backend, a name or a configured one
     local_backend: str | LocalBackend = DEFAULT_LOCAL  # (see indexer.stores)
     distributor: Distributor | None = field(default=None, repr=False)  # None: LocalDistributor
+    features: Path | None = None  # precomputed region features read instead of photos (models.precomputed)
+
+    @property
+    def source(self) -> Path:
+        """The folder the image items are read from: the features, else the photos."""
+        return self.features if self.features is not None else self.images
+
+    @property
+    def images_root(self) -> Path:
+        """The index's images root: the photos' folder (the features' when there are no photos)."""
+        return (self.images if self.images is not None else self.features).resolve()
 
 
 class NothingIndexed(RuntimeError):
@@ -67,7 +79,7 @@ def _digest(*parts: Any) -> str:
 
 def encode_all(model: AlignModel, options: BuildOptions, files: list[str], work: Path, root: Path,
                captions: Callable[[set[str]], tuple[list[dict], list[dict]]]) -> dict[str, list[Shard]]:
-    """Plan and encode ``files`` (relative to ``options.images``), then the caption items that ``captions``
+    """Plan and encode ``files`` (relative to ``options.source``), then the caption items that ``captions``
     makes from the ids of the images indexed; returns the finished shards of both collections (memory-mapped).
     Shards already finished under ``work`` are kept."""
     distributor = options.distributor or LocalDistributor(options.progress)
@@ -76,7 +88,7 @@ def encode_all(model: AlignModel, options: BuildOptions, files: list[str], work:
         pool = decode_pool(model, options.workers)  # its processes start on the first image task
         return lambda task, progress: encode_task(model, task, options.batch_size, options.workers, progress, pool)
 
-    distributor.run(image_tasks(files, str(options.images.resolve()), str(root.resolve()), options.shard_size),
+    distributor.run(image_tasks(files, str(options.source.resolve()), str(root.resolve()), options.shard_size),
                     work, mapper)
     shards = {"images": read_shards(work, "images")}
     items, skipped = captions({item["id"] for s in shards["images"] for item in s.items})
@@ -92,11 +104,17 @@ def build(model: AlignModel, options: BuildOptions) -> dict[str, Any]:
     same inputs skips them; the finished index is swapped into place in one rename. Captions naming an image
     that is not indexed (absent or unreadable) are kept as standalone captions (``image`` kept in their
     metadata)."""
-    files, unread = scan_images(options.images)
+    check_input(model, options.features)
+    caption_rows = read_captions(options.captions) if options.captions else []
+    if options.features is not None:
+        files, unread = scan_features(options.features, caption_rows), Counter()
+    else:
+        files, unread = scan_images(options.images)
     if options.files is not None:
         wanted = set(options.files)
         files = [f for f in files if f in wanted]
-    caption_rows = read_captions(options.captions) if options.captions else []
+    if options.features is not None:  # a width that is not the model's fails here, before any encoding
+        FeatureFolder(options.features).resolve(files[:32], model.image_backbone.feature_dim)
     fields = user_fields(caption_rows, options.metadata, {})  # a bad field fails before any encoding
     if options.faiss_factory:
         global_backend(options.backend).validate(options.faiss_factory, model.embed_dim)
@@ -129,14 +147,15 @@ def _build(model: AlignModel, options: BuildOptions, files: list[str], caption_r
            unread: Counter[str], fields: dict[str, photo_fields.Raw]) -> dict[str, Any]:
     work = _work(options.out)
     plan = {"model": model.fingerprint, "files": _digest(files), "captions": _digest([vars(r) for r in caption_rows]),
-            "shard_size": options.shard_size, "images": str(options.images.resolve())}
+            "shard_size": options.shard_size, "images": str(options.images_root),
+            "features": str(options.features.resolve()) if options.features is not None else None}
     plan_file = work / "build.json"
     if work.exists() and (not plan_file.is_file() or json.loads(plan_file.read_text()) != plan):
         shutil.rmtree(work)  # a different build was interrupted here: start over
     work.mkdir(parents=True, exist_ok=True)
     plan_file.write_text(json.dumps(plan))
 
-    shards = encode_all(model, options, files, work, options.images,
+    shards = encode_all(model, options, files, work, options.images_root,
                         lambda known: caption_items(caption_rows, known))
     counts = {name: sum(len(s.items) for s in shards[name]) for name in layout.COLLECTIONS}
     report = {"images_indexed": counts["images"], "captions_indexed": counts["captions"],
@@ -150,7 +169,7 @@ def _build(model: AlignModel, options: BuildOptions, files: list[str], caption_r
     final = work / "index"
     shutil.rmtree(final, ignore_errors=True)
     final.mkdir()
-    assemble_index(final, model, shards, options.images.resolve(), options.local_codec, options.faiss_factory,
+    assemble_index(final, model, shards, options.images_root, options.local_codec, options.faiss_factory,
                    options.memory_budget_gb * 1e9, global_backend(options.backend), local_backend(options.local_backend),
                    fields=fields)
     (final / REPORT).write_text(json.dumps(report, indent=2))

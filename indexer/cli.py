@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from alignsearch.console import require_file, require_folder
-from alignsearch.models.cli import add_progress_option, apply_progress_option
+from alignsearch.models.cli import add_progress_option, apply_progress_option, image_input
 
 from .allocator import keep_freed_memory
 from .layout import DEFAULT_CODEC, MANIFEST
@@ -33,9 +33,14 @@ def require_index(path: Path) -> Path:
 
 
 def _encoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=Path, required=True,
+    p.add_argument("--images", type=Path,
                    help="folder of photos, searched recursively: JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF where Pillow "
-                        "reads it, HEIC/HEIF with pip install 'alignsearch[heic]'")
+                        "reads it, HEIC/HEIF with pip install 'alignsearch[heic]'; with --features, only where the "
+                        "server finds the photos to show (optional)")
+    p.add_argument("--features", type=Path, metavar="DIR",
+                   help="for a model whose image backbone is precomputed:D: region features read instead of photos, "
+                        "DIR/<image name>.npy or DIR/<split>.npy with DIR/<split>.ids.txt; image ids are the "
+                        "captions' image names (docs/precomputed-features.md)")
     p.add_argument("--captions", type=Path,
                    help="image,caption CSV (other columns kept as metadata), Karpathy JSON, or JSON lines "
                         "({'image': ..., 'caption': ...}); a caption whose image is not indexed is kept as a "
@@ -129,8 +134,8 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
 def _options(args: argparse.Namespace, out: Path):
     from .build import BuildOptions
 
-    options = BuildOptions(images=args.images, out=out, captions=args.captions, metadata=args.metadata,
-                           batch_size=args.batch_size,
+    options = BuildOptions(images=args.images, features=args.features, out=out, captions=args.captions,
+                           metadata=args.metadata, batch_size=args.batch_size,
                            workers=args.workers, shard_size=args.shard_size,
                            faiss_factory=getattr(args, "faiss_factory", None),
                            local_codec=getattr(args, "local_codec", DEFAULT_CODEC),
@@ -176,8 +181,13 @@ def _summary(report: dict) -> None:
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
-    """The photo folder and the captions file exist: checked before anything heavy is imported."""
-    require_folder(args.images, "images folder")
+    """The photo and/or features folder and the captions file exist: checked before anything heavy is imported."""
+    if args.images is None and args.features is None:
+        raise ValueError("give --images DIR (photos) or --features DIR (precomputed region features)")
+    if args.features is not None:
+        require_folder(args.features, "features folder")
+    if args.images is not None:
+        require_folder(args.images, "images folder")
     if args.captions:
         require_file(args.captions, "captions file")
     if getattr(args, "metadata", None):
@@ -192,14 +202,16 @@ def run_build(args: argparse.Namespace) -> int:
 
     from .reader import scan_images, unread_note
 
-    files, unread = scan_images(args.images)
-    if not files and not args.captions:  # checked before any model loads or folder appears
+    files, unread = scan_images(args.images) if args.features is None else ([], Counter())
+    if not files and args.features is None and not args.captions:  # checked before any model loads or folder appears
         note = unread_note(unread)
         raise FileNotFoundError(f"no images in {args.images} or its subfolders (looked for "
                                 f"{' '.join(IMAGE_EXTENSIONS)}) and no --captions: nothing to index"
                                 + (f"; {note}" if note else ""))
     if args.ray_address and args.engine != "ray":
         raise ValueError("--ray-address goes with --engine ray")
+    if args.features is not None and args.engine == "ray":
+        raise ValueError("--engine ray decodes photos; a build from --features runs with --engine local")
     options = _options(args, args.out)
     if args.engine == "ray":
         from .ray_engine import preflight
@@ -279,7 +291,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="Recall@K for global, exhaustive and two-stage search",
                        description="Recall@1/5/10 both ways and rsum, as the papers count them, for global-only, exhaustive and two-stage search. The split is indexed with the same build and queried with the same search code as the service.")
     p.add_argument("--dataset", type=Path, required=True, help="Karpathy-format JSON, or an image,caption CSV")
-    p.add_argument("--images", type=Path, required=True, help="folder holding the images the dataset names")
+    p.add_argument("--images", type=Path, help="folder holding the images the dataset names")
+    p.add_argument("--features", type=Path, metavar="DIR",
+                   help="instead of --images, for a precomputed:D model: region features, DIR/<image name>.npy or "
+                        "DIR/<split>.npy with DIR/<split>.ids.txt (docs/precomputed-features.md)")
     p.add_argument("--split", default="test", help="test (default), val (carved from train), train, ...")
     p.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped default)")
     p.add_argument("--candidates", type=int, default=20, help="first-stage K for two-stage search")
@@ -296,7 +311,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from alignsearch.models.data import load_dataset  # reads the file with the standard library only
 
     require_file(args.dataset, "dataset file")  # the paths and the dataset first, before anything heavy loads
-    require_folder(args.images, "images folder")
+    image_input(args)  # exactly one of --images / --features, an existing folder
     load_dataset(args.dataset)
     store = _store_fields(args)  # and the store settings
     from alignsearch.models.evaluation import format_table
@@ -307,7 +322,7 @@ def run_eval(args: argparse.Namespace) -> int:
     apply_progress_option(args)
     model = load_model(args.model, device=args.device)
     report = evaluate_split(model, args.dataset, args.images, args.split, args.candidates, progress=not args.quiet,
-                            local_codec=args.local_codec, store=store)
+                            local_codec=args.local_codec, store=store, features=args.features)
     report.update(model=model.source, fingerprint=model.fingerprint, split=args.split, candidates=args.candidates,
                   local_codec=args.local_codec)
     print(f"model {model.source} ({model.fingerprint}), split {args.split}: "

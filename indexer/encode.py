@@ -4,7 +4,8 @@ a few batches ahead of an encoder on a GPU; taking turns with an encoder on the 
 core, then encoded with no decoder running), since a decoder beside it can stall its threads at their barriers
 (docs/benchmarks.md, "Build throughput": measured, the gain is within the noise of a 2-core box). The encoder's process only
 normalises them. Captions are encoded in order of length (batches of similar lengths pad little), then put back
-in file order."""
+in file order. A model whose image backbone is ``precomputed:D`` reads region arrays from its features folder
+instead of decoding photos (:func:`~indexer.reader.feature_batches`), and skips the backbone forward."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import numpy as np
 import torch
 
 from alignsearch.models.model import AlignModel, EncoderOutput
+from alignsearch.models.precomputed import encode_arrays
 
 from .plan import ShardTask
-from .reader import DecodePool, Decoded, decode_batches
+from .reader import DecodePool, Decoded, decode_batches, feature_batches
 from .writer import Shard, empty_shard, shard_from_output
 
 Progress = Callable[[int], None]  # called with the number of items just done
@@ -52,6 +54,12 @@ def decode_pool(model: AlignModel, workers: int) -> DecodePool | None:
     return _SHARED_POOLS[key]
 
 
+def _encode(model: AlignModel, good: list[Decoded], pooled: bool) -> EncoderOutput:
+    if not model.takes_images:  # precomputed region features
+        return encode_arrays(model, [d.array for d in good])
+    return model.encode_pixels(_pixels(model, good, pooled)).cpu()
+
+
 def _pixels(model: AlignModel, good: list[Decoded], pooled: bool) -> torch.Tensor:
     if pooled:  # uint8 arrays from the decode processes: normalised here in one step
         return model.image_preprocessor.normalize_tensor(np.stack([d.array for d in good]))
@@ -66,7 +74,10 @@ def encode_images(model: AlignModel, task: ShardTask, batch_size: int, workers: 
     parts: list[EncoderOutput] = []
     items: list[dict[str, Any]] = []
     skipped = list(task.skipped)
-    if pool is None:
+    features = not model.takes_images  # the task's folder holds precomputed region features, read instead of decoded
+    if features:
+        decoded = feature_batches(folder, batches, model.image_backbone.feature_dim)
+    elif pool is None:
         decoded = decode_batches(folder, batches, workers, prepare)
     else:  # on a CPU the encoder and the decoders take turns on the cores (see DecodePool.batches)
         turns = max(1, TURN_IMAGES // batch_size) if model.device.type == "cpu" else 0
@@ -75,9 +86,10 @@ def encode_images(model: AlignModel, task: ShardTask, batch_size: int, workers: 
         good = [d for d in batch if d.error is None]
         skipped += [{"item": d.rel, "reason": d.error} for d in batch if d.error is not None]
         if good:
-            parts.append(model.encode_pixels(_pixels(model, good, pool is not None)).cpu())
-            items += [{"id": d.rel, "path": task.stored_path(d.rel), "width": d.width, "height": d.height}
-                      for d in good]
+            parts.append(_encode(model, good, pool is not None))
+            # features: the id is the photo's path under the index's images root (served if a photo is there)
+            items += [{"id": d.rel, "path": d.rel if features else task.stored_path(d.rel), "width": d.width,
+                       "height": d.height} for d in good]
         progress(len(batch))
     if not parts:
         return empty_shard(model.embed_dim, skipped)

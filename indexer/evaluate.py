@@ -18,6 +18,7 @@ from tqdm import tqdm
 from alignsearch.models.data import load_dataset, select_split
 from alignsearch.models.evaluation import recall_metrics
 from alignsearch.models.model import AlignModel
+from alignsearch.models.precomputed import FeatureFolder, encode_arrays
 
 from .build import BuildOptions, build
 from .index import Index, discard_stores
@@ -34,31 +35,34 @@ def _score_matrix(results, n_rows: int, n_cols: int, column_of: dict[str, int], 
     return scores
 
 
-def evaluate_split(model: AlignModel, dataset: Path, images_dir: Path, split: str = "test",
+def evaluate_split(model: AlignModel, dataset: Path, images_dir: Path | None, split: str = "test",
                    candidates: int = 20, val_size: int = 100, seed: int = 0, progress: bool = True,
-                   local_codec: str = "SQfp16", limit: int | None = None, store: dict | None = None) -> dict:
+                   local_codec: str = "SQfp16", limit: int | None = None, store: dict | None = None,
+                   features: Path | None = None) -> dict:
     """Build a temporary index of ``split`` with ``model`` and measure the three modes through the Searcher.
 
     ``local_codec`` is the local store's FAISS codec; ``limit`` keeps only the first images (quick runs);
     ``store`` holds build options that pick other store backends (``--store qdrant``: the temporary
-    collections are dropped at the end)."""
-    if not images_dir.is_dir():
+    collections are dropped at the end); ``features``: the photos are precomputed region features
+    (:mod:`models.precomputed`), read from there for the index and for the image queries."""
+    if features is None and not images_dir.is_dir():
         raise FileNotFoundError(f"images folder not found: {images_dir}")
     records = select_split(load_dataset(dataset), split, val_size, seed)[:limit]
     with tempfile.TemporaryDirectory(prefix="alignsearch-eval-") as tmp:
         captions = Path(tmp) / "captions.jsonl"
         captions.write_text("".join(json.dumps({"image": r.filename, "caption": c}) + "\n"
                                     for r in records for c in r.captions))
-        report = build(model, BuildOptions(images=images_dir, out=Path(tmp) / "index", captions=captions,
+        report = build(model, BuildOptions(images=images_dir, features=features, out=Path(tmp) / "index", captions=captions,
                                            files=[r.filename for r in records], progress=progress,
                                            **{"local_codec": local_codec, **(store or {})}))
         try:
-            return _measure(model, Path(tmp) / "index", candidates, progress, report)
+            return _measure(model, Path(tmp) / "index", candidates, progress, report, features)
         finally:
             discard_stores(Path(tmp) / "index")
 
 
-def _measure(model: AlignModel, folder: Path, candidates: int, progress: bool, report: dict) -> dict:
+def _measure(model: AlignModel, folder: Path, candidates: int, progress: bool, report: dict,
+             features: Path | None = None) -> dict:
     """The three modes' recall on the index in ``folder`` (see :func:`evaluate_split`)."""
     searcher = Searcher(Index(folder), model)
     index = searcher.index
@@ -79,13 +83,19 @@ def _measure(model: AlignModel, folder: Path, candidates: int, progress: bool, r
             out += searcher.search_text(texts[start : start + 128], k=k, candidates=k)
         return out
 
+    regions = FeatureFolder(features) if features is not None else None
+
     def i2t(k: int) -> list:
         from alignsearch.models.preprocess import load_image
 
         out = []
         for start in tqdm(range(0, n_img, 32), desc=f"image queries (K={k})", disable=not progress):
-            batch = [load_image(index.images_root / i) for i in image_ids[start : start + 32]]
-            out += searcher.search_image(batch, k=k, candidates=k)
+            ids = image_ids[start : start + 32]
+            if regions is None:
+                out += searcher.search_image([load_image(index.images_root / i) for i in ids], k=k, candidates=k)
+            else:  # the photos' precomputed regions, read as the build read them
+                enc = encode_arrays(model, [regions.read(regions.find(i)) for i in ids])
+                out += searcher.search_image_encoded(enc, k, k)
         return out
 
     full_t2i, full_i2t = t2i(n_img), i2t(len(all_captions))  # every item, dropped ones too

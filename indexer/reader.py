@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from alignsearch.models.captions import CaptionRow, read_caption_rows
+from alignsearch.models.precomputed import FeatureFolder
 from alignsearch.models.preprocess import IMAGE_EXTENSIONS, NEEDS, ImageDecodeError, ImagePreprocessor, load_image
 
-__all__ = ["CaptionRow", "DecodePool", "Decoded", "decode_batches", "list_images", "read_captions", "scan_images",
-           "unread_note"]
+__all__ = ["CaptionRow", "DecodePool", "Decoded", "decode_batches", "feature_batches", "list_images", "read_captions",
+           "scan_features", "scan_images", "unread_note"]
 WORKER_NICE = 10  # decode processes yield the cores to the encoder whenever it can run
 PARENT_CHECK_S = 0.5  # how often a decode process checks that its parent is still there
 
@@ -41,6 +42,13 @@ def scan_images(folder: Path) -> tuple[list[str], Counter[str]]:
         else:
             unread[suffix] += 1
     return sorted(found), unread
+
+
+def scan_features(folder: Path, captions: Sequence[CaptionRow]) -> list[str]:
+    """The image ids of a build from precomputed region features (:mod:`models.precomputed`): the images the
+    captions name, whether or not ``folder`` has their features (those without are skipped when read, with the
+    reason), and the other images ``folder`` has features for, sorted."""
+    return FeatureFolder(folder).ids_for(r.image for r in captions if r.image)
 
 
 def list_images(folder: Path) -> list[str]:
@@ -69,6 +77,19 @@ class Decoded:
     width: int = 0
     height: int = 0
     error: str | None = None
+
+
+def feature_batches(folder: Path, batches: Iterable[Sequence[str]], dim: int) -> Iterator[list[Decoded]]:
+    """The reader for a model that takes precomputed region features instead of photos: each batch of image
+    names read from the features ``folder`` as R x ``dim`` arrays (no width or height); a name without usable
+    features is a :class:`Decoded` with its reason. Features of another width raise
+    :class:`~models.precomputed.FeaturesError`."""
+    source = FeatureFolder(folder)
+    for batch in batches:
+        refs, failures = source.resolve(batch, dim)
+        reasons = dict(failures)
+        yield [Decoded(name, source.read(ref)) if ref is not None else Decoded(name, error=reasons[name])
+               for name, ref in zip(batch, refs)]
 
 
 def _decode(folder: Path, rel: str, read: Callable[[Path], tuple[Any, tuple[int, int]]]) -> Decoded:

@@ -6,19 +6,21 @@ import json
 import os
 import shutil
 import sqlite3
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from alignsearch.models.model import AlignModel
+from alignsearch.models.precomputed import check_input
 
 from . import layout, metadata, photo_fields
 from .assemble import insert_metadata, model_fields, store_fields, write_collection
 from .build import BuildOptions, encode_all, user_fields
 from .caption_ids import caption_items
 from .index import check_model, open_collection
-from .reader import read_captions, scan_images
+from .reader import read_captions, scan_features, scan_images
 from .stores import global_backend, local_backend
 
 
@@ -55,9 +57,11 @@ def transaction(index_dir: Path, change: Callable[[Path, dict], dict]) -> dict:
 
 
 def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, Any]:
-    """Add the images of ``options.images`` not yet in the index (by id) and ``options.captions``."""
+    """Add the images of ``options.images`` (or ``options.features``) not yet in the index (by id) and
+    ``options.captions``."""
     manifest = layout.read_manifest(index_dir)
     check_model(manifest, model)
+    check_input(model, options.features)
     conn = metadata.connect(Path(index_dir) / layout.METADATA, read_only=True)
     try:
         known = metadata.field_types(conn)
@@ -72,8 +76,13 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
     def change(work: Path, manifest: dict) -> dict:
         conn = metadata.connect(work / layout.METADATA)
         existing = {r[0] for r in conn.execute("SELECT id FROM images")}
-        if options.files is not None:  # these files only: no scan of the whole folder
-            listed, unread = [f for f in options.files if (options.images / f).is_file()], {}
+        if options.features is not None:
+            listed, unread = scan_features(options.features, rows), Counter()
+            if options.files is not None:
+                wanted = set(options.files)
+                listed = [f for f in listed if f in wanted]
+        elif options.files is not None:  # these files only: no scan of the whole folder
+            listed, unread = [f for f in options.files if (options.images / f).is_file()], Counter()
         else:
             listed, unread = scan_images(options.images)
         files = [f for f in listed if f not in existing]

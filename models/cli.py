@@ -20,7 +20,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                                    "The best epoch on a validation part carved from the training images "
                                    "is saved to OUT/model.")
     p.add_argument("--dataset", type=Path, required=True, help=DEFAULT_DATASET_HELP)
-    p.add_argument("--images", type=Path, required=True, help="folder holding the images the dataset names")
+    p.add_argument("--images", type=Path, help="folder holding the images the dataset names")
+    p.add_argument("--features", type=Path, metavar="DIR",
+                   help="instead of --images: precomputed region features, DIR/<image name>.npy (R x D) or "
+                        "DIR/<split>.npy with DIR/<split>.ids.txt (docs/precomputed-features.md); the image "
+                        "backbone is precomputed:D")
     p.add_argument("--out", type=Path, required=True, help="output folder (model/, checkpoint/, training.json)")
     p.add_argument("--config", type=Path, help="a model config.json to start from (flags below override it)")
     p.add_argument("--image-backbone", default=None,
@@ -151,25 +155,46 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig.from_dict(config.to_dict())  # re-validate
 
 
+def image_input(args: argparse.Namespace) -> None:
+    """Exactly one of ``--images`` (photos) and ``--features`` (precomputed region features)."""
+    if (args.images is None) == (args.features is None):
+        raise ValueError("give --images DIR (photos) or --features DIR (precomputed region features), one of them")
+    if args.images is not None:
+        require_folder(args.images, "images folder")
+    else:
+        require_folder(args.features, "features folder")
+
+
+def _features_config(args: argparse.Namespace, config: ModelConfig) -> ModelConfig:
+    """With ``--features`` and neither ``--config`` nor ``--image-backbone``: the image backbone is
+    ``precomputed:D``, D read from the features."""
+    if args.features is not None and not args.config and not args.image_backbone:
+        from .precomputed import FeatureFolder
+
+        config.image_backbone = BackboneConfig("precomputed", feature_dim=FeatureFolder(args.features).first_dim())
+    return config
+
+
 def run_train(args: argparse.Namespace) -> int:
     require_file(args.dataset, "dataset file")  # the paths first, before torch is imported
-    require_folder(args.images, "images folder")
+    image_input(args)  # exactly one of --images / --features, an existing folder
     if args.config:
         require_file(args.config, "model config")
     if args.out.exists() and not args.out.is_dir():
         raise FileExistsError(f"--out {args.out} is a file; training writes a folder: pick another --out")
     from .train import TrainOptions, train
 
+    config = _features_config(args, config_from_args(args))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     apply_progress_option(args)
     options = TrainOptions(
-        dataset=args.dataset, images=args.images, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
+        dataset=args.dataset, images=args.images, features=args.features, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, margin=args.margin, val_size=args.val_size, candidates=args.candidates,
         seed=args.seed, cache_dir=args.cache_dir.expanduser(), device=args.device, resume=args.resume,
         tune_local_weight=not args.no_tune_weight, augment_views=args.augment_views,
         mosaic_loss_weight=args.mosaic_loss, mosaics=args.mosaics, prior_lr=args.prior_lr,
     )
-    summary = train(options, config_from_args(args))
+    summary = train(options, config)
     print(json.dumps({"model": str(args.out / "model"), "best_epoch": summary["best_epoch"],
                       "fingerprint": summary["fingerprint"],
                       "validation_rsum": {m: r["rsum"] for m, r in summary["validation"].items()}}, indent=2))

@@ -22,6 +22,7 @@ from .factory import create_model, load_model, save_model
 from .features import CachedFeatures, LiveImageFeatures, LiveTextFeatures, image_features, mosaic_features, text_features
 from .losses import LOSSES
 from .model import AlignModel, EncoderOutput, resolve_device
+from .precomputed import FeatureFolder, PrecomputedFeatures, check_input
 from .mosaic import MOSAIC_TILES, Mosaic, content_token_mask, plan_mosaics, tile_cells, tile_grounding_loss, tile_pointing
 from . import alignment
 
@@ -33,7 +34,7 @@ WEIGHT_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
 @dataclass
 class TrainOptions:
     dataset: Path
-    images: Path
+    images: Path | None  # None: the image side is read from ``features``
     out: Path
     epochs: int = 12
     batch_size: int = 128
@@ -57,6 +58,7 @@ class TrainOptions:
     mosaics: int = 1500
     mosaic_temperature: float = 0.05
     progress: bool = True
+    features: Path | None = None  # precomputed region features (models.precomputed) instead of photos
 
 
 @dataclass
@@ -174,7 +176,7 @@ def tune_local_weight(global_scores: torch.Tensor, local: torch.Tensor, text_to_
     return best, results
 
 
-ImageSource = CachedFeatures | LiveImageFeatures
+ImageSource = CachedFeatures | LiveImageFeatures | PrecomputedFeatures
 TextSource = CachedFeatures | LiveTextFeatures
 
 
@@ -222,11 +224,19 @@ class TrainRun:
         return self.options.out / "model"
 
 
-def _image_sources(model: AlignModel, paths: list[Path], options: TrainOptions) -> tuple[list[ImageSource], list[tuple[str, str]]]:
+def _image_sources(model: AlignModel, filenames: list[str], options: TrainOptions) -> tuple[list[ImageSource], list[tuple[str, str]]]:
     """The plain view then ``options.augment_views`` augmented views, with the images that failed to decode.
 
     With a trainable image backbone every view is computed live: cached views would hold the features of the
-    backbone as it was before training."""
+    backbone as it was before training. Precomputed region features are one view, read from their folder."""
+    check_input(model, options.features)
+    if options.features is not None:
+        if options.mosaic_loss_weight > 0:
+            raise ValueError("--mosaic-loss needs an image backbone whose regions are grid cells, not precomputed "
+                             "region features")
+        source = PrecomputedFeatures(model, FeatureFolder(options.features), filenames)
+        return [source], source.failures
+    paths = [options.images / f for f in filenames]
     if _has_trainable(model.image_backbone):
         live = LiveImageFeatures(model, paths)
         return [live, *(LiveImageFeatures(model, paths, view=v) for v in range(1, options.augment_views + 1))], live.failures
@@ -319,7 +329,7 @@ def mosaic_pointing(run: TrainRun) -> dict[str, float]:
 
 def prepare_run(options: TrainOptions, config: ModelConfig) -> TrainRun:
     """Load the data, compute or load the backbone features, build the model and optimiser, resume a checkpoint."""
-    if not options.images.is_dir():
+    if options.features is None and not options.images.is_dir():
         raise FileNotFoundError(f"images folder not found: {options.images}")
     if options.loss not in LOSSES:
         raise ValueError(f"unknown loss {options.loss!r}; choose from {sorted(LOSSES)}")
@@ -336,7 +346,7 @@ def prepare_run(options: TrainOptions, config: ModelConfig) -> TrainRun:
     all_records = train_records + val_records
     filenames = list(dict.fromkeys(r.filename for r in all_records))
     row_of = {f: i for i, f in enumerate(filenames)}
-    views, failures = _image_sources(model, [options.images / f for f in filenames], options)
+    views, failures = _image_sources(model, filenames, options)
     for path, reason in failures:
         log.warning("skipped %s: %s", path, reason)
     texts, offsets = [], {}

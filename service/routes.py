@@ -33,10 +33,12 @@ from .uploads import ALLOWED_NAMES, read_similar, read_upload, upload_fields
 from .writes import Writer
 
 STATIC = Path(__file__).resolve().parent / "static"
+FEATURES_ONLY = "this index was built from precomputed region features"
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
 
 _DESCRIPTIONS = {
-    400: "malformed request (bad base64, a malformed body or header)",
+    400: "malformed request (bad base64, a malformed body or header), or an image query to an index built from "
+         "precomputed region features",
     408: "the request body stopped arriving",
     401: "missing or wrong API key (`Authorization: Bearer KEY`)",
     403: "writes are off: the server has no API key and was not started with --allow-writes",
@@ -186,6 +188,9 @@ async def search_text(req: schemas.TextSearchRequest, state: AppState = Depends(
 async def search_image(request: Request, state: AppState = Depends(get_state),
                        searcher: Searcher = Depends(get_searcher)) -> schemas.ImageSearchResponse:
     started = time.perf_counter()
+    if not searcher.model.takes_images:
+        raise HTTPException(400, FEATURES_ONLY + ": its model cannot read an uploaded image; search it with text "
+                                 "(/search/text)")
     data, params = await read_upload(request, state.settings.max_upload_bytes)
     lanes = _lanes(state, "image")
     lanes.lane(params.ranked, params.k)  # refused before the decode when over the limit or busy
@@ -240,6 +245,9 @@ async def get_image(image_id: str, searcher: Searcher = Depends(get_searcher)) -
     try:  # the index's own record, under its images root, never through a symlink (service/files.py)
         fh, info = open_indexed(searcher.index.images_root, row["path"])
     except NotServable:
+        if not searcher.model.takes_images:
+            raise HTTPException(404, FEATURES_ONLY + ": it has no photo file for this image (build it with --images "
+                                     "too to serve photos)") from None
         raise HTTPException(404, "the file of this image is not available") from None
     media = mimetypes.guess_type(row["path"])[0] or "application/octet-stream"
     return StreamingResponse(chunks(fh), media_type=media, headers={"content-length": str(info.st_size)})

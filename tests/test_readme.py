@@ -31,8 +31,14 @@ def _shell_commands(block: str) -> list[list[str]]:
     """The `alignsearch` command lines of a shell block, as argv lists without the program name: continuation
     lines joined, comments dropped, pipelines and `&&` chains split, leading VAR=value assignments skipped."""
     commands = []
+    pending = ""  # a quoted string that runs on over lines (a JSON body) is one line to the shell
     for line in block.replace("\\\n", " ").splitlines():
-        words = shlex.split(line, comments=True)
+        pending = f"{pending}\n{line}" if pending else line
+        try:
+            words = shlex.split(pending, comments=True)
+        except ValueError:  # no closing quotation yet
+            continue
+        pending = ""
         piece: list[str] = []
         for word in [*words, ";"]:
             if word not in SEPARATORS:
@@ -43,6 +49,7 @@ def _shell_commands(block: str) -> list[list[str]]:
             if piece and piece[0] == "alignsearch":
                 commands.append(piece[1:])
             piece = []
+    assert not pending, f"a quotation never closes in: {pending[:80]!r}"
     return commands
 
 
