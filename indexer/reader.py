@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from alignsearch.models.captions import CaptionRow, read_caption_rows
-from alignsearch.models.precomputed import FeatureFolder
 from alignsearch.models.preprocess import IMAGE_EXTENSIONS, NEEDS, ImageDecodeError, ImagePreprocessor, load_image
 
 __all__ = ["CaptionRow", "DecodePool", "Decoded", "decode_batches", "feature_batches", "list_images", "read_captions",
@@ -48,6 +47,8 @@ def scan_features(folder: Path, captions: Sequence[CaptionRow]) -> list[str]:
     """The image ids of a build from precomputed region features (:mod:`models.precomputed`): the images the
     captions name, whether or not ``folder`` has their features (those without are skipped when read, with the
     reason), and the other images ``folder`` has features for, sorted."""
+    from alignsearch.models.precomputed import FeatureFolder  # torch: never imported by the decode processes
+
     return FeatureFolder(folder).ids_for(r.image for r in captions if r.image)
 
 
@@ -84,6 +85,8 @@ def feature_batches(folder: Path, batches: Iterable[Sequence[str]], dim: int) ->
     names read from the features ``folder`` as R x ``dim`` arrays (no width or height); a name without usable
     features is a :class:`Decoded` with its reason. Features of another width raise
     :class:`~models.precomputed.FeaturesError`."""
+    from alignsearch.models.precomputed import FeatureFolder  # torch: never imported by the decode processes
+
     source = FeatureFolder(folder)
     for batch in batches:
         refs, failures = source.resolve(batch, dim)

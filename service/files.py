@@ -47,6 +47,16 @@ def open_indexed(root: Path, rel: str) -> tuple[BinaryIO, os.stat_result]:
     return os.fdopen(fd, "rb"), info
 
 
+def open_recorded(root: Path, recorded: str) -> tuple[BinaryIO, os.stat_result]:
+    """The file an index recorded for a photo: a path relative to the images root (opened by :func:`open_indexed`),
+    or the absolute path of a photo added from another folder (``index add --images OTHER``), whose own folder
+    is then the root: its last component is still opened without following a symlink."""
+    path = PurePosixPath(recorded)
+    if path.is_absolute():
+        return open_indexed(Path(str(path.parent)), path.name)
+    return open_indexed(root, recorded)
+
+
 def chunks(fh: BinaryIO) -> Iterator[bytes]:
     """The file's bytes in chunks, closing it at the end (or when the client goes away)."""
     with fh:

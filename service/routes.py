@@ -26,7 +26,7 @@ from . import schemas
 from .admission import Lanes, overloaded
 from .auth import has_api_key
 from .errors import ErrorBody
-from .files import NotServable, chunks, open_indexed
+from .files import NotServable, chunks, open_recorded
 from .pipeline import ImageQuery, SimilarQuery, TextQuery
 from .state import AppState
 from .uploads import ALLOWED_NAMES, read_similar, read_upload, upload_fields
@@ -243,7 +243,7 @@ async def get_image(image_id: str, searcher: Searcher = Depends(get_searcher)) -
     if row is None:
         raise HTTPException(404, "no indexed image has this id")
     try:  # the index's own record, under its images root, never through a symlink (service/files.py)
-        fh, info = open_indexed(searcher.index.images_root, row["path"])
+        fh, info = open_recorded(searcher.index.images_root, row["path"])
     except NotServable:
         if not searcher.model.takes_images:
             raise HTTPException(404, FEATURES_ONLY + ": it has no photo file for this image (build it with --images "

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from alignsearch.service.files import NotServable, chunks, open_indexed
+from alignsearch.service.files import NotServable, chunks, open_indexed, open_recorded
 
 
 @pytest.fixture
@@ -60,3 +60,15 @@ def test_a_symlinked_root_is_the_users_choice(root, tmp_path):
     link.symlink_to(root)
     fh, _ = open_indexed(link, "a.jpg")
     assert b"".join(chunks(fh)) == b"photo a"
+
+
+def test_a_photo_added_from_another_folder_is_served_by_its_absolute_record(tmp_path):
+    other = tmp_path / "more"
+    other.mkdir()
+    (other / "late.jpg").write_bytes(b"late photo")
+    fh, info = open_recorded(tmp_path / "root-elsewhere", str(other / "late.jpg"))
+    assert b"".join(chunks(fh)) == b"late photo" and info.st_size == 10
+    (other / "late.jpg").unlink()
+    (other / "late.jpg").symlink_to("/etc/passwd")  # replaced by a symlink later: refused all the same
+    with pytest.raises(NotServable):
+        open_recorded(tmp_path / "root-elsewhere", str(other / "late.jpg"))

@@ -73,7 +73,7 @@ def test_an_index_of_the_previous_fingerprint_rule_opens_and_migrates_on_update(
     manifest = json.loads((out / layout.MANIFEST).read_text())
     del manifest["model"]["fingerprint_rule"]
     manifest["model"]["fingerprint"] = model.legacy_fingerprint  # what the rule-1 build recorded
-    (out / layout.MANIFEST).write_text(json.dumps(manifest))
+    layout.seal_manifest(out, manifest)  # as `index verify --seal` seals an older one
     Searcher(Index(out), model)
     migrated = tmp_path / "migrated"
     shutil.copytree(out, migrated)
@@ -83,7 +83,7 @@ def test_an_index_of_the_previous_fingerprint_rule_opens_and_migrates_on_update(
     assert Index(migrated).manifest["model"]["fingerprint"] == model.fingerprint
     assert Index(migrated).manifest["model"]["fingerprint_rule"] == RULE
     manifest["model"]["fingerprint"] = "0123456789abcdef"
-    (out / layout.MANIFEST).write_text(json.dumps(manifest))
+    layout.seal_manifest(out, manifest)  # as `index verify --seal` seals an older one
     with pytest.raises(layout.IndexError_, match="fingerprint"):
         Searcher(Index(out), model)
 
