@@ -136,10 +136,8 @@ def write_manifest(folder: Path, fields: dict[str, Any], reuse: dict[str, dict] 
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True))
-    _fsync(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=True))
 
 
 def seal_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -140,7 +140,7 @@ def image_features(
     if folder is not None:
         feats = CachedFeatures.open(folder, version)
         if feats is not None:
-            return feats, [(str(p), "failed to decode") for p, ok in zip(paths, feats.ok.tolist()) if not ok]
+            return feats, _failed(paths, feats)
 
     def read(path: Path):
         try:
@@ -179,13 +179,18 @@ def image_features(
         bar.close()
     if writer:
         feats = writer.finish()
-        return feats, [(str(p), "failed to decode") for p, good in zip(paths, feats.ok.tolist()) if not good]
+        return feats, _failed(paths, feats)
     first = next((f for f in decoded if f is not None), None)
     if first is None:
         raise RuntimeError("no image could be decoded")
     zero = TokenFeatures(*(torch.zeros_like(t) for t in (first.tokens, first.mask, first.pooled)))
     tokens, mask, pooled = _concat([f if f is not None else zero for f in decoded])
     return CachedFeatures(tokens, mask, pooled, torch.tensor(ok)), failures
+
+
+def _failed(paths: Sequence[Path], feats: CachedFeatures) -> list[tuple[str, str]]:
+    """(path, reason) of the images a cache folder holds as not decoded."""
+    return [(str(p), "failed to decode") for p, ok in zip(paths, feats.ok.tolist()) if not ok]
 
 
 class _FeatureWriter:

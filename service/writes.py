@@ -13,33 +13,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from alignsearch.indexer import update
+from alignsearch.indexer import layout, update
 from alignsearch.indexer.build import BuildOptions
 
 from .follow import IndexFollower
 
 UPLOADS = "uploads"
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def upload_id(data: bytes, image_format: str) -> str:
@@ -72,7 +57,9 @@ class Writer:
         def work() -> bool:
             path = root / image_id
             if not path.is_file():
-                _write_atomic(path, data)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with layout.atomic_path(path) as tmp:
+                    tmp.write_bytes(data)
             with tempfile.TemporaryDirectory(prefix="alignsearch-upload-") as tmp:
                 caption_file = Path(tmp) / "captions.jsonl"
                 caption_file.write_text("".join(json.dumps({"image": image_id, "caption": c}) + "\n"
