@@ -56,6 +56,18 @@ def upload_id(data: bytes, image_format: str) -> str:
     return f"{UPLOADS}/{hashlib.sha256(data).hexdigest()[:24]}{SUFFIXES[image_format]}"
 
 
+def _indexed(folder: Path, ids: list[str] | None = None) -> set[str]:
+    """Which of ``ids`` (None: of the uploads) the index in ``folder`` has a row for, live or deleted."""
+    conn = metadata.connect(layout.real_path(folder) / layout.METADATA, read_only=True)
+    try:
+        if ids is None:
+            return {r[0] for r in conn.execute(f"SELECT id FROM images WHERE id LIKE '{UPLOADS}/%'")}
+        return {r[0] for r in conn.execute("SELECT id FROM images WHERE id IN (SELECT value FROM json_each(?))",
+                                           (json.dumps(ids),))}
+    finally:
+        conn.close()
+
+
 class Unreadable(ValueError):
     """The encoder could not read this photo (the update skipped it); the others of its group are indexed."""
 
@@ -171,13 +183,28 @@ class Writer:
         searcher = self.follower.searcher
         root, folder, model = searcher.index.images_root, searcher.index.folder, searcher.model
         ids = list(dict.fromkeys(u.image_id for u in group))
+        written: dict[str, Path] = {}  # the files this group wrote: removed again unless indexed
         for image_id in ids:
             path = root / image_id
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with layout.atomic_path(path) as tmp:
                     tmp.write_bytes(next(u.data for u in group if u.image_id == image_id))
+                written[image_id] = path
         layout.fsync_dir(root / UPLOADS)
+        try:
+            outcome = self._update(group, ids, root, folder, model)
+        except BaseException:
+            indexed = _indexed(folder, list(written))  # a failure after the swap keeps what it indexed
+            for image_id, path in written.items():
+                if image_id not in indexed:
+                    path.unlink(missing_ok=True)
+            raise
+        for image_id in outcome.skipped & set(written):
+            written[image_id].unlink(missing_ok=True)
+        return outcome
+
+    def _update(self, group: list[_Upload], ids: list[str], root: Path, folder: Path, model: Any) -> _Outcome:
         fields: dict[str, dict[str, list[Any]]] = {}
         for u in group:  # the same photo twice: the later upload's value of a field wins
             fields.setdefault(u.image_id, {}).update(u.fields)
@@ -206,11 +233,7 @@ class Writer:
             return []
         try:
             with layout.exclusive(index.folder):  # not while an update (which may be about to index them) runs
-                conn = metadata.connect(layout.real_path(index.folder) / layout.METADATA, read_only=True)
-                try:
-                    known = {r[0] for r in conn.execute(f"SELECT id FROM images WHERE id LIKE '{UPLOADS}/%'")}
-                finally:
-                    conn.close()
+                known = _indexed(index.folder)
                 removed = []
                 for path in folder.iterdir():  # only names this writer gives (a user's own uploads/ stays)
                     image_id = f"{UPLOADS}/{path.name}"
