@@ -170,6 +170,7 @@ def _summary(report: dict) -> None:
     from .reader import unread_note
 
     skipped = report.pop("skipped", [])
+    report.pop("added_ids", None)  # for callers that answer per photo (the HTTP writes), not for a summary
     note = unread_note(Counter(report.pop("not_read", {})))
     print(json.dumps({**report, "skipped": len(skipped)}, indent=2))
     for item in skipped[:20]:

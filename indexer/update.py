@@ -49,6 +49,7 @@ def transaction(index_dir: Path, change: Callable[[Path, dict], dict]) -> dict:
                 layout.write_manifest(work, fields, reuse={
                     name: entry for name, entry in previous.items()
                     if (work / name).is_file() and os.path.samefile(work / name, index_dir / name)})
+                layout.sync_tree(work)  # durable before the swap: an update acknowledged survives a power cut
             except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
                 raise
@@ -109,7 +110,8 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
         linked = metadata.link_captions(conn, [i["id"] for s in shards["images"] for i in s.items])
         metadata.close_for_checksum(conn)
         manifest["model"] = model_fields(model)  # an index of the previous fingerprint rule is migrated here
-        report.update(metadata_updated=updated, captions_linked=linked, images_added=sum(len(s.items) for s in shards["images"]),
+        added = [i["id"] for s in shards["images"] for i in s.items]
+        report.update(metadata_updated=updated, captions_linked=linked, images_added=len(added), added_ids=added,
                       captions_added=sum(len(s.items) for s in shards["captions"]),
                       skipped=[k for name in layout.COLLECTIONS for s in shards[name] for k in s.skipped],
                       not_read=dict(sorted(unread.items())))

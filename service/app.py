@@ -78,7 +78,10 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
                 state.metrics.waiting.labels(f"{name}-{lane_name}").set_function(lambda lane=lane: lane.waiting)
         state.metrics.decoding.set_function(lambda: state.decoder.busy)
         state.follower = follower
-        state.writer = Writer(follower)
+        state.writer = Writer(follower, s.write_batch_ms / 1000, s.write_batch_max,
+                              observe=state.metrics.write_group.observe)
+        if s.api_key or s.allow_writes:
+            await asyncio.get_running_loop().run_in_executor(threads.light, state.writer.sweep)
         await follower.start()
         try:
             yield

@@ -28,6 +28,8 @@ class Metrics:
                                buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("alignsearch_batch_size", "queries encoded per forward pass", ["kind"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.write_group = Histogram("alignsearch_write_group_size", "uploads committed by one index update",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.reloads = Counter("alignsearch_index_reloads", "new index versions swapped in", registry=self.registry)
         self.waiting = Gauge("alignsearch_queue_waiting", "search requests waiting for a batch, per lane", ["lane"],
                              registry=self.registry)

@@ -36,6 +36,9 @@ class Settings:
     allow_open: bool = field(default_factory=lambda: _bool("ALLOW_OPEN"))
     # POST/DELETE/PATCH /images on a server without an API key (off: writes need the key)
     allow_writes: bool = field(default_factory=lambda: _bool("ALLOW_WRITES"))
+    # uploads arriving within this window of the first one waiting (at most write_batch_max) are one update
+    write_batch_ms: float = field(default_factory=lambda: _float("WRITE_BATCH_MS", 200))
+    write_batch_max: int = field(default_factory=lambda: _int("WRITE_BATCH_MAX", 64))
     max_batch: int = field(default_factory=lambda: _int("MAX_BATCH", 16))
     batch_wait_ms: float = field(default_factory=lambda: _float("BATCH_WAIT_MS", 5))
     # request bodies: an image upload, and everything else (JSON queries)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -32,13 +33,18 @@ def index_dir(photos, tmp_path_factory):
     for path in sample_files(photos[0])[:3]:
         shutil.copy(path, images / path.name)
     assert main(["index", "build", "--images", str(images), "--out", str(root / "index"), "--quiet"]) == 0
+    # what a server killed mid-update leaves: a photo written for an update that never committed (removed when
+    # the next server starts), beside a file of the user's own that is no upload (left alone)
+    (images / "uploads").mkdir()
+    (images / "uploads" / f"{'ab' * 12}.png").write_bytes(_png("black"))
+    (images / "uploads" / "mine.png").write_bytes(_png("white"))
     return root / "index"
 
 
 @pytest.fixture(scope="module")
 def server(index_dir):
-    with serve(index_dir, env={"ALIGNSEARCH_API_KEY": KEY, "ALIGNSEARCH_REQUEST_TIMEOUT_S": "300"},
-               ready_timeout=600) as url:
+    with serve(index_dir, env={"ALIGNSEARCH_API_KEY": KEY, "ALIGNSEARCH_REQUEST_TIMEOUT_S": "300",
+                               "ALIGNSEARCH_WRITE_BATCH_MS": "1500"}, ready_timeout=600) as url:
         yield url
 
 
@@ -117,3 +123,31 @@ def test_the_client_adds_describes_and_deletes(server):
         with pytest.raises(AlignSearchError) as info:
             c.delete_image(added["id"])
         assert info.value.status == 404
+
+
+def _group_sizes(server) -> tuple[float, float]:
+    """(updates committed for uploads, uploads in them) from /metrics."""
+    text = httpx.get(f"{server}/metrics", headers=AUTH, timeout=60).text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("alignsearch_write_group_size_")}
+    return values.get("alignsearch_write_group_size_count", 0.0), values.get("alignsearch_write_group_size_sum", 0.0)
+
+
+def test_concurrent_uploads_are_one_update_and_a_bad_one_fails_alone(server, index_dir):
+    images = index_dir.parent / "images"
+    assert not (images / "uploads" / f"{'ab' * 12}.png").exists()  # swept at start
+    assert (images / "uploads" / "mine.png").exists()
+    updates, uploads = _group_sizes(server)
+    colours = ["#102030", "#405060", "#708090", "#a0b0c0", "#d0e0f0", "#f01020"]
+    with ThreadPoolExecutor(len(colours) + 1) as pool:
+        bad = pool.submit(_post, server, _png("#123456"), metadata={"width": "wide"})  # a built-in number field
+        answers = list(pool.map(lambda c: _post(server, _png(c), captions=[f"a square of {c}"],
+                                                metadata={"album": "grouped"}), colours))
+    assert [r.status_code for r in answers] == [201] * len(colours), [r.text for r in answers]
+    assert bad.result().status_code == 422 and "wide" not in bad.result().json()["detail"]
+    after = _group_sizes(server)
+    assert after[1] - uploads == len(colours)  # the bad one never joined a group
+    assert after[0] - updates < len(colours)  # fewer updates than uploads: grouped
+    found = _find(server, {"must": [{"key": "album", "match": {"value": "grouped"}}]})
+    assert sorted(found) == sorted(r.json()["id"] for r in answers)  # all searchable when answered
+    assert verify(index_dir) == []
