@@ -67,6 +67,14 @@ def load_image_sized(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIX
     keeps both sides at ``min_side`` or more, as Pillow's ``thumbnail`` does: a 12-megapixel phone photo
     decodes about 10x faster at 1/4 scale, and images with a side under ``2 * min_side`` decode at full size,
     the same pixels as without it."""
+    image, size, _ = read_image(source, max_pixels, min_side)
+    return image, size
+
+
+def read_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
+               min_side: int | None = None) -> tuple[Image.Image, tuple[int, int], Image.Exif]:
+    """:func:`load_image_sized`, and the file's EXIF tags (``Image.getexif`` of the file as opened, read while
+    it is open: no second open for them)."""
     try:
         image = Image.open(io.BytesIO(source)) if isinstance(source, (bytes, bytearray)) else Image.open(source)
         width, height = image.size
@@ -76,10 +84,10 @@ def load_image_sized(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIX
             image.draft("RGB", (min_side, min_side))
         image.load()
         decoded = image.size
-        image = ImageOps.exif_transpose(image)
-        if image.size != decoded:  # the orientation swapped the axes
+        oriented = ImageOps.exif_transpose(image)
+        if oriented.size != decoded:  # the orientation swapped the axes
             width, height = height, width
-        return image.convert("RGB"), (width, height)
+        return oriented.convert("RGB"), (width, height), image.getexif()  # parsed once: exif_transpose read it
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -104,8 +112,13 @@ class ImagePreprocessor:
     def load_file(self, source: str | Path | bytes) -> tuple[np.ndarray, tuple[int, int]]:
         """A file -> (:meth:`resize`'s uint8 array, the image's full width and height), a JPEG decoded at no
         less than twice ``size`` (:func:`load_image_sized`): how the build reads photos."""
-        image, full_size = load_image_sized(source, min_side=DRAFT_FACTOR * self.size)
-        return self.resize(image), full_size
+        array, full_size, _ = self.read_file(source)
+        return array, full_size
+
+    def read_file(self, source: str | Path | bytes) -> tuple[np.ndarray, tuple[int, int], Image.Exif]:
+        """:meth:`load_file`, and the file's EXIF tags (:func:`read_image`)."""
+        image, full_size, exif = read_image(source, min_side=DRAFT_FACTOR * self.size)
+        return self.resize(image), full_size, exif
 
     def normalize_tensor(self, pixels: np.ndarray) -> "torch.Tensor":
         """The second half, for a batch: uint8 B x size x size x 3 -> float32 B x 3 x size x size, by the formula
