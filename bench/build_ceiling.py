@@ -11,6 +11,8 @@ decoding alone with the same worker count, on Flickr-sized (500 x 375) JPEGs, in
   shapes and dtypes (no compute). Whatever else the build does (reading, decoding, resizing, batching, the
   copies between processes, shard writes, the stores, SQLite, the manifest) is in its time;
 - ``ratio``: build photos/s / decode-only photos/s (target >= 0.85: the pipeline costs at most 15% of decoding);
+  ``cpu_ratio``: decode-only CPU ms per photo (its processes') / the build's (its process and its decode
+  processes'): what the pipeline adds to decoding's work, less sensitive than wall time to a shared machine;
 - ``stages``: where the build's main process spends its time (cProfile of one more build, cumulative seconds of
   the build's own functions), so a serial step shows; ``main_cpu_s`` is that process's CPU time in the build.
 

@@ -120,17 +120,22 @@ class ImagePreprocessor:
         image, full_size, exif = read_image(source, min_side=DRAFT_FACTOR * self.size)
         return self.resize(image), full_size, exif
 
-    def normalize_tensor(self, pixels: np.ndarray) -> "torch.Tensor":
+    def normalize_tensor(self, pixels: "np.ndarray | torch.Tensor") -> "torch.Tensor":
         """The second half, for a batch: uint8 B x size x size x 3 -> float32 B x 3 x size x size, by the formula
         ``(v / 255 - mean) / std`` in float32: one channel-first copy and three in-place passes that torch
         vectorises over every core (2.6 ms for a batch of 32 here, against 9.0 ms for a per-channel table lookup
-        in numpy), on the build's path where the encoder waits for it."""
+        in numpy), on the build's path where the encoder waits for it. A uint8 tensor is normalised on its own
+        device (the build hands a GPU encoder its uint8 pixels: a quarter of the bytes copied, no host pass)."""
         import torch
 
-        source = torch.from_numpy(np.asarray(pixels, dtype=np.uint8)).permute(0, 3, 1, 2)
-        out = torch.empty(source.shape, dtype=torch.float32).copy_(source)
+        if isinstance(pixels, torch.Tensor):
+            source = pixels.permute(0, 3, 1, 2)
+        else:
+            source = torch.from_numpy(np.asarray(pixels, dtype=np.uint8)).permute(0, 3, 1, 2)
+        out = torch.empty(source.shape, dtype=torch.float32, device=source.device).copy_(source)
         shape = (1, 3, 1, 1)
-        return out.div_(255.0).sub_(torch.from_numpy(self.mean).view(shape)).div_(torch.from_numpy(self.std).view(shape))
+        mean, std = (torch.from_numpy(v).to(source.device).view(shape) for v in (self.mean, self.std))
+        return out.div_(255.0).sub_(mean).div_(std)
 
     def __call__(self, images: Sequence[Image.Image]) -> "torch.Tensor":
         """Images -> float32 B x 3 x size x size: :meth:`resize` each, then :meth:`normalize_tensor` the batch."""

@@ -124,3 +124,18 @@ def test_instant_encoders_give_the_model_shapes_and_dtypes_without_its_compute(m
     assert InstantEncoders(model, on_cpu=True).device == model.device
     texts = instant.encode_texts(["a dog", "two cats"])
     assert texts.global_emb.shape == (2, model.embed_dim) and len(texts.words) == 2
+
+
+def test_pixels_normalise_on_the_encoders_device_as_on_the_host():
+    """The build hands the encoder's device uint8 pixels and normalises them there: on the CPU the same bits as
+    the host path; on another device (``meta`` here: shapes only) nothing is computed on the host."""
+    from alignsearch.indexer.encode import _to_device
+
+    pre = ImagePreprocessor(8, (0.48, 0.45, 0.40), (0.26, 0.26, 0.27))
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    host = pre.normalize_tensor(pixels)
+    cpu = _to_device(torch.from_numpy(pixels), torch.device("cpu"))
+    assert cpu.data_ptr() == torch.from_numpy(pixels).data_ptr()  # no copy on the CPU
+    assert torch.equal(pre.normalize_tensor(cpu), host)
+    meta = pre.normalize_tensor(_to_device(torch.from_numpy(pixels), torch.device("meta")))
+    assert meta.device.type == "meta" and meta.shape == host.shape and meta.dtype == torch.float32
