@@ -10,6 +10,7 @@ written by the driver); the finished-shard check makes a rerun skip what any wor
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -28,7 +29,9 @@ class Distributor(Protocol):
 
 
 class LocalDistributor:
-    """Runs the tasks in this process, in order, with a progress bar per collection."""
+    """Runs the tasks in this process, in order, with a progress bar per collection. A finished shard is
+    written by a writer thread while the next task runs (one write at a time; an error in it stops the run), so
+    the decode processes never wait for the files."""
 
     def __init__(self, progress: bool = True) -> None:
         self.progress = progress
@@ -42,5 +45,12 @@ class LocalDistributor:
         unit = "img" if todo[0].collection == "images" else "cap"
         with tqdm(total=total, initial=total - sum(len(t.items) for t in todo), desc=f"index {todo[0].collection}",
                   unit=unit, disable=not self.progress or total == 0, smoothing=0.1) as bar:  # no bar for nothing
-            for task in todo:
-                write_shard(work, task.collection, task.number, mapper(task, bar.update))
+            with ThreadPoolExecutor(1, thread_name_prefix="alignsearch-shard-writer") as writer:
+                writing: Future | None = None
+                for task in todo:
+                    shard = mapper(task, bar.update)
+                    if writing is not None:
+                        writing.result()  # the previous shard is on disk (or its error raised here)
+                    writing = writer.submit(write_shard, work, task.collection, task.number, shard)
+                if writing is not None:
+                    writing.result()

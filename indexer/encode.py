@@ -20,7 +20,7 @@ from alignsearch.models.precomputed import encode_arrays
 
 from .plan import ShardTask
 from .reader import DecodePool, Decoded, decode_batches, feature_batches
-from .writer import Shard, empty_shard, shard_from_output
+from .writer import Shard, ShardPart, empty_shard, shard_from_output, shard_from_parts, shard_part
 
 Progress = Callable[[int], None]  # called with the number of items just done
 # On a CPU, images decoded per turn before the encoder takes the cores back: 256 at 224 px are 38 MB of uint8.
@@ -54,16 +54,28 @@ def decode_pool(model: AlignModel, workers: int) -> DecodePool | None:
     return _SHARED_POOLS[key]
 
 
-def _encode(model: AlignModel, good: list[Decoded], pooled: bool) -> EncoderOutput:
+def _encode(model: AlignModel, batch: list[Decoded], good: list[Decoded], pooled: bool) -> EncoderOutput:
     if not model.takes_images:  # precomputed region features
         return encode_arrays(model, [d.array for d in good])
-    return model.encode_pixels(_pixels(model, good, pooled)).cpu()
+    return model.encode_pixels(_pixels(model, batch, good, pooled)).cpu()
 
 
-def _pixels(model: AlignModel, good: list[Decoded], pooled: bool) -> torch.Tensor:
-    if pooled:  # uint8 arrays from the decode processes: normalised here in one step
-        return model.image_preprocessor.normalize_tensor(np.stack([d.array for d in good]))
+def _pixels(model: AlignModel, batch: list[Decoded], good: list[Decoded], pooled: bool) -> torch.Tensor:
+    if pooled:  # uint8 arrays from the decode processes (stacked there): normalised in one step, on the device
+        stacked = getattr(batch, "pixels", None)
+        pixels = torch.from_numpy(stacked if stacked is not None else np.stack([d.array for d in good]))
+        return model.image_preprocessor.normalize_tensor(_to_device(pixels, model.device))
     return torch.stack([d.array for d in good])
+
+
+def _to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 pixels onto the encoder's device before normalising (a quarter of float32's bytes; on CUDA from
+    pinned memory, copied asynchronously); on the CPU they stay where they are."""
+    if device.type == "cpu":
+        return pixels
+    if device.type == "cuda":
+        pixels = pixels.pin_memory()
+    return pixels.to(device, non_blocking=True)
 
 
 def encode_images(model: AlignModel, task: ShardTask, batch_size: int, workers: int, progress: Progress,
@@ -71,7 +83,7 @@ def encode_images(model: AlignModel, task: ShardTask, batch_size: int, workers: 
     folder = Path(task.folder or ".")
     prepare = lambda image: model.preprocess_images([image])[0]  # noqa: E731  (runs in the worker threads)
     batches = [task.items[i : i + batch_size] for i in range(0, len(task.items), batch_size)]
-    parts: list[EncoderOutput] = []
+    parts: list[ShardPart] = []  # each batch's rows as the shard keeps them (float16 regions, no padding)
     items: list[dict[str, Any]] = []
     skipped = list(task.skipped)
     features = not model.takes_images  # the task's folder holds precomputed region features, read instead of decoded
@@ -86,14 +98,22 @@ def encode_images(model: AlignModel, task: ShardTask, batch_size: int, workers: 
         good = [d for d in batch if d.error is None]
         skipped += [{"item": d.rel, "reason": d.error} for d in batch if d.error is not None]
         if good:
-            parts.append(_encode(model, good, pool is not None))
+            parts.append(shard_part(_encode(model, batch, good, pool is not None)))
             # features: the id is the photo's path under the index's images root (served if a photo is there)
-            items += [{"id": d.rel, "path": d.rel if features else task.stored_path(d.rel), "width": d.width,
-                       "height": d.height} for d in good]
+            items += [_item(d, d.rel if features else task.stored_path(d.rel)) for d in good]
         progress(len(batch))
     if not parts:
         return empty_shard(model.embed_dim, skipped)
-    return shard_from_output(EncoderOutput.concat(parts), items, skipped)
+    return shard_from_parts(parts, items, skipped)
+
+
+def _item(d: Decoded, path: str) -> dict[str, Any]:
+    """A photo's shard item; with its file's facts when its decode process read them (assembly then reads
+    nothing more of the file: :func:`~indexer.photo_fields.file_fields`)."""
+    item = {"id": d.rel, "path": path, "width": d.width, "height": d.height}
+    if d.file is not None:
+        item["file"] = d.file
+    return item
 
 
 def encode_captions(model: AlignModel, task: ShardTask, batch_size: int, workers: int, progress: Progress) -> Shard:

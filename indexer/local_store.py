@@ -70,6 +70,8 @@ def encode(codec: faiss.Index, vectors: np.ndarray, device: str | torch.device |
     region vectors took most of an hour on 2 cores). Other codecs use FAISS's ``sa_encode``."""
     if len(vectors) == 0:
         return np.zeros((0, codec.sa_code_size()), dtype=np.uint8)
+    if vectors.dtype == np.float16 and is_fp16_codec(codec):  # the codes are the half floats' bytes: no pass
+        return np.ascontiguousarray(vectors).view(np.uint8)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else None
     inner = faiss.downcast_index(codec)
@@ -78,6 +80,15 @@ def encode(codec: faiss.Index, vectors: np.ndarray, device: str | torch.device |
             return pq_encode_by_search(inner.pq, vectors)
         return pq_encode(inner.pq, vectors, torch.device(device))
     return codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def is_fp16_codec(codec: faiss.Index) -> bool:
+    """Whether ``codec`` is FAISS's ``SQfp16``, whose code of a vector is its IEEE half floats, little-endian:
+    ``sa_encode`` of float16 values gives their own bytes (tested for every finite half), so float16 vectors
+    are their codes as they are."""
+    inner = faiss.downcast_index(codec)
+    return (isinstance(inner, faiss.IndexScalarQuantizer) and inner.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+            and np.little_endian)
 
 
 def pq_encode_by_search(pq: faiss.ProductQuantizer, vectors: np.ndarray) -> np.ndarray:
@@ -141,7 +152,7 @@ def write_store_streaming(folder: Path, codec: faiss.Index, parts: Iterable[np.n
         for part in parts:
             for first in range(0, len(part), COPY_CHUNK):
                 chunk = part[first : first + COPY_CHUNK]
-                codes = chunk if encoded else encode(codec, np.asarray(chunk, dtype=np.float32))
+                codes = chunk if encoded else encode(codec, chunk)
                 fh.write(np.ascontiguousarray(codes, dtype=np.uint8).data)
                 pos += len(codes)
         if pos != total:

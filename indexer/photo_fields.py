@@ -220,9 +220,16 @@ def exif_taken(path: Path) -> float | None:
 
     try:
         with Image.open(path) as image:
-            exif = image.getexif()
-            value = exif.get_ifd(_EXIF_IFD).get(_DATE_TIME_ORIGINAL) or exif.get(_DATE_TIME)
+            return taken_from_exif(image.getexif())
     except Exception:  # noqa: BLE001  (any file Pillow cannot parse simply has no capture date)
+        return None
+
+
+def taken_from_exif(exif: Any) -> float | None:
+    """:func:`exif_taken` of a file's EXIF tags already read (``Image.getexif``); None when absent or unreadable."""
+    try:
+        value = exif.get_ifd(_EXIF_IFD).get(_DATE_TIME_ORIGINAL) or exif.get(_DATE_TIME)
+    except Exception:  # noqa: BLE001  (as exif_taken: unparsable tags are no capture date)
         return None
     if not isinstance(value, str) or not re.match(r"^\d{4}:\d{2}:\d{2} \d{2}:\d{2}:\d{2}", value.strip()):
         return None
@@ -230,22 +237,30 @@ def exif_taken(path: Path) -> float | None:
     return parse_date(f"{date.replace(':', '-')}T{time}")
 
 
-def file_fields(item: dict[str, Any], root: Path) -> Raw:
-    """What the build reads itself of an indexed photo (``item``: its id, stored path, width and height):
-    ``folder`` (the folder of its path relative to the images root, ``""`` at the root), ``mtime``, ``taken``
-    (EXIF), ``width``, ``height``. A file no longer there gives the fields its item has."""
-    stored = PurePosixPath(item["path"])
-    folder = (stored if not stored.is_absolute() else PurePosixPath(item["id"])).parent.as_posix()
-    out: Raw = {"folder": ["" if folder == "." else folder], "width": [item["width"]], "height": [item["height"]]}
-    path = root / item["path"]
+def read_file_facts(path: Path, exif: Any = None) -> Raw:
+    """What a photo's file says of it (the fields :func:`file_fields` reads from the file: ``mtime``, and
+    ``taken`` when it has one), from its EXIF tags ``exif`` when they were read already (the build's decode
+    processes read both while the file is open); empty when the file is gone."""
     try:
-        out["mtime"] = [os.stat(path).st_mtime]
+        out: Raw = {"mtime": [os.stat(path).st_mtime]}
     except OSError:
-        return out
-    taken = exif_taken(path)
+        return {}
+    taken = exif_taken(path) if exif is None else taken_from_exif(exif)
     if taken is not None:
         out["taken"] = [taken]
     return out
+
+
+def file_fields(item: dict[str, Any], root: Path) -> Raw:
+    """What the build reads itself of an indexed photo (``item``: its id, stored path, width and height):
+    ``folder`` (the folder of its path relative to the images root, ``""`` at the root), ``mtime``, ``taken``
+    (EXIF), ``width``, ``height``. A file no longer there gives the fields its item has. The file's facts come
+    from ``item["file"]`` when the decode process read them (:func:`read_file_facts`), else from the file."""
+    stored = PurePosixPath(item["path"])
+    folder = (stored if not stored.is_absolute() else PurePosixPath(item["id"])).parent.as_posix()
+    out: Raw = {"folder": ["" if folder == "." else folder], "width": [item["width"]], "height": [item["height"]]}
+    facts = item["file"] if "file" in item else read_file_facts(root / item["path"])
+    return {**out, **facts}
 
 
 def merged(*sources: Raw | None) -> Raw:

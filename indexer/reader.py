@@ -12,15 +12,19 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
+
 from alignsearch.models.captions import CaptionRow, read_caption_rows
 from alignsearch.models.preprocess import IMAGE_EXTENSIONS, NEEDS, ImageDecodeError, ImagePreprocessor, load_image
 
-__all__ = ["CaptionRow", "DecodePool", "Decoded", "decode_batches", "feature_batches", "list_images", "read_captions",
+from . import photo_fields
+
+__all__ = ["CaptionRow", "DecodePool", "Decoded", "DecodedBatch", "decode_batches", "feature_batches", "list_images", "read_captions",
            "scan_features", "scan_images", "unread_note"]
 WORKER_NICE = 10  # decode processes yield the cores to the encoder whenever it can run
 PARENT_CHECK_S = 0.5  # how often a decode process checks that its parent is still there
@@ -78,6 +82,7 @@ class Decoded:
     width: int = 0
     height: int = 0
     error: str | None = None
+    file: dict[str, list[Any]] | None = None  # what the file says of the photo, read while open (photo_fields)
 
 
 def feature_batches(folder: Path, batches: Iterable[Sequence[str]], dim: int) -> Iterator[list[Decoded]]:
@@ -109,34 +114,29 @@ def _read_prepared(path: Path, prepare: Callable) -> tuple[Any, tuple[int, int]]
     return prepare(image), image.size
 
 
-def _prefetched(pool: Executor, batches: Iterable[Sequence[str]], submit_one: Callable[[Executor, str], Future],
-                prefetch: int) -> Iterator[list[Decoded]]:
-    """Results of each batch in order, keeping ``prefetch`` batches in flight beyond the one being consumed."""
-    pending: deque[list[Future]] = deque()
+def _prefetched(batches: Iterable[Sequence[str]], submit: Callable[[Sequence[str]], Any],
+                collect: Callable[[Any], list[Decoded]], ahead: int) -> Iterator[list[Decoded]]:
+    """Results of each batch in order (``submit`` starts one, ``collect`` waits for what it started), keeping
+    ``ahead`` batches in flight beyond the one being consumed."""
     batches = iter(batches)
-
-    def submit() -> None:
+    pending = deque(submit(batch) for batch in itertools.islice(batches, ahead + 1))
+    while pending:
+        started = pending.popleft()
         batch = next(batches, None)
         if batch is not None:
-            pending.append([submit_one(pool, rel) for rel in batch])
-
-    for _ in range(prefetch + 1):
-        submit()
-    while pending:
-        batch = pending.popleft()
-        submit()
-        yield [f.result() for f in batch]
+            pending.append(submit(batch))
+        yield collect(started)
 
 
-def _in_turns(pool: Executor, batches: Iterable[Sequence[str]], submit_one: Callable[[Executor, str], Future],
-              chunk: int) -> Iterator[list[Decoded]]:
+def _in_turns(batches: Iterable[Sequence[str]], submit: Callable[[Sequence[str]], Any],
+              collect: Callable[[Any], list[Decoded]], chunk: int) -> Iterator[list[Decoded]]:
     """Results of each batch in order, decoded ``chunk`` batches at a time: a chunk is decoded whole before its
     first batch is handed out, and the next one starts only once the consumer asks past its last, so the
     decoders and the consumer take turns instead of running side by side."""
     batches = iter(batches)
     while group := list(itertools.islice(batches, max(1, chunk))):
-        futures = [[submit_one(pool, rel) for rel in batch] for batch in group]
-        yield from [[f.result() for f in batch] for batch in futures]
+        started = [submit(batch) for batch in group]
+        yield from [collect(s) for s in started]
 
 
 def decode_batches(folder: Path, batches: Iterable[Sequence[str]], workers: int, prepare: Callable,
@@ -145,7 +145,8 @@ def decode_batches(folder: Path, batches: Iterable[Sequence[str]], workers: int,
     encoder's input), ``prefetch`` batches ahead, so the encoder never waits for file reads or decoding."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
         read = functools.partial(_read_prepared, prepare=prepare)
-        yield from _prefetched(pool, batches, lambda p, rel: p.submit(_decode, folder, rel, read), prefetch)
+        yield from _prefetched(batches, lambda batch: [pool.submit(_decode, folder, rel, read) for rel in batch],
+                               lambda futures: [f.result() for f in futures], prefetch)
 
 
 _WORKER_PREPROCESSOR: ImagePreprocessor | None = None
@@ -167,8 +168,42 @@ def _exit_without(parent: int) -> None:
 
 
 def _decode_resized(folder: Path, rel: str) -> Decoded:
+    """One file read as the build reads it: decoded and resized for the pool's preprocessor, and its file's
+    facts (modification time, EXIF capture date) taken while it is open."""
     assert _WORKER_PREPROCESSOR is not None
-    return _decode(folder, rel, _WORKER_PREPROCESSOR.load_file)
+    path = folder / rel
+    try:
+        array, (width, height), exif = _WORKER_PREPROCESSOR.read_file(path)
+    except (ImageDecodeError, OSError) as exc:
+        return Decoded(rel, error=str(exc) or type(exc).__name__)
+    return Decoded(rel, array, width, height, file=photo_fields.read_file_facts(path, exif))
+
+
+def _decode_chunk(folder: Path, rels: Sequence[str]) -> tuple[list[Decoded], Any]:
+    """A chunk of files decoded in one task: their :class:`Decoded` without arrays, and the arrays of those
+    that decoded stacked in one uint8 array (one message back, one copy, instead of one per photo)."""
+    decoded = [_decode_resized(folder, rel) for rel in rels]
+    good = [d.array for d in decoded if d.error is None]
+    for d in decoded:
+        d.array = None
+    return decoded, (np.stack(good) if good else None)
+
+
+def _unpack(future: Future) -> "DecodedBatch":
+    decoded, stacked = future.result()
+    good = [d for d in decoded if d.error is None]
+    for n, d in enumerate(good):
+        d.array = stacked[n]
+    return DecodedBatch(decoded, stacked)
+
+
+class DecodedBatch(list):
+    """A batch of :class:`Decoded` (a list) whose decoded arrays also lie stacked in ``pixels`` (n_good x size x
+    size x 3, uint8, in order; each ``array`` is a view of its row), ready for the encoder without a copy."""
+
+    def __init__(self, items: Iterable[Decoded], pixels: Any) -> None:
+        super().__init__(items)
+        self.pixels = pixels
 
 
 class DecodePool:
@@ -198,18 +233,20 @@ class DecodePool:
         return self._executor
 
     def batches(self, folder: Path, batches: Iterable[Sequence[str]], prefetch: int = 2,
-                turns: int = 0) -> Iterator[list[Decoded]]:
-        """Each batch of relative paths as :class:`Decoded` with uint8 ``array`` (size x size x 3), in order.
+                turns: int = 0) -> Iterator[DecodedBatch]:
+        """Each batch of relative paths as :class:`Decoded` with uint8 ``array`` (size x size x 3), in order, as a
+        :class:`DecodedBatch` (the arrays also stacked). Each batch is one task of a decode process.
 
-        ``turns`` 0: ``prefetch`` batches are decoded while the consumer works on the current one (the encoder
-        on a GPU). ``turns`` N: N batches at a time, decoded on every core while the consumer waits, then handed
-        out while no decoder runs (an encoder on the same CPU cores, whose threads stall at their barriers when a
-        decoder takes a core from one of them)."""
-        submit = lambda p, rel: p.submit(_decode_resized, folder, rel)  # noqa: E731
+        ``turns`` 0: at least ``prefetch`` batches, and two per process, are decoded while the consumer works on
+        the current one (the encoder on a GPU). ``turns`` N: N batches at a time, decoded on every core while the
+        consumer waits, then handed out while no decoder runs (an encoder on the same CPU cores, whose threads
+        stall at their barriers when a decoder takes a core from one of them)."""
+        pool = self._pool()
+        submit = lambda batch: pool.submit(_decode_chunk, folder, list(batch))  # noqa: E731
         if turns > 0:
-            yield from _in_turns(self._pool(), batches, submit, turns)
+            yield from _in_turns(batches, submit, _unpack, turns)
         else:
-            yield from _prefetched(self._pool(), batches, submit, prefetch)
+            yield from _prefetched(batches, submit, _unpack, max(prefetch, 2 * self.workers))
 
     def close(self) -> None:
         if self._executor is not None:

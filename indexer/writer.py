@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from alignsearch.models.model import EncoderOutput
 
@@ -25,12 +26,27 @@ class Shard:
     skipped: list[dict[str, str]]
 
 
+ShardPart = tuple[np.ndarray, np.ndarray, np.ndarray]  # global float32, local float16 (no padding), lengths
+
+
+def shard_part(out: EncoderOutput) -> ShardPart:
+    """An encoder output's rows as a shard keeps them: global vectors float32, the real tokens' local vectors
+    float16 back to back (padding dropped), their counts; done per batch, so a shard's float32 outputs are never
+    held whole."""
+    mask = out.mask.cpu()
+    local = out.local.cpu()[mask].to(torch.float16) if len(out) else torch.zeros((0, out.local.shape[-1]),
+                                                                                  dtype=torch.float16)
+    return (out.global_emb.cpu().numpy().astype(np.float32), local.numpy(), mask.sum(1).numpy().astype(np.int64))
+
+
+def shard_from_parts(parts: list[ShardPart], items: list[dict[str, Any]], skipped: list[dict[str, str]]) -> Shard:
+    """A shard of the batches ``parts`` (:func:`shard_part`) of ``items``, in order."""
+    return Shard(*(np.concatenate(arrays) for arrays in zip(*parts)), items, skipped)
+
+
 def shard_from_output(out: EncoderOutput, items: list[dict[str, Any]], skipped: list[dict[str, str]]) -> Shard:
     """Split an encoder output into the shard's arrays (padding dropped)."""
-    mask = out.mask.numpy()
-    local = out.local.numpy()[mask] if len(items) else np.zeros((0, out.local.shape[-1]), np.float32)
-    return Shard(out.global_emb.numpy().astype(np.float32), local.astype(np.float16),
-                 mask.sum(1).astype(np.int64), items, skipped)
+    return shard_from_parts([shard_part(out)], items, skipped)
 
 
 def empty_shard(dim: int, skipped: list[dict[str, str]]) -> Shard:

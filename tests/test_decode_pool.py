@@ -90,12 +90,13 @@ def test_in_turns_decodes_a_chunk_whole_and_the_next_only_when_asked():
 
     submitted: list[str] = []
 
-    def submit(pool, rel):
-        submitted.append(rel)
-        return pool.submit(Decoded, rel)
+    def submit(batch):
+        submitted.extend(batch)
+        return [pool.submit(Decoded, rel) for rel in batch]
 
     with ThreadPoolExecutor(2) as pool:
-        turns = _in_turns(pool, [["a", "b"], ["c"], ["d", "e"], ["f"], ["g"]], submit, chunk=2)
+        turns = _in_turns([["a", "b"], ["c"], ["d", "e"], ["f"], ["g"]], submit, lambda fs: [f.result() for f in fs],
+                          chunk=2)
         assert [d.rel for d in next(turns)] == ["a", "b"]
         assert submitted == ["a", "b", "c"]  # the whole first chunk, nothing of the second
         assert [d.rel for d in next(turns)] == ["c"] and len(submitted) == 3
