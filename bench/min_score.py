@@ -7,30 +7,54 @@ from Flickr8k's ``train`` split, and of one caption of each (drawn with the same
 or ``test800``, and never a photo that is also in Flickr8k-800 (the package set's distractors, the shipped
 model's training photos).
 
-**The rule** for each side: a hit is a match when its global score is at least the ``q`` quantile of the
-query's scores against the bank (reference photos for a text query, reference captions for an image query) plus
-a margin ``m``. Both are chosen from the grid ``QUANTILES`` x ``MARGINS`` on these sets, none of them the demo:
+**The test** for each side is a per-query threshold on a hit's global score (so ``match`` is always
+``global_score >= min_score``, as the API says), built from two kinds of evidence:
 
-- Flickr8k ``val`` (971 photos less those also in Flickr8k-800; their 5 captions each), searched as a
-  collection the way the service searches (global top ``CANDIDATES``, reranked by the fused score): text
-  queries are the captions (right first: the caption's photo ranks first), image queries the photos (right
-  first: one of the photo's own captions ranks first);
-- the package-photo set (:mod:`bench.package_photos`: 10 out-of-domain photos among 100 Flickr8k-800
+- the *reference* evidence: the query's global scores against the bank (reference photos for a text query,
+  reference captions for an image query): their ``q`` quantile (``RQ``: threshold = quantile + margin ``m``),
+  or their mean and standard deviation (``RZ``: threshold = mean + ``t`` sd);
+- the *collection* evidence (``CG``): how far the hit stands out from the query's other scores in the same
+  collection: threshold = ``g_M + d``, where ``g_M`` is the ``M``-th best global score of the collection (or
+  of what a filter allows) for the query, ``M`` = ``COLLECTION_M`` (10; the lowest score when the collection
+  holds fewer than ``M`` items, no collection evidence with a single item). The first stage always fetches at
+  least ``M`` global scores, whatever ``candidates`` is, so ``g_M`` does not depend on a request's settings;
+- the candidate families, fixed before any measurement: ``RQ`` (the earlier test), ``RZ``, ``CG``, ``RZ or CG``
+  and ``RQ or CG`` (a hit matches when either threshold is cleared: the lower one), and ``LIN``: a linear rule
+  ``a z + b gap >= c`` on ``z`` = (g - mean) / sd and ``gap`` = g - ``g_M``, whose direction (a, b) is fitted by
+  a logistic regression on first hits (positives: right first hits of val and package, the package set
+  weighted as much as all of val; negatives: the first hits of the nonsense strings in every collection below)
+  and whose cut ``c`` is chosen by the rule below like the other families' parameters. Every family is a
+  threshold on g for each query.
+
+**Selection rule, written before any candidate was measured.** The data, none of it the demo:
+
+- Flickr8k ``val`` (887 photos: the 971 less those also in Flickr8k-800; their 5 captions each) at three
+  collection sizes: all of it (``V``), ``SUBSETS[100]`` random subsets of 100 photos (``V100``) and
+  ``SUBSETS[16]`` random subsets of 16 photos (``V16``, the size of a small personal folder), seed 0; each searched
+  the way the service searches (global top ``CANDIDATES``, reranked by the fused score). Text queries: the
+  captions of the collection's photos (right first: the caption's photo ranks first); image queries: the
+  photos, searched among the captions of the collection's photos (right first: one of its own captions ranks
+  first);
+- the package-photo set (``P``, :mod:`bench.package_photos`: 10 out-of-domain photos among 100 Flickr8k-800
   validation photos, 20 plain queries; right first: the query's photo ranks first);
-- nonsense strings (:func:`nonsense_queries`, 500, seed 0) searched in both photo collections above;
-- for image queries, generated non-photos (:func:`nonsense_images`: flat colours, noise, gradients, stripes;
-  ``NONSENSE_IMAGES``, seed 0) searched among the val captions.
+- ``N_NONSENSE`` nonsense strings (:func:`nonsense_queries`, seed 0) searched in every photo collection above
+  (``V``, each ``V100`` and ``V16`` subset, ``P``); for image queries ``NONSENSE_IMAGES`` generated non-photos
+  (:func:`nonsense_images`, seed 0) searched in every caption collection (``V``, ``V100``, ``V16``).
 
-"Flagged" means the rule marks the hit as a match; a query has "no match" when none of its top ``TOP_K`` (10,
-the API's default ``k``) is flagged. **Selection rule, written before any measurement:**
+"Flagged" means the test marks the hit as a match; a query has "no match" when none of its top ``TOP_K`` (10,
+the API's default ``k``) is flagged. Rates over the subsets are pooled over their queries.
 
-- text queries: among the rules whose nonsense no-match rate is >= ``NONSENSE_FLOOR`` (97%) on *each* photo
-  collection (val and package), the one with the highest mean of two rates: val right-first hits flagged and
-  package right-first hits flagged (so the 20 out-of-domain queries weigh as much as the in-domain thousands);
-- image queries: among the rules whose non-photo no-match rate is >= ``NONSENSE_FLOOR``, the one with the
-  highest rate of val right-first captions flagged;
-- ties go to the higher no-match rate, then the smaller margin, then the smaller quantile. When no rule meets
-  the floor, the strictest one (q = 1, the largest margin) is written and the report says so.
+- text queries: among the tests whose nonsense no-match rate is >= ``NONSENSE_FLOOR`` (97%) on *each* of
+  ``V``, ``V100``, ``V16`` and ``P``, the one with the highest ``flagged`` = mean of two: the package
+  right-first hits flagged, and the mean over ``V``, ``V100``, ``V16`` of the val right-first hits flagged (so
+  the 20 out-of-domain queries weigh as much as all of val);
+- image queries: among the tests whose non-photo no-match rate is >= ``NONSENSE_FLOOR`` on each of ``V``,
+  ``V100`` and ``V16``, the one with the highest mean over the three sizes of the val right-first captions
+  flagged;
+- ties (within 0.5 points of ``flagged``) go to the higher lowest no-match rate, then to the family with fewer
+  parameters (``RQ``, ``RZ``, ``CG`` before the two-test ones before ``LIN``), then to the stricter thresholds.
+  When no test meets the floor, the strictest ``RQ`` one (q = 1, the largest margin) is written and the report
+  says so.
 
 The demo (:mod:`bench.demo_quality`) checks the chosen rules once, afterwards; it never chooses.
 
@@ -67,6 +91,10 @@ N_NONSENSE = 500
 NONSENSE_IMAGES = 60
 QUANTILES = (0.9, 0.95, 0.98, 0.99, 0.995, 1.0)
 MARGINS = tuple(round(0.005 * i, 3) for i in range(31))  # 0 .. 0.15
+Z_CUTS = tuple(round(0.1 * i, 1) for i in range(81))  # RZ: mean + t sd, t = 0 .. 8
+GAPS = tuple(round(0.005 * i, 3) for i in range(61))  # CG: g_M + d, d = 0 .. 0.3
+COLLECTION_M = 10  # the collection evidence's reference rank: the M-th best global score
+SUBSETS = {100: 5, 16: 20}  # val subsets: photos per subset -> how many subsets (seed 0)
 KEYBOARD = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 FLICKR8K = Path(os.environ.get("ALIGNSEARCH_FLICKR8K", DEFAULT_DATASET.parent / "flickr8k"))
 CACHE_DIR = Path("~/.cache/alignsearch/features")
