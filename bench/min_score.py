@@ -372,11 +372,13 @@ def two_stage(queries, items, query_is_text: bool, scoring, k: int = TOP_K, cand
         rows = top[s : s + chunk]
         q = slice(s, s + len(rows))
         if query_is_text:  # words of the query against the regions of each candidate
-            sims = torch.einsum("btd,bkrd->bktr", queries.local[q].float(), items.local[rows].float())
-            word_mask, region_mask = queries.mask[q][:, None, :], items.mask[rows]
+            t = max(int(queries.mask[q].sum(1).max()), 1)  # the chunk's longest query: less padding to score
+            sims = torch.einsum("btd,bkrd->bktr", queries.local[q, :t].float(), items.local[rows].float())
+            word_mask, region_mask = queries.mask[q, :t][:, None, :], items.mask[rows]
         else:  # words of each candidate caption against the regions of the query
-            sims = torch.einsum("bktd,brd->bktr", items.local[rows].float(), queries.local[q].float())
-            word_mask, region_mask = items.mask[rows], queries.mask[q][:, None, :]
+            t = max(int(items.mask[rows].sum(-1).max()), 1)
+            sims = torch.einsum("bktd,brd->bktr", items.local[rows][:, :, :t].float(), queries.local[q].float())
+            word_mask, region_mask = items.mask[rows][:, :, :t], queries.mask[q][:, None, :]
         local = alignment.pair_scores(sims, word_mask, region_mask, scoring.alignment, scoring.lse_lambda)
         fused = scoring.fuse(top_g[q], local).numpy()
         for b in range(len(rows)):
@@ -419,9 +421,32 @@ def _encode_texts(model, texts: list[str], cache_dir: Path | None):
 
 
 def calibrate(model, flickr8k: Path = FLICKR8K, flickr8k_800: Path = DEFAULT_DATASET,
-              cache_dir: Path | None = CACHE_DIR) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+              cache_dir: Path | None = CACHE_DIR, sets_file: Path | None = None
+              ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Encode the bank and the calibration sets, measure every candidate test and choose by the rule of the
-    module docstring. Returns (the calibration report, the bank's photo vectors, its caption vectors)."""
+    module docstring. Returns (the calibration report, the bank's photo vectors, its caption vectors).
+    ``sets_file``: where the searched sets are kept (pickle) for a re-run with the same model; read when it
+    exists and was made by this model, written otherwise."""
+    import pickle
+
+    if sets_file is not None and sets_file.is_file():
+        with open(sets_file, "rb") as f:
+            sets = pickle.load(f)  # noqa: S301 - a file this function wrote
+        if sets.get("model_fingerprint") == model.fingerprint:
+            return choose(model, sets)
+    sets = measure_sets(model, flickr8k, flickr8k_800, cache_dir)
+    if sets_file is not None:
+        sets_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = sets_file.with_name(sets_file.name + ".tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump(sets, f)
+        os.replace(tmp, sets_file)
+    return choose(model, sets)
+
+
+def measure_sets(model, flickr8k: Path, flickr8k_800: Path, cache_dir: Path | None) -> dict[str, Any]:
+    """Encode the bank and the calibration sets and search them: every set's :class:`Summary` and its
+    queries' :class:`RefStats`, the bank's vectors, and the sets' sizes."""
     from alignsearch.models.data import load_dataset, select_split
     from alignsearch.models.reference import ReferenceBank
 
@@ -497,7 +522,19 @@ def calibrate(model, flickr8k: Path = FLICKR8K, flickr8k_800: Path = DEFAULT_DAT
     pkg_photos_val = (summarise(package.select(range(len(photos))), val_texts, False, None, np.arange(len(photos))),
                       pkg_photo_ref)
 
-    val_names = ["val", *draws]
+    return {"model_fingerprint": model.fingerprint, "text_pos": text_pos, "text_neg": text_neg,
+            "image_pos": image_pos, "image_neg": image_neg, "package_photos_val": pkg_photos_val,
+            "bank_images": bank.images, "bank_captions": bank.captions,
+            "sizes": {"val": len(val), "val_captions": len(val_captions), "package_photos": len(package_paths),
+                      "package_queries": len(queries), "reference": n_ref}}
+
+
+def choose(model, sets: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Measure every candidate test on the searched sets and choose by the rule of the module docstring."""
+    text_pos, text_neg, image_pos, image_neg = (sets[k] for k in ("text_pos", "text_neg", "image_pos", "image_neg"))
+    pkg_photos_val, sizes = sets["package_photos_val"], sets["sizes"]
+    n_ref = sizes["reference"]
+    val_names = [n for n in image_pos]
 
     def text_flagged(f: dict[str, float]) -> float:
         return (f["package"] + sum(f[n] for n in val_names) / len(val_names)) / 2
@@ -505,8 +542,8 @@ def calibrate(model, flickr8k: Path = FLICKR8K, flickr8k_800: Path = DEFAULT_DAT
     def image_flagged(f: dict[str, float]) -> float:
         return sum(f[n] for n in val_names) / len(val_names)
 
-    def weighted(sets: dict[str, tuple[Summary, RefStats]], total: float):
-        return [(s, st, total / len(sets)) for s, st in sets.values()]
+    def weighted(group: dict[str, tuple[Summary, RefStats]], total: float):
+        return [(s, st, total / len(group)) for s, st in group.values()]
 
     text_linear = fit_linear(weighted({n: text_pos[n] for n in val_names}, 1.0) + [(*text_pos["package"], 1.0)],
                              weighted(text_neg, 2.0))
@@ -517,7 +554,8 @@ def calibrate(model, flickr8k: Path = FLICKR8K, flickr8k_800: Path = DEFAULT_DAT
     image_row, image_ok = choose_rule(image_grid)
     text_rule, image_rule = _rule(text_row["family"], text_row["params"]), _rule(image_row["family"], image_row["params"])
     for row, pos, neg in ((text_row, text_pos, text_neg), (image_row, image_pos, image_neg)):
-        _check_product(row["family"], row["params"], {**pos, **neg})
+        _check_product(row["family"], row["params"], {**{f"{k} right": v for k, v in pos.items()},
+                                                      **{f"{k} nonsense": v for k, v in neg.items()}})
 
     def trimmed(row: dict[str, Any]) -> dict[str, Any]:
         return {"family": row["family"], "flagged": row["flagged"], "right_first": row["positives"],
@@ -536,14 +574,15 @@ def calibrate(model, flickr8k: Path = FLICKR8K, flickr8k_800: Path = DEFAULT_DAT
     pkg_s, pkg_st = pkg_photos_val
     image_report["package_photos_no_match"] = _pct(pkg_s.best < image_rule.threshold(pkg_st.sorted[pkg_s.query],
                                                                                      pkg_s.collection))
-    sizes = ", ".join(f"{count} subsets of {size} photos" for size, count in SUBSETS.items())
+    subsets = ", ".join(f"{count} subsets of {size} photos" for size, count in SUBSETS.items())
     report = {
         "match": {"text": text_rule.to_dict(), "image": image_rule.to_dict()},
         "on": "global_score",
         "reference": {"photos": n_ref, "captions": n_ref, "from": "Flickr8k train (not in Flickr8k-800), "
                       f"seed {SEED}, one caption per photo"},
-        "chosen_on": f"Flickr8k val ({len(val)} photos, {len(val_captions)} captions; whole and {sizes}), the "
-                     f"package-photo set ({len(package_paths)} photos, {len(queries)} queries), {N_NONSENSE} "
+        "chosen_on": f"Flickr8k val ({sizes['val']} photos, {sizes['val_captions']} captions; whole and {subsets}), "
+                     f"the package-photo set ({sizes['package_photos']} photos, {sizes['package_queries']} queries), "
+                     f"{N_NONSENSE} "
                      f"nonsense strings and {NONSENSE_IMAGES} generated non-photos (seed {SEED}) in each; top "
                      f"{TOP_K} of two-stage (K={CANDIDATES}); the rule of bench/min_score.py's docstring "
                      f"(no-match floor {NONSENSE_FLOOR}%)",
@@ -554,7 +593,7 @@ def calibrate(model, flickr8k: Path = FLICKR8K, flickr8k_800: Path = DEFAULT_DAT
         "linear_fit": {"text": list(text_linear[0]), "image": list(image_linear[0])},
         "model_fingerprint": model.fingerprint,
     }
-    return report, bank.images, bank.captions
+    return report, sets["bank_images"], sets["bank_captions"]
 
 
 def _check_product(family: str, params: tuple, sets: dict[str, tuple[Summary, RefStats]]) -> None:
@@ -589,12 +628,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flickr8k", type=Path, default=FLICKR8K, help=f"Flickr8k folder (default {FLICKR8K})")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="backbone feature cache (as train's)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--sets", type=Path, default=None,
+                   help="keep the searched calibration sets in this file (pickle) and reuse them on a re-run with the "
+                        "same model (only the choice runs again)")
     from alignsearch.models.factory import load_model
 
     try:
         args = p.parse_args(argv)
         model = load_model(args.model, device=args.device)
-        report, images, captions = calibrate(model, args.flickr8k, DEFAULT_DATASET, args.cache_dir)
+        report, images, captions = calibrate(model, args.flickr8k, DEFAULT_DATASET, args.cache_dir, args.sets)
     except (OSError, ValueError, ImportError) as exc:  # no model, data set or package there
         print(f"bench.min_score: error: {exc}", file=sys.stderr)
         return 2
