@@ -1,6 +1,6 @@
-"""Calibrate a model's match signal: build its reference bank and choose the reference test's rules.
+"""Calibrate a model's match signal: build its reference bank and choose its match test for each side.
 
-``python -m alignsearch.bench.min_score [MODEL] [--write] [--flickr8k DIR] [--cache-dir DIR]``
+``python -m alignsearch.bench.min_score [MODEL] [--write] [--flickr8k DIR] [--cache-dir DIR] [--sets FILE]``
 
 **The bank** (:mod:`models.reference`): the global vectors of ``REFERENCE_SIZE`` (1,000) photos drawn (seed 0)
 from Flickr8k's ``train`` split, and of one caption of each (drawn with the same seed). Never ``val``, ``test``
@@ -61,7 +61,11 @@ The demo (:mod:`bench.demo_quality`) checks the chosen rules once, afterwards; i
 ``--write`` writes ``reference.safetensors`` and ``calibration.json`` (the rules and the figures) into the
 model folder; neither is part of the model's fingerprint. Backbone features go through the training's feature
 cache (``--cache-dir``, default ``~/.cache/alignsearch/features``), so a second model with the same backbones
-(or a re-run) only runs the heads. A model folder without a bank (or calibrated before banks, with a fixed
+(or a re-run) only runs the heads. ``--sets FILE`` keeps the searched calibration sets (a pickle of a few tens of
+MB); a re-run with the same model reads them and only measures the candidates and chooses again (the grid
+alone, not the searches). ``calibration.json`` holds each side's rule (``match``, read by
+:class:`models.reference.MatchRule`; an older ``{"quantile", "margin"}`` rule still means what it meant), the
+chosen test's figures and the best test of each family. A model folder without a bank (or calibrated before banks, with a fixed
 ``min_score``) still works: :meth:`indexer.search.Searcher.mark_matches` falls back to that ``min_score``.
 """
 
