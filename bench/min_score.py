@@ -65,8 +65,8 @@ cache (``--cache-dir``, default ``~/.cache/alignsearch/features``), so a second 
 MB); a re-run with the same model reads them and only measures the candidates and chooses again (the grid
 alone, not the searches). ``calibration.json`` holds each side's rule (``match``, read by
 :class:`models.reference.MatchRule`; an older ``{"quantile", "margin"}`` rule still means what it meant), the
-chosen test's figures and the best test of each family. A model folder without a bank (or calibrated before banks, with a fixed
-``min_score``) still works: :meth:`indexer.search.Searcher.mark_matches` falls back to that ``min_score``.
+chosen test's figures and the best test of each family. A model folder without a bank (or calibrated
+before banks, with a fixed ``min_score``) still works: :meth:`indexer.search.Searcher.mark_matches` falls back to that ``min_score``.
 """
 
 from __future__ import annotations
