@@ -27,7 +27,7 @@ from PIL import Image
 from alignsearch.models import alignment
 from alignsearch.models.factory import load_model
 from alignsearch.models.model import AlignModel, EncoderOutput
-from alignsearch.models.reference import MatchRule, ReferenceBank, relevance
+from alignsearch.models.reference import COLLECTION_M, MatchRule, ReferenceBank, collection_score, relevance
 from alignsearch.models.scoring import ScoringConfig, rank
 from alignsearch.models.words import content_words
 
@@ -64,6 +64,9 @@ class SearchResult:
     match_test: str | None = None  # what chose it: "reference", "min_score" (fixed) or None (no test)
     # the query's global scores against the model's reference bank (sorted ascending), when it has one
     reference: np.ndarray | None = field(default=None, repr=False)
+    # the query's COLLECTION_M-th best global score in the collection searched (or what a filter allows); NaN
+    # or None: not known (a single item, or a search path that does not measure it)
+    collection: float | None = None
     query_is_text: bool = True  # text -> images; False: image -> captions
     offset: int = 0  # the rank (0-based) of the first hit
     total: int | None = None  # items the search ranks from: live items, or those the filter allows
@@ -90,13 +93,18 @@ def _ms(start: float) -> float:
 
 def _result(hits: list[Hit], coarse_ms: float, rerank_ms: float, enc: EncoderOutput | None = None,
             q: int = 0, offset: int = 0, total: int | None = None, reference: np.ndarray | None = None,
-            query_is_text: bool = True) -> SearchResult:
+            query_is_text: bool = True, collection: np.ndarray | None = None) -> SearchResult:
     """A result with its stage timings; with ``enc``, whether query ``q``'s text was cut to the model's length;
-    with ``reference``, query ``q``'s row of the reference scores."""
+    with ``reference`` and ``collection``, query ``q``'s row of the reference scores and its collection score."""
     return SearchResult(hits, {"coarse": coarse_ms, "rerank": rerank_ms, "total": round(coarse_ms + rerank_ms, 3)},
                         bool(enc.truncated[q]) if enc is not None and enc.truncated else False,
                         reference=None if reference is None else reference[q], query_is_text=query_is_text,
-                        offset=offset, total=total)
+                        offset=offset, total=total, collection=None if collection is None else float(collection[q]))
+
+
+def _collection_scores(scores_per_query: list[np.ndarray], m: int) -> np.ndarray:
+    """Each query's ``m``-th best global score from its first-stage scores (NaN: fewer than 2)."""
+    return np.array([collection_score(s, m) for s in scores_per_query], dtype=np.float64)
 
 
 def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,6 +268,12 @@ class Searcher:
         rules = (getattr(self.model, "calibration", None) or {}).get("match") or {}
         return MatchRule.from_dict(rules.get("text" if query_is_text else "image")) if isinstance(rules, dict) else None
 
+    def collection_m(self, query_is_text: bool) -> int:
+        """How many best global scores of the collection the match test compares a hit with (its rule's
+        ``collection_m``; ``COLLECTION_M`` for a rule without a collection test)."""
+        rule = self.match_rule(query_is_text)
+        return rule.collection_m if rule is not None and rule.uses_collection else COLLECTION_M
+
     def reference_scores(self, enc: EncoderOutput, query_is_text: bool) -> np.ndarray | None:
         """Queries x R global scores against the reference bank (each row sorted), or None without a bank."""
         bank = self.reference_bank
@@ -269,24 +283,26 @@ class Searcher:
         """Tell matches from weak hits, in place: ``hit.match`` is ``global_score >= result.min_score``.
 
         The threshold is, in this order: ``min_score`` when given (a fixed one, ``match_test`` "min_score");
-        else the reference test when the model has a bank and a rule for this side (``match_test``
-        "reference"): the query's own threshold, the rule's quantile of its scores against the reference photos
-        (text queries) or captions (image queries) plus the rule's margin (:mod:`models.reference`); else the
-        fixed ``min_score`` of a model calibrated before banks; else none (``match`` None). ``hit.relevance``
-        (percent of the reference items the hit beats) is set whenever the result carries reference scores.
-        The global score is the measure because it does not grow with the query's length, as the local (sum
-        over words) part of ``score`` does. Hits and ranks are unchanged; ``result.no_match`` says if none
-        clears the threshold."""
+        else the model's match test when it has a bank and a rule for this side (``match_test`` "reference"):
+        the query's own threshold from its scores against the reference photos (text queries) or captions
+        (image queries) and, where the rule has a collection test, from its ``collection_m``-th best global
+        score in the collection searched (:class:`models.reference.MatchRule`); else the fixed ``min_score`` of
+        a model calibrated before banks; else none (``match`` None; also when the rule's only test cannot be
+        measured, as a collection test on a single item). ``hit.relevance`` (percent of the reference items the
+        hit beats) is set whenever the result carries reference scores. The global score is the measure
+        because it does not grow with the query's length, as the local (sum over words) part of ``score``
+        does. Hits and ranks are unchanged; ``result.no_match`` says if none clears the threshold."""
         ref = result.reference
         rule = self.match_rule(result.query_is_text) if ref is not None else None
+        threshold, test = None, None
         if min_score is not None:
             threshold, test = float(min_score), "min_score"
         elif rule is not None:
-            threshold, test = round(float(rule.threshold(ref)), 6), "reference"
+            value = float(rule.threshold(ref, result.collection))
+            if np.isfinite(value):
+                threshold, test = round(value, 6), "reference"
         elif self.default_min_score is not None:
             threshold, test = self.default_min_score, "min_score"
-        else:
-            threshold, test = None, None
         result.min_score, result.match_test = threshold, test
         for hit in result.hits:
             hit.match = None if threshold is None else hit.global_score >= threshold
@@ -370,12 +386,18 @@ class Searcher:
         if k < 1 or candidates < 1 or offset < 0:
             raise ValueError("k and candidates must be >= 1, offset >= 0")
         candidates = max(candidates, offset + k)
+        m = self.collection_m(query_is_text)
+        fetch = max(candidates, m)  # the match test's collection score needs the m best global scores
         total = col.live if allowed is None else allowed.count
         start = time.perf_counter()
         if allowed is None:
-            rows_per_query, global_per_query = self.coarse(enc.global_emb.numpy(), col, candidates)
+            rows_per_query, global_per_query = self.coarse(enc.global_emb.numpy(), col, fetch)
         else:
-            rows_per_query, global_per_query = self.coarse_filtered(enc.global_emb.numpy(), col, candidates, allowed)
+            rows_per_query, global_per_query = self.coarse_filtered(enc.global_emb.numpy(), col, fetch, allowed)
+        collection = _collection_scores(global_per_query, m)
+        if fetch > candidates:  # best first: the rerank sees the same candidates as without the extra fetch
+            rows_per_query = [r[:candidates] for r in rows_per_query]
+            global_per_query = [g[:candidates] for g in global_per_query]
         reference = self.reference_scores(enc, query_is_text)
         coarse_ms = _ms(start)
         start = time.perf_counter()
@@ -390,7 +412,8 @@ class Searcher:
         for q, rows in enumerate(rows_per_query):
             start = time.perf_counter()
             if len(rows) == 0:
-                results.append(_result([], coarse_ms, 0.0, enc, q, offset, total, reference, query_is_text))
+                results.append(_result([], coarse_ms, 0.0, enc, q, offset, total, reference, query_is_text,
+                                       collection))
                 continue
             n = len(rows)
             fused, g, local_scores = fused_all[q, :n], g_all[q, :n], reranked.scores[q, :n]
@@ -399,7 +422,7 @@ class Searcher:
             if explain and len(hits):
                 self._explain(enc, q, hits, *reranked.candidates(q, order), query_is_text)
             results.append(_result(hits, coarse_ms, round(batch_ms + _ms(start), 3), enc, q, offset, total,
-                                   reference, query_is_text))
+                                   reference, query_is_text, collection))
         return results
 
     def _search_in_store(self, enc: EncoderOutput, col: Collection, k: int, candidates: int, explain: bool,
@@ -421,6 +444,11 @@ class Searcher:
         found = search_fused(enc.global_emb.numpy(), words, need, max(candidates, need), scoring)
         if found is None:
             return None
+        rule = self.match_rule(True)
+        collection = None
+        if rule is not None and rule.uses_collection:  # the store ranked by the fused score: ask for the M best
+            m = rule.collection_m
+            collection = _collection_scores(self.coarse(enc.global_emb.numpy(), col, m)[1], m)
         store_ms = _ms(start)
         results = []
         for q, (rows, fused, g, local) in enumerate(found):
@@ -429,8 +457,8 @@ class Searcher:
             hits = self._hits(col.name, rows[order], *(torch.from_numpy(x[order]) for x in (fused, g, local)))
             if explain and len(hits):
                 self._explain(enc, q, hits, *col.store.gather(rows[order]), True)
-            results.append(_result(hits, store_ms, _ms(start), enc, q, offset, col.live,
-                               reference))  # the store ranked: rerank = metadata
+            results.append(_result(hits, store_ms, _ms(start), enc, q, offset, col.live, reference,
+                                   collection=collection))  # the store ranked: rerank = metadata
         return results
 
     def _hits(self, collection: str, rows: np.ndarray, fused: torch.Tensor, g: torch.Tensor,

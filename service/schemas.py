@@ -154,12 +154,13 @@ class MatchFields(BaseModel):
     """How strong the results are, the same way for text and image queries."""
 
     min_score: float | None = Field(None, description="the threshold on global_score applied to this query: the "
-                                    "request's min_score; else the model's reference test's threshold for this "
-                                    "query (its scores against the reference items, their calibrated quantile "
-                                    "plus a margin); else the model's fixed min_score; null: none")
-    match_test: str | None = Field(None, description="what set min_score: 'reference' (the model's reference "
-                                   "test), 'min_score' (a fixed threshold: the request's, or an older model's) or "
-                                   "null (no test: match is null)")
+                                    "request's min_score; else the model's match test's threshold for this query "
+                                    "(from its scores against the model's reference items and, where the test "
+                                    "has one, how far a result stands out from the rest of the collection "
+                                    "searched); else the model's fixed min_score; null: none")
+    match_test: str | None = Field(None, description="what set min_score: 'reference' (the model's match test), "
+                                   "'min_score' (a fixed threshold: the request's, or an older model's) or null "
+                                   "(no test: match is null)")
     no_match: bool = Field(False, description="no result is a match: nothing in the index matches the query")
 
 

@@ -278,3 +278,18 @@ def test_float16_arithmetic_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
     rerank.cpu_has_float16_arithmetic.cache_clear()
     assert rerank.cpu_has_float16_arithmetic(str(tmp_path / "absent")) is False  # not Linux: float32
     rerank.cpu_has_float16_arithmetic.cache_clear()
+
+
+def test_collection_score_is_the_query_s_10th_best_global_score_whatever_candidates(searcher):
+    import math
+
+    from alignsearch.models.reference import COLLECTION_M
+
+    every = searcher.search_text(["a cup of coffee on a table"], k=N_IMAGES, candidates=N_IMAGES)[0]
+    tenth = sorted((h.global_score for h in every.hits), reverse=True)[COLLECTION_M - 1]
+    for k, candidates in ((1, 1), (3, 5), (5, 50)):  # fewer candidates than M: the first stage fetches M anyway
+        found = searcher.search_text(["a cup of coffee on a table"], k=k, candidates=candidates)[0]
+        assert found.collection == pytest.approx(tenth, abs=1e-5) and len(found.hits) == k
+    image = searcher.search_image([load_image(next(searcher.index.images_root.rglob("coffee.png")))], k=2,
+                                  candidates=2)[0]
+    assert image.collection is not None and math.isfinite(image.collection)
