@@ -48,15 +48,19 @@ def has_image(name: str) -> bool:
     return podman("image", "exists", name, check=False).returncode == 0
 
 
+NPROC = 32768  # a process limit runc may set in a container where the host's own (higher) one is refused
+
+
 def run_options() -> list[str]:
     """Options for every container, build steps included: runc where it is installed (crun refuses hybrid
-    cgroups), and the host's own file and process limits (podman's defaults may be higher than the host allows)."""
+    cgroups), and file and process limits no higher than the host's (podman's defaults may be higher than the
+    host allows, and the container then fails to start)."""
     options = ["--runtime", "runc"] if shutil.which("runc") else []
-    for name, limit in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
-        soft, hard = resource.getrlimit(limit)
+    for name, limit, cap in (("nofile", resource.RLIMIT_NOFILE, None), ("nproc", resource.RLIMIT_NPROC, NPROC)):
+        hard = resource.getrlimit(limit)[1]
+        hard = cap if hard == resource.RLIM_INFINITY else min(hard, cap or hard)
         if hard != resource.RLIM_INFINITY:
-            soft = hard if soft == resource.RLIM_INFINITY else soft
-            options += ["--ulimit", f"{name}={soft}:{hard}"]
+            options += ["--ulimit", f"{name}={hard}:{hard}"]
     return options
 
 
