@@ -66,7 +66,7 @@ def test_two_workers_answer_as_the_searcher_does(built):
     queries = [text for (text,) in index.conn.execute("SELECT text FROM captions ORDER BY row LIMIT 6")]
     searcher = Searcher.open(built, device="cpu")
     want = {q: [(h.id, h.score) for h in searcher.search_text([q], k=5, candidates=20)[0].hits] for q in queries}
-    with serve(built, "--workers", "2", env={"ALIGNSEARCH_RELOAD_INTERVAL_S": "0"}) as url:
+    with serve(built, "--workers", "2", env={"ALIGNSEARCH_RELOAD_INTERVAL_S": "0"}, ready_timeout=900) as url:
         server = next(p for p in children() if "serve" in _cmdline(p))
         workers = [p for p in _descendants(server) if "multiprocessing" in _cmdline(p)
                    and "resource_tracker" not in _cmdline(p)]
