@@ -181,14 +181,22 @@ def _request(port: int, query: str) -> bytes:
 
 async def _connection(port: int, requests: list[bytes], until: float, latencies: list[float],
                       counts: dict[str, int], offset: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        counts["errors"] += 1
+        return
     i = offset
     try:
         while time.perf_counter() < until:
             start = time.perf_counter()
             writer.write(requests[i % len(requests)])
             i += 1
-            head = await reader.readuntil(b"\r\n\r\n")
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (OSError, asyncio.IncompleteReadError):  # the server went away: counted, this connection ends
+                counts["errors"] += 1
+                return
             length = 0
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
@@ -360,16 +368,21 @@ def main(argv: list[str] | None = None) -> int:
             "n": n, "command": "python -m alignsearch.bench.ceilings " + " ".join(sys.argv[1:] if argv is None else argv)}
         if "rerank" in args.parts:
             results["rerank"] = rerank_ceiling(index, model, repeats=5 if args.quick else 15)
+            _write(args.out, results)  # a part's figures are kept even if a later part fails
         if "server" in args.parts:
             results["server"] = server_ceiling(index, work, seconds, rounds, args.workers, args.concurrency)
         results["targets"] = targets(results)
         results["environment"]["load_at_end"] = pagecache.load()
-    text = json.dumps(results, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    print(_write(args.out, results))
     return 0
+
+
+def _write(out: Path | None, results: dict[str, Any]) -> str:
+    text = json.dumps(results, indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -67,9 +67,9 @@ def test_two_workers_answer_as_the_searcher_does(built):
     searcher = Searcher.open(built, device="cpu")
     want = {q: [(h.id, h.score) for h in searcher.search_text([q], k=5, candidates=20)[0].hits] for q in queries}
     with serve(built, "--workers", "2", env={"ALIGNSEARCH_RELOAD_INTERVAL_S": "0"}, ready_timeout=900) as url:
-        server = next(p for p in children() if "serve" in _cmdline(p))
-        workers = [p for p in _descendants(server) if "multiprocessing" in _cmdline(p)
-                   and "resource_tracker" not in _cmdline(p)]
+        port = url.rsplit(":", 1)[1]
+        server = next(p for p in children() if f" --port {port} " in _cmdline(p))
+        workers = [p for p in _descendants(server) if "spawn_main" in _cmdline(p)]
         assert len(workers) == 2
 
         def ask(i: int) -> tuple[str, httpx.Response]:
