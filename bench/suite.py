@@ -95,20 +95,23 @@ def _exhaustive_fits(n: int, regions: int, dim: int) -> bool:
 
 
 def rerank_bandwidth(searcher: Searcher, enc: EncoderOutput, candidates: int, repeats: int,
-                     dtype: torch.dtype | None = None) -> dict[str, Any]:
+                     dtype: torch.dtype | None = None, reranker: Any = None) -> dict[str, Any]:
     """The batched rerank of ``enc``'s queries (gather of their candidates' union, decode, score) against a
-    plain copy of the same bytes: GB/s of each and the fraction."""
+    plain copy of the same bytes: GB/s of each and the fraction. By the searcher's reranker (the kernel it
+    chose at start-up), a plain one computing in ``dtype``, or ``reranker``."""
     from alignsearch.indexer.rerank import Reranker
 
     col = searcher.index.images
     rows = searcher.coarse(enc.global_emb.numpy(), col, candidates)[0]
-    reranker = searcher.reranker if dtype is None else Reranker(searcher.reranker.device, dtype)
+    if reranker is None:
+        reranker = searcher.reranker if dtype is None else Reranker(searcher.reranker.device, dtype)
     nbytes = reranker.rerank(enc, col.store, rows, True, searcher.scoring).gathered.nbytes
-    rerank_ms = median_ms(lambda: reranker.rerank(enc, col.store, rows, True, searcher.scoring), repeats, warmup=2)
     source = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     target = np.empty_like(source)
-    copy_ms = median_ms(lambda: np.copyto(target, source), repeats, warmup=2)
-    out = {"queries": len(enc), "dtype": str(reranker.dtype_for(len(enc), True)).replace("torch.", ""), "rerank_ms": rerank_ms,
+    rerank_ms, copy_ms = paired_median_ms([lambda: reranker.rerank(enc, col.store, rows, True, searcher.scoring),
+                                           lambda: np.copyto(target, source)], repeats, warmup=2)  # in turns
+    out = {"queries": len(enc), "dtype": str(reranker.dtype_for(len(enc), True)).replace("torch.", ""),
+           "kernel": reranker.kernel, "rerank_ms": rerank_ms,
            "rerank_bytes": nbytes, "memcpy_ms": copy_ms, "rerank_gb_s": round(nbytes / rerank_ms / 1e6, 3),
            "memcpy_gb_s": round(nbytes / copy_ms / 1e6, 3)}
     out["fraction_of_copy_bandwidth"] = round(out["rerank_gb_s"] / out["memcpy_gb_s"], 4)

@@ -47,11 +47,12 @@ HALF_FROM_QUERIES = 3
 @dataclass
 class Gathered:
     """The items read for a batch: ``rows`` (the union, sorted; or every query's list, in order, for block
-    scoring), ``tokens`` U x T x D, ``mask`` U x T (on device)."""
+    scoring), ``tokens`` U x T x D, ``mask`` U x T (on device; None when a chunked kernel scored them chunk by
+    chunk without keeping them)."""
 
     rows: np.ndarray
-    tokens: torch.Tensor
-    mask: torch.Tensor
+    tokens: torch.Tensor | None
+    mask: torch.Tensor | None
     nbytes: int  # bytes of codes read from the store
 
 
@@ -64,10 +65,14 @@ class Reranked:
     scores: torch.Tensor
     positions: torch.Tensor
     gathered: Gathered
+    store: Any = None  # read again by :meth:`candidates` when the batch was scored in chunks (``tokens`` None)
 
     def candidates(self, q: int, order: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Query ``q``'s candidates at ``order`` (positions in its list): float32 tokens and mask, on CPU."""
-        at = self.positions[q, torch.as_tensor(order, dtype=torch.long)].to(self.gathered.tokens.device)
+        at = self.positions[q, torch.as_tensor(order, dtype=torch.long)]
+        if self.gathered.tokens is None:  # scored chunk by chunk, nothing kept: these few items read again
+            return self.store.gather(self.gathered.rows[at.numpy()])
+        at = at.to(self.gathered.tokens.device)
         return self.gathered.tokens[at].float().cpu(), self.gathered.mask[at].cpu()
 
 
@@ -95,9 +100,11 @@ class Workspace:
         return buffers[name][:nbytes].view(dtype).reshape(shape)
 
 
-def _uniform_rows(store: Any, rows: np.ndarray, workspace: Workspace | None = None) -> np.ndarray | None:
+def _uniform_rows(store: Any, rows: np.ndarray, workspace: Workspace | None = None,
+                  prefetch: bool = True) -> np.ndarray | None:
     """The codes of ``rows`` as one U x (T * code_size) uint8 array when every item of the store has the same
-    token count T (one contiguous row per item), else None."""
+    token count T (one contiguous row per item), else None. ``prefetch`` False: the caller has already asked
+    for these rows' pages (:meth:`LocalStore.prefetch`)."""
     codes, offsets = getattr(store, "codes", None), getattr(store, "offsets", None)
     if codes is None or offsets is None or len(rows) == 0:
         return None
@@ -106,7 +113,8 @@ def _uniform_rows(store: Any, rows: np.ndarray, workspace: Workspace | None = No
         return None
     if not np.array_equal(offsets[rows], rows * width):
         return None
-    store.prefetch(rows)  # cold pages read in one round, not a fault (and a read-ahead window) per item
+    if prefetch:
+        store.prefetch(rows)  # cold pages read in one round, not a fault (and a read-ahead window) per item
     table = codes.reshape(-1, width * codes.shape[1])
     if workspace is None:
         return table[rows]
@@ -115,13 +123,13 @@ def _uniform_rows(store: Any, rows: np.ndarray, workspace: Workspace | None = No
 
 
 def gather(store: Any, rows: np.ndarray, device: torch.device, workspace: Workspace | None = None,
-           decode_on_device: bool | None = None) -> Gathered:
+           decode_on_device: bool | None = None, prefetch: bool = True) -> Gathered:
     """Read and decode the items ``rows`` of a local store (in that order; sorted reads best cold), onto
     ``device``; into ``workspace``'s buffer when one is given. A store that can decode on the device
     (``decodes_on_device``: PQ codes) sends its codes there and decodes them there, when ``device`` is not the
     CPU (``decode_on_device`` None) or when asked to."""
     rows = np.asarray(rows, dtype=np.int64)
-    block = _uniform_rows(store, rows, workspace)
+    block = _uniform_rows(store, rows, workspace, prefetch)
     if block is None:  # captions (variable length) or a store without plain codes: its own padded gather
         tokens, mask = store.gather(rows)
         nbytes = int(_lengths(store, rows).sum()) * int(store.code_size)
@@ -167,6 +175,11 @@ def cpu_has_float16_arithmetic(cpuinfo: str = "/proc/cpuinfo") -> bool:
         return False
 
 
+def kernel_name(dtype: torch.dtype, chunk_items: int = 0) -> str:
+    """A rerank kernel's name: its compute dtype, ``-chunked`` when it scores the codes in cache-sized chunks."""
+    return str(dtype).replace("torch.", "") + ("-chunked" if chunk_items else "")
+
+
 def compute_dtype(device: torch.device) -> torch.dtype:
     """float16 on CUDA (tensor cores; SQfp16 codes as stored) and on CPUs with float16 arithmetic (2-2.4x
     faster than float32 there: 41% of memcpy bandwidth against 18%, docs/benchmarks.md), float32 on other CPUs."""
@@ -181,11 +194,19 @@ class Reranker:
     :data:`HALF_FROM_QUERIES` queries, see :meth:`dtype_for`)."""
 
     def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 decode_on_device: bool | None = None) -> None:
+                 decode_on_device: bool | None = None, chunk_items: int = 0,
+                 small_batch_dtype: torch.dtype | None = None) -> None:
+        """``chunk_items`` > 0: the candidates' codes are read, converted and scored that many items' worth of
+        queries at a time (:meth:`_fused`; in buffers that stay in the CPU's cache) instead of all at once; ``small_batch_dtype``: the dtype of
+        small batches and image queries (None: float32 on a CPU when ``dtype`` is None, else ``dtype``)."""
         self.device = torch.device(device)
         self.dtype = dtype or compute_dtype(self.device)
-        self.small_batch_dtype = torch.float32 if dtype is None and self.device.type == "cpu" else self.dtype
+        if small_batch_dtype is None:
+            small_batch_dtype = torch.float32 if dtype is None and self.device.type == "cpu" else self.dtype
+        self.small_batch_dtype = small_batch_dtype
         self.decode_on_device = decode_on_device  # None: PQ codes are decoded on the device unless it is the CPU
+        self.chunk_items = max(0, int(chunk_items))
+        self.kernel = kernel_name(self.dtype, self.chunk_items)
         self._workspace = Workspace()
 
     def rerank(self, enc: EncoderOutput, store: Any, rows_per_query: Sequence[np.ndarray], query_is_text: bool,
@@ -208,6 +229,9 @@ class Reranker:
             gathered = gather(store, union, self.device, self._workspace, self.decode_on_device)
             at = torch.from_numpy(positions)
             scores = self.score_gathered(queries, q_mask, gathered, query_is_text, scoring).gather(1, at.to(self.device))
+        elif self.chunk_items:
+            gathered, scores = self._fused(queries, q_mask, store, listed, width, query_is_text, scoring)
+            at = torch.arange(q_count * width).view(q_count, width)
         else:
             item_bytes = max(1, int(store.dim) * max(1, int(_lengths(store, union).max())))
             step = max(1, BLOCK_BUDGET_BYTES // (width * item_bytes * torch.finfo(queries.dtype).bits // 8))
@@ -217,13 +241,31 @@ class Reranker:
                 part = gather(store, listed[s : s + step].ravel(), self.device, workspace, self.decode_on_device)
                 parts.append((part, self._block(queries[s : s + step], q_mask[s : s + step],
                                                 self._compute(part.tokens, queries.dtype), part.mask, width,
-                                                query_is_text,
-                                                scoring)))
+                                                query_is_text, scoring)))
             gathered = parts[0][0] if len(parts) == 1 else _joined([p for p, _ in parts])
             scores = torch.cat([score for _, score in parts])
             at = torch.arange(q_count * width).view(q_count, width)
         scores = scores.float().cpu().masked_fill(torch.from_numpy(~valid), 0.0)
-        return Reranked(scores, at, gathered)
+        return Reranked(scores, at, gathered, store)
+
+    def _fused(self, queries: torch.Tensor, q_mask: torch.Tensor, store: Any, listed: np.ndarray, width: int,
+               query_is_text: bool, scoring: ScoringConfig) -> tuple[Gathered, torch.Tensor]:
+        """Block scoring by the chunked kernel: ``chunk_items`` items' worth of queries at a time, each chunk
+        read from the store, converted and scored in small buffers that stay in the CPU's cache (the batch's
+        codes are never copied whole). Their pages are asked for once, for the whole batch."""
+        prefetch = getattr(store, "prefetch", None)
+        if prefetch is not None:
+            prefetch(np.unique(listed))
+        step = max(1, self.chunk_items // width)
+        parts, nbytes = [], 0
+        for s in range(0, len(queries), step):
+            part = gather(store, listed[s : s + step].ravel(), self.device, self._workspace, self.decode_on_device,
+                          prefetch=False)
+            nbytes += part.nbytes
+            parts.append(self._block(queries[s : s + step], q_mask[s : s + step],
+                                     self._compute(part.tokens, queries.dtype), part.mask, width, query_is_text,
+                                     scoring))
+        return Gathered(listed.ravel(), None, None, nbytes), torch.cat(parts)
 
     def dtype_for(self, queries: int, query_is_text: bool = True) -> torch.dtype:
         """The compute dtype of a batch of ``queries`` (text queries against photos, or image queries against
@@ -239,15 +281,18 @@ class Reranker:
                        scoring: ScoringConfig) -> torch.Tensor:
         """Every query (from :meth:`queries_on_device`) against every item of ``gathered`` (from :func:`gather`
         on this device): Q x U local scores. The scoring step of :meth:`rerank` alone, without the gather."""
-        return self._dense(queries, q_mask, self._compute(gathered.tokens, queries.dtype), gathered.mask,
-                           query_is_text, scoring)
+        tokens, mask = gathered.tokens, gathered.mask
+        step = self.chunk_items or max(1, len(tokens))
+        parts = [self._dense(queries, q_mask, self._compute(tokens[s : s + step], queries.dtype), mask[s : s + step],
+                             query_is_text, scoring) for s in range(0, max(1, len(tokens)), step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     @staticmethod
     def _dense(queries: torch.Tensor, q_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
                query_is_text: bool, scoring: ScoringConfig) -> torch.Tensor:
         """Every query against every gathered item: Q x U."""
-        if query_is_text:
-            sims = torch.einsum("qwd,urd->quwr", queries, tokens).float()
+        if query_is_text:  # contiguous: a reduction over a strided view was up to 2000x slower (bench.ceilings)
+            sims = torch.einsum("qwd,urd->quwr", queries, tokens).float().contiguous()
             return pair_scores(sims, q_mask[:, None, :], mask[None], scoring.alignment, scoring.lse_lambda)
         sims = torch.einsum("uwd,qrd->quwr", tokens, queries).float()
         return pair_scores(sims, mask[None], q_mask[:, None, :], scoring.alignment, scoring.lse_lambda)
@@ -266,8 +311,12 @@ class Reranker:
         """Each query against its own ``width`` candidates (``tokens``: Q*K items, query-major): Q x K."""
         candidates = tokens.view(len(queries), width, *tokens.shape[1:])
         c_mask = mask.view(len(queries), width, -1)
-        if query_is_text:
-            sims = torch.einsum("qwd,qkrd->qkwr", queries, candidates).float()
+        if query_is_text:  # (K*R x D) @ (D x W) per query, then Q x K x W x R made contiguous for the pooling:
+            # 20% faster than the einsum's (W x D) @ (D x K*R) here, and the pooling's reduction is over a
+            # contiguous axis (over a strided view it was up to 2000x slower on a busy machine)
+            q, k, r, d = candidates.shape
+            sims = torch.matmul(candidates.reshape(q, k * r, d), queries.transpose(1, 2))
+            sims = sims.view(q, k, r, -1).transpose(2, 3).float().contiguous()
             return pair_scores(sims, q_mask[:, None, :], c_mask, scoring.alignment, scoring.lse_lambda)
         sims = torch.einsum("qkwd,qrd->qkwr", candidates, queries).float()
         return pair_scores(sims, c_mask, q_mask[:, None, :], scoring.alignment, scoring.lse_lambda)
@@ -285,4 +334,5 @@ def _joined(parts: list[Gathered]) -> Gathered:
                     torch.cat([pad(p.mask) for p in parts]), sum(p.nbytes for p in parts))
 
 
-__all__ = ["PRECISIONS", "Gathered", "HALF_FROM_QUERIES", "Reranked", "Reranker", "compute_dtype", "cpu_has_float16_arithmetic", "gather", "precision_dtype"]
+__all__ = ["PRECISIONS", "Gathered", "HALF_FROM_QUERIES", "Reranked", "Reranker", "compute_dtype",
+           "cpu_has_float16_arithmetic", "gather", "kernel_name", "precision_dtype"]

@@ -31,9 +31,10 @@ from alignsearch.models.reference import COLLECTION_M, MatchRule, ReferenceBank,
 from alignsearch.models.scoring import ScoringConfig, rank
 from alignsearch.models.words import content_words
 
+from . import kernels
 from .filters import FilterError
 from .index import Allowed, Collection, Index, check_model
-from .rerank import Reranked, Reranker, precision_dtype
+from .rerank import Reranked, precision_dtype
 
 EXACT_MAX = 2048  # allowed rows up to this many are scored exactly from their stored global vectors
 SELECTOR_MAX_FRACTION = 0.25  # up to this share of the collection: the global store searches the allowed ids only
@@ -123,7 +124,7 @@ class Searcher:
 
     ``scoring`` (alignment, local weight, LSE lambda) defaults to the model's; every search method takes a
     ``scoring`` that overrides it for that call (the index does not depend on it). ``rerank_precision``:
-    ``auto`` (float16 on CUDA, float32 on CPU), ``float32`` or ``float16``."""
+    ``auto`` (the fastest kernel measured on this machine, :mod:`indexer.kernels`), ``float32`` or ``float16``."""
 
     def __init__(self, index: Index, model: AlignModel, scoring: ScoringConfig | None = None,
                  rerank_precision: str = "auto") -> None:
@@ -133,7 +134,9 @@ class Searcher:
         self.scoring = scoring or model.config.scoring()
         self.grid = model.region_grid()
         self.rerank_precision = rerank_precision
-        self.reranker = Reranker(_device_of(model), precision_dtype(rerank_precision))
+        # the rerank kernel this machine runs fastest on these codes, measured once per process (indexer/kernels.py)
+        self.reranker, self.kernel_choice = kernels.choose(index.images.store, _device_of(model), rerank_precision,
+                                                           self.scoring)
 
     @classmethod
     def open(cls, index_dir: str | Path, model: str | AlignModel | None = None, device: str = "auto",
@@ -408,17 +411,19 @@ class Searcher:
         g_all = torch.from_numpy(global_scores)
         fused_all = scoring.fuse(g_all, reranked.scores)
         batch_ms = _ms(start)  # the batch's gather and scoring, shared by its queries
+        start = time.perf_counter()
+        orders = [rank(fused_all[q, : len(rows)], rows, offset + k)[offset:] for q, rows in enumerate(rows_per_query)]
+        hit_lists = self._hit_lists(col.name, [
+            (rows[order], fused_all[q, order], g_all[q, order], reranked.scores[q, order])
+            for q, (rows, order) in enumerate(zip(rows_per_query, orders))])  # one metadata lookup for the batch
+        batch_ms += _ms(start)
         results = []
-        for q, rows in enumerate(rows_per_query):
+        for q, (rows, order, hits) in enumerate(zip(rows_per_query, orders, hit_lists)):
             start = time.perf_counter()
             if len(rows) == 0:
                 results.append(_result([], coarse_ms, 0.0, enc, q, offset, total, reference, query_is_text,
                                        collection))
                 continue
-            n = len(rows)
-            fused, g, local_scores = fused_all[q, :n], g_all[q, :n], reranked.scores[q, :n]
-            order = rank(fused, rows, offset + k)[offset:]
-            hits = self._hits(col.name, rows[order], fused[order], g[order], local_scores[order])
             if explain and len(hits):
                 self._explain(enc, q, hits, *reranked.candidates(q, order), query_is_text)
             results.append(_result(hits, coarse_ms, round(batch_ms + _ms(start), 3), enc, q, offset, total,
@@ -463,18 +468,28 @@ class Searcher:
 
     def _hits(self, collection: str, rows: np.ndarray, fused: torch.Tensor, g: torch.Tensor,
               local: torch.Tensor) -> list[Hit]:
-        meta = self.index.rows(collection, rows.tolist())
-        fields = self.index.fields_of(rows.tolist()) if collection == "images" else {}
-        hits = []
-        for row, s, gs, ls in zip(rows.tolist(), fused.tolist(), g.tolist(), local.tolist()):
-            m = meta[row]
-            extra = m.get("extra", {})
-            if collection == "images":
-                hits.append(Hit(row, m["id"], s, gs, ls, m["path"], None, None,
-                                {"width": m["width"], "height": m["height"], **extra, **fields.get(row, {})}))
-            else:
-                hits.append(Hit(row, m["id"], s, gs, ls, None, m["text"], m["image_id"], extra))
-        return hits
+        return self._hit_lists(collection, [(rows, fused, g, local)])[0]
+
+    def _hit_lists(self, collection: str, lists: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]
+                   ) -> list[list[Hit]]:
+        """The hits of several queries, each (rows, fused, global, local scores), their metadata (and fields)
+        read from SQLite in one lookup for all of them."""
+        every = sorted({int(r) for rows, *_ in lists for r in rows.tolist()})
+        meta = self.index.rows(collection, every)
+        fields = self.index.fields_of(every) if collection == "images" and every else {}
+        out = []
+        for rows, fused, g, local in lists:
+            hits = []
+            for row, s, gs, ls in zip(rows.tolist(), fused.tolist(), g.tolist(), local.tolist()):
+                m = meta[row]
+                extra = m.get("extra", {})
+                if collection == "images":
+                    hits.append(Hit(row, m["id"], s, gs, ls, m["path"], None, None,
+                                    {"width": m["width"], "height": m["height"], **extra, **fields.get(row, {})}))
+                else:
+                    hits.append(Hit(row, m["id"], s, gs, ls, None, m["text"], m["image_id"], extra))
+            out.append(hits)
+        return out
 
     def _explain(self, enc: EncoderOutput, q: int, hits: list[Hit], local: torch.Tensor, mask: torch.Tensor,
                  query_is_text: bool) -> None:

@@ -106,9 +106,12 @@ def _timings(result: SearchResult, started: float) -> dict[str, float]:
 
 
 def _image_result(rank: int, hit: Hit) -> schemas.ImageResult:
-    return schemas.ImageResult(rank=rank, id=hit.id, score=hit.score, global_score=hit.global_score,
-                               local_score=hit.local_score, uri=f"/images/{quote(hit.id)}", metadata=hit.metadata,
-                               grounding=hit.grounding, match=hit.match, relevance=hit.relevance)
+    fields = dict(rank=rank, id=hit.id, score=hit.score, global_score=hit.global_score, local_score=hit.local_score,
+                  uri=f"/images/{quote(hit.id)}", metadata=hit.metadata, grounding=hit.grounding, match=hit.match,
+                  relevance=hit.relevance)
+    if hit.grounding is None:  # the search's own values, of the declared types: not validated once more per hit
+        return schemas.ImageResult.model_construct(**fields)
+    return schemas.ImageResult(**fields)  # groundings become their model
 
 
 def _caption_result(rank: int, hit: Hit) -> schemas.CaptionResult:

@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import socket
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from alignsearch.models.cli import add_progress_option, apply_progress_option
@@ -28,10 +29,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda; env ALIGNSEARCH_DEVICE")
     p.add_argument("--rerank-precision", choices=("auto", "float32", "float16"), default=defaults.rerank_precision,
-                   help="the rerank's arithmetic: auto = float16 on a GPU, and on CPUs with float16 arithmetic "
-                        "(AVX512-FP16, AMX-FP16) for batches of 3 text queries or more (about 2x faster, scores within "
-                        "2e-3); float32 otherwise (scores equal to the per-query path); "
-                        "env ALIGNSEARCH_RERANK_PRECISION")
+                   help="the rerank's arithmetic: auto = the kernel this machine runs fastest, timed on the index "
+                        "when it opens (float32; float32 in cache-sized chunks; float16, scores within 2e-3, used "
+                        "for batches of 3 text queries or more on a CPU); float32 = scores equal to the per-query "
+                        "path; float16; env ALIGNSEARCH_RERANK_PRECISION")
     p.add_argument("--api-key", default=defaults.api_key,
                    help="require 'Authorization: Bearer KEY' on the API (default: none; env ALIGNSEARCH_API_KEY)")
     add_allow_open_option(p, defaults.allow_open)
@@ -44,6 +45,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="how long a query waits for others to share its forward pass; env ALIGNSEARCH_BATCH_WAIT_MS")
     p.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes,
                    help="largest image a query may upload; env ALIGNSEARCH_MAX_UPLOAD_BYTES")
+    p.add_argument("--workers", type=int, default=defaults.workers,
+                   help="server processes sharing the port and the index's memory maps (each loads its own model; "
+                        "each admits its share of the queues, so the server as a whole waits on about as many "
+                        "searches as one process); env ALIGNSEARCH_WORKERS")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (info also logs each request)")
     add_progress_option(p)
@@ -114,15 +119,39 @@ def run_app(app: Any, sock: socket.socket, log_level: str) -> None:
     uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
 
 
-def serving_line(index: Path, counts: dict[str, int], host: str, port: int) -> str:
+def serving_line(index: Path, counts: dict[str, int], host: str, port: int, workers: int = 1) -> str:
     """The one line a person reads when the server starts: what, from where, on which address."""
+    processes = f" with {workers} workers" if workers > 1 else ""
     return (f"alignsearch: serving {counts.get('images', 0)} images / {counts.get('captions', 0)} captions "
-            f"from {index} on {url(host, port)} (Ctrl-C stops it)")
+            f"from {index} on {url(host, port)}{processes} (Ctrl-C stops it)")
+
+
+def serve_worker(sock: socket.socket, announce: Callable[[Any], None], settings: Settings, log_level: str,
+                 prepare: Callable[[Any], None] | None = None) -> None:
+    """One server process on the bound ``sock``: load the index and its model, ``announce`` its counts, serve.
+    ``prepare(searcher)``, when given, runs on the loaded searcher first (the benchmarks swap the encoders there)."""
+    from alignsearch.indexer.allocator import keep_freed_memory
+    from alignsearch.indexer.search import Searcher
+
+    keep_freed_memory()  # image queries encode up to 46% faster (indexer/allocator.py)
+
+    from .app import create_app
+    from .compute import compute_threads
+
+    # fails clearly on a mismatch; loaded on the thread that runs the searches (service/compute.py)
+    searcher = compute_threads().light.run(Searcher.open, settings.index, settings.model, settings.device,
+                                           rerank_precision=settings.rerank_precision)
+    if prepare is not None:
+        prepare(searcher)
+    announce(searcher.index.manifest["counts"])
+    run_app(create_app(settings, searcher), sock, log_level)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from alignsearch.indexer.cli import require_index
 
+    if args.workers < 1:
+        raise ValueError("--workers must be >= 1")
     try:  # the cheap checks first: no model loads for a missing index or a busy port
         require_index(args.index)
     except FileNotFoundError as exc:
@@ -131,23 +160,21 @@ def run_serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     try:
         apply_progress_option(args)
-        from alignsearch.indexer.allocator import keep_freed_memory
-        from alignsearch.indexer.search import Searcher
-
-        keep_freed_memory()  # image queries encode up to 46% faster (indexer/allocator.py)
-
-        from .app import create_app
-        from .compute import compute_threads
-
         settings = Settings(index=args.index, model=args.model, device=args.device, api_key=args.api_key,
                             allow_open=args.allow_open, allow_writes=args.allow_writes,
                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                            max_upload_bytes=args.max_upload_bytes, rerank_precision=args.rerank_precision)
-        # fails clearly on a mismatch; loaded on the thread that runs the searches (service/compute.py)
-        searcher = compute_threads().light.run(Searcher.open, settings.index, settings.model, settings.device,
-                                               rerank_precision=settings.rerank_precision)
-        print(serving_line(args.index, searcher.index.manifest["counts"], args.host, args.port), flush=True)
-        run_app(create_app(settings, searcher), sock, args.log_level)
+                            max_upload_bytes=args.max_upload_bytes, rerank_precision=args.rerank_precision,
+                            workers=args.workers)
+
+        def announce(counts: dict[str, int], workers: int = 1) -> None:
+            print(serving_line(args.index, counts, args.host, args.port, workers), flush=True)
+
+        if args.workers == 1:
+            serve_worker(sock, announce, settings, args.log_level)
+            return 0
+        from .workers import run_workers, worker_settings
+
+        return run_workers(sock, args.workers, serve_worker, (worker_settings(settings, args.workers), args.log_level),
+                           on_ready=lambda infos: announce(infos[0], args.workers))
     finally:
         sock.close()
-    return 0

@@ -56,6 +56,8 @@ class Settings:
     heavy_work: int = field(default_factory=lambda: _int("HEAVY_WORK", 2_000))
     max_work: int = field(default_factory=lambda: _int("MAX_WORK", 20_000))
     request_timeout_s: float = field(default_factory=lambda: _float("REQUEST_TIMEOUT_S", 30))
+    # server processes (alignsearch serve --workers): each admits its share of max_queue / max_heavy_queue
+    workers: int = field(default_factory=lambda: _int("WORKERS", 1))
     # following the index on disk (0 disables the watcher; POST /admin/reload still works)
     reload_interval_s: float = field(default_factory=lambda: _float("RELOAD_INTERVAL_S", 1.0))
 
