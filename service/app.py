@@ -70,13 +70,15 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
             "similar": Lanes("similar", on_current(current, similar_batch), s,
                              state.metrics.batch_size.labels("similar").observe, threads),
         }
-        limits = ImageLimits(s.max_pixels, s.max_image_side, decode_side_for(opened.model))
+        limits = ImageLimits(s.max_pixels, s.max_image_side, decode_side_for(opened.model), s.max_jpeg_scans,
+                             s.max_decode_work)
         state.decoder = Decoder(limits, s.decode_workers, DECODE_QUEUE, s.decode_timeout_s)
         for name, lanes in state.lanes.items():
             await lanes.start()
             for lane_name, lane in (("light", lanes.light), ("heavy", lanes.heavy)):
                 state.metrics.waiting.labels(f"{name}-{lane_name}").set_function(lambda lane=lane: lane.waiting)
         state.metrics.decoding.set_function(lambda: state.decoder.busy)
+        state.metrics.decode_kills.set_function(lambda: state.decoder.pool.killed)
         state.follower = follower
         state.writer = Writer(follower)
         await follower.start()

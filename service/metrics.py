@@ -33,6 +33,8 @@ class Metrics:
                              registry=self.registry)
         self.decoding = Gauge("alignsearch_decodes_busy", "image decodes running or waiting for the decode pool",
                               registry=self.registry)
+        self.decode_kills = Gauge("alignsearch_decode_processes_killed", "decode processes killed at their time "
+                                  "limit (or found dead) since the start", registry=self.registry)
 
     def observe_stages(self, endpoint: str, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():

@@ -93,28 +93,65 @@ def test_a_phone_photo_uploaded_as_a_query_gets_the_pixels_the_build_gave_it():
     assert decode_image(buf.getvalue(), ImageLimits(LIMITS.max_pixels * 4, 4000)).size == (683, KEEP_SIDE)  # default
 
 
-def test_the_decode_pool_is_bounded_and_has_a_time_limit(monkeypatch):
-    release = threading.Event()
-    monkeypatch.setattr("alignsearch.service.uploads.decode_image", lambda data, limits: release.wait(5) and data)
+def test_the_decode_pool_is_bounded_and_kills_a_decode_at_its_time_limit():
+    """A decode past its limit has its process killed when its 503 is sent; the slot is free at once and a
+    fresh process decodes the next upload."""
+    from alignsearch.bench.bombs import scan_bomb
+
+    bomb = scan_bomb(2000, 20_000)  # ~20 s of decoding when nothing bounds its scans
+    unbounded = ImageLimits(LIMITS.max_pixels * 8, 4000, max_scans=10**9, max_block_scans=10**15)
 
     async def run():
-        decoder = Decoder(LIMITS, workers=1, queue=1, timeout_s=0.2)
-        first = asyncio.ensure_future(decoder.decode(b"1"))
-        second = asyncio.ensure_future(decoder.decode(b"2"))
-        await asyncio.sleep(0.05)
-        with pytest.raises(HTTPException) as full:
-            await decoder.decode(b"3")  # one running, one waiting: refused at once
-        outcomes = await asyncio.gather(first, second, return_exceptions=True)
-        busy_after_timeout = decoder.busy  # the threads still run: their slots are still taken
-        release.set()
-        await asyncio.sleep(0.1)
-        decoder.close()
-        return full.value, outcomes, busy_after_timeout, decoder.busy
+        decoder = Decoder(unbounded, workers=1, queue=1, timeout_s=2.0)
+        try:
+            first = asyncio.ensure_future(decoder.decode(bomb))
+            second = asyncio.ensure_future(decoder.decode(bomb))
+            await asyncio.sleep(0.05)
+            with pytest.raises(HTTPException) as full:
+                await decoder.decode(_png())  # one running, one waiting: refused at once
+            started = time.perf_counter()
+            outcomes = await asyncio.gather(first, second, return_exceptions=True)
+            late = time.perf_counter() - started
+            for _ in range(20):  # the slots are free once the killed process is reaped (at once, unless loaded)
+                if decoder.busy == 0:
+                    break
+                await asyncio.sleep(0.1)
+            busy_after_timeout = decoder.busy
+            for _ in range(300):  # the replacement process (seconds on a loaded machine)
+                if decoder.pool.idle():
+                    break
+                await asyncio.sleep(0.1)
+            image = await decoder.decode(_png())
+            assert len(decoder.pool.pids()) <= 2  # the one decoding, and at most a spare being started
+            return full.value, outcomes, late, busy_after_timeout, decoder.pool.killed, image
+        finally:
+            decoder.close()
 
-    full, outcomes, busy_after_timeout, busy_at_end = asyncio.run(run())
+    full, outcomes, late, busy_after_timeout, killed, image = asyncio.run(run())
     assert full.status_code == 503 and full.headers["Retry-After"] == "1"
     assert all(isinstance(o, HTTPException) and o.status_code == 503 and "longer than" in o.detail for o in outcomes)
-    assert busy_after_timeout == 2 and busy_at_end == 0
+    # the second bomb got the slot a moment before its own deadline: killed too, or refused before it began
+    assert late < 5 and busy_after_timeout == 0 and killed in (1, 2)
+    assert image.size == (32, 24)
+
+
+def test_a_scan_bomb_is_refused_from_its_markers():
+    from alignsearch.bench.bombs import scan_bomb
+    from alignsearch.service.jpeg_work import jpeg_work
+
+    normal = io.BytesIO()
+    Image.new("RGB", (640, 480), "red").save(normal, format="JPEG", progressive=True)
+    assert jpeg_work(normal.getvalue(), 100, 10**9).scans == 10
+    bomb = scan_bomb(2000, 20_000)
+    started = time.perf_counter()
+    with pytest.raises(HTTPException) as err:
+        decode_image(bomb, ImageLimits(10**8, 10_000))
+    assert err.value.status_code == 413 and "scans" in err.value.detail
+    assert time.perf_counter() - started < 1
+    with pytest.raises(HTTPException) as err:  # few scans, each walking many blocks
+        decode_image(scan_bomb(2000, 50), ImageLimits(10**8, 10_000, max_block_scans=1_000_000))
+    assert err.value.status_code == 413 and "block decodes" in err.value.detail
+    assert decode_image(normal.getvalue(), LIMITS).size == (640, 480)
 
 
 def test_lanes_refuse_when_full_or_late_and_keep_light_work_apart(monkeypatch):
