@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import threading
 import time
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         env["ALIGNSEARCH_MAX_DECODE_WORK"] = str(10**12)
     try:
         with serve(args.index, "--max-upload-bytes", str(4 * len(bomb)), env=env, ready_timeout=900) as url:
+            load_before = os.getloadavg()[0]
             report = measure(url, args.duration, args.rate, bomb)
+            report["load_average_1m"] = {"before": load_before, "after": os.getloadavg()[0],
+                                         "cpu_count": os.cpu_count()}
     except (OSError, RuntimeError) as exc:
         print(f"bench.bomb_availability: error: {exc}", file=sys.stderr)
         return 2

@@ -94,6 +94,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
     app = FastAPI(title="alignsearch", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fine-grained image-text search: a FAISS first stage on global vectors, "
                               "reranked by region-word alignment.")
+    app.router.redirect_slashes = False  # /metrics/ is a 404, not a redirect to /metrics
     app.state.alignsearch = state
     errors.install(app)
     # the routers' routes themselves, not an include: ``app.routes`` then lists every route with its path on

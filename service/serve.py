@@ -107,11 +107,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_app(app: Any, sock: socket.socket, log_level: str) -> None:
-    """Serve ``app`` with uvicorn on the socket :func:`bind` returned."""
+def run_app(app: Any, sock: socket.socket, log_level: str, header_timeout_s: float | None = None) -> None:
+    """Serve ``app`` with uvicorn on the socket :func:`bind` returned: an idle kept-alive connection is closed
+    after 5 s, one whose request headers take longer than ``header_timeout_s`` (default: the setting) too."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    from .connections import KEEP_ALIVE_S, guarded_protocol
+
+    timeout = Settings().header_timeout_s if header_timeout_s is None else header_timeout_s
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S,
+                                  http=guarded_protocol(timeout))).run(sockets=[sock])
 
 
 def serving_line(index: Path, counts: dict[str, int], host: str, port: int) -> str:
@@ -147,7 +152,7 @@ def run_serve(args: argparse.Namespace) -> int:
         searcher = compute_threads().light.run(Searcher.open, settings.index, settings.model, settings.device,
                                                rerank_precision=settings.rerank_precision)
         print(serving_line(args.index, searcher.index.manifest["counts"], args.host, args.port), flush=True)
-        run_app(create_app(settings, searcher), sock, args.log_level)
+        run_app(create_app(settings, searcher), sock, args.log_level, settings.header_timeout_s)
     finally:
         sock.close()
     return 0

@@ -42,6 +42,8 @@ class Settings:
     max_upload_bytes: int = field(default_factory=lambda: _int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024))
     max_json_bytes: int = field(default_factory=lambda: _int("MAX_JSON_BYTES", 64 * 1024))
     body_timeout_s: float = field(default_factory=lambda: _float("BODY_TIMEOUT_S", 30))
+    # a request's headers must be complete this long after the connection opened or its last response
+    header_timeout_s: float = field(default_factory=lambda: _float("HEADER_TIMEOUT_S", 10))
     # image uploads, checked from the header before any pixel is decoded
     max_pixels: int = field(default_factory=lambda: _int("MAX_PIXELS", 40_000_000))
     max_image_side: int = field(default_factory=lambda: _int("MAX_IMAGE_SIDE", 12_000))

@@ -49,6 +49,14 @@ def _upload(server: str, data: bytes) -> httpx.Response:
                       timeout=60)
 
 
+def _eventually_ok(server: str, limit: float = 120) -> None:
+    """An ordinary upload answered 200 (retried while a decode process starts: seconds on a loaded machine)."""
+    deadline = time.monotonic() + limit
+    while (status := _upload(server, _photo()).status_code) == 503 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status == 200
+
+
 def _photo() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (320, 240), (30, 120, 200)).save(buf, format="JPEG", progressive=True)
@@ -58,7 +66,7 @@ def _photo() -> bytes:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_scan_bombs_are_refused_or_killed_and_image_search_stays_up(server):
     port = urlsplit(server).port
-    assert _upload(server, _photo()).status_code == 200
+    _eventually_ok(server)
     for _ in range(3):  # 20,000 scans: over the limit, refused from the markers before any decode
         started = time.perf_counter()
         response = _upload(server, scan_bomb(1000, 20_000))
@@ -78,7 +86,7 @@ def test_scan_bombs_are_refused_or_killed_and_image_search_stays_up(server):
             break
         time.sleep(0.1)
     assert not before & _children(port), "a decode process outlived its time limit"
-    assert _upload(server, _photo()).status_code == 200
+    _eventually_ok(server)
     metrics = httpx.get(server + "/metrics", timeout=10).text
     killed = [line for line in metrics.splitlines() if line.startswith("alignsearch_decode_processes_killed ")]
     assert killed and float(killed[0].split()[1]) >= 2

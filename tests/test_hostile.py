@@ -9,6 +9,7 @@ import io
 import json
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -20,13 +21,15 @@ from alignsearch.service.launch import serve
 KEY = "hostile-key"
 MAX_UPLOAD = 2_000_000
 MARK = "QZXMARK"
+HEADER_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
 def server(built):
     with serve(built, "--max-upload-bytes", str(MAX_UPLOAD),
                env={"ALIGNSEARCH_API_KEY": KEY, "ALIGNSEARCH_MAX_PIXELS": "1000000",
-                    "ALIGNSEARCH_BODY_TIMEOUT_S": "1.5"}) as url:
+                    "ALIGNSEARCH_BODY_TIMEOUT_S": "1.5", "ALIGNSEARCH_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)},
+               ready_timeout=600) as url:
         yield url
 
 
@@ -227,3 +230,72 @@ def test_readyz_details_need_the_key_and_never_show_a_path(server, built):
     ready = httpx.get(server + "/readyz", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert ready["index"] == built.name and "/" not in json.dumps(ready["index"])
     assert httpx.get(server + "/metrics").status_code == 401
+    slash = httpx.get(server + "/metrics/", headers={"Authorization": f"Bearer {KEY}"})
+    assert slash.status_code == 404 and "location" not in slash.headers
+
+
+# -- connections and files -----------------------------------------------------------------------------------
+
+def _closed_after(server, trickle: bytes = b"", every: float = 0.5, limit: float = 15) -> float:
+    """Seconds until the server closes a connection that sends ``trickle`` one byte every ``every`` seconds
+    (nothing when empty)."""
+    parts = urlsplit(server)
+    started = time.perf_counter()
+    with socket.create_connection((parts.hostname, parts.port), timeout=limit) as s:
+        s.settimeout(every)
+        for byte in trickle:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                return time.perf_counter() - started
+            try:
+                if s.recv(4096) == b"":
+                    return time.perf_counter() - started
+            except socket.timeout:
+                pass
+            assert time.perf_counter() - started < limit, "the connection was never closed"
+        s.settimeout(limit)
+        while s.recv(4096):
+            pass
+    return time.perf_counter() - started
+
+
+def test_a_connection_that_sends_nothing_is_closed(server):
+    assert _closed_after(server) < HEADER_TIMEOUT_S + 2
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off(server):
+    slow = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+    took = _closed_after(server, slow, every=0.5)
+    assert HEADER_TIMEOUT_S - 0.5 < took < HEADER_TIMEOUT_S + 2
+
+
+def test_a_kept_alive_connection_gets_a_new_header_deadline(server):
+    parts = urlsplit(server)
+    with socket.create_connection((parts.hostname, parts.port), timeout=15) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.perf_counter()
+        while s.recv(4096):
+            pass
+        assert time.perf_counter() - started < HEADER_TIMEOUT_S + 2
+
+
+def test_a_photo_replaced_by_a_symlink_is_not_served(server, built):
+    from alignsearch.indexer.index import Index
+
+    index = Index(built, use_gpu=False)
+    image_id, rel = index.conn.execute("SELECT id, path FROM images WHERE deleted = 0 LIMIT 1").fetchone()
+    photo = index.images_root / rel
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(f"{server}/images/{image_id}", headers=headers).content == photo.read_bytes()
+    aside = photo.with_name(photo.name + ".aside")
+    photo.rename(aside)
+    try:
+        for target in (built / "manifest.json", Path("/etc/passwd")):
+            photo.symlink_to(target)
+            response = httpx.get(f"{server}/images/{image_id}", headers=headers)
+            photo.unlink()
+            assert_short_4xx(response, 404)
+    finally:
+        aside.rename(photo)
