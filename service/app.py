@@ -79,6 +79,8 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
                 state.metrics.waiting.labels(f"{name}-{lane_name}").set_function(lambda lane=lane: lane.waiting)
         state.metrics.decoding.set_function(lambda: state.decoder.busy)
         state.metrics.decode_kills.set_function(lambda: state.decoder.pool.killed)
+        state.metrics.decode_overrun.set_function(lambda: state.decoder.pool.max_overrun_s)
+        state.metrics.decode_idle.set_function(lambda: state.decoder.pool.idle())
         state.follower = follower
         state.writer = Writer(follower)
         await follower.start()

@@ -14,6 +14,7 @@ At most ``workers`` decodes run at once, with ``queue`` more waiting; beyond tha
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import threading
 import time
@@ -26,6 +27,7 @@ from PIL import Image
 from .image_decode import DecodeRefused, ImageLimits
 
 DecodeFn = Callable[[bytes, ImageLimits], Image.Image]
+log = logging.getLogger("alignsearch.service")
 KILL_WAIT_S = 1.0
 START_TIMEOUT_S = 60.0
 LATE_GRACE_S = 0.25  # past the deadline, the 503 goes out even if the decode thread has not answered
@@ -94,6 +96,7 @@ class _Worker:
             self.kill()
             raise RuntimeError(f"a decode process did not start within {START_TIMEOUT_S:g} s")
         self.start_s = time.monotonic() - started
+        self.overrun_s: float | None = None  # set when killed at a deadline: seconds from it to the process gone
 
     def call(self, data: bytes, deadline: float) -> Image.Image:
         """Decode ``data``; :class:`DecodeTimeout` (the process killed) when no answer came by ``deadline``."""
@@ -109,6 +112,8 @@ class _Worker:
             raise DecodeRefused(415, "the image could not be decoded") from None
         except DecodeTimeout:
             self.kill()
+            if not self.process.is_alive():
+                self.overrun_s = time.monotonic() - deadline
             raise
         if answer[0] == "refused":
             raise DecodeRefused(answer[1], answer[2])
@@ -137,6 +142,9 @@ class ProcessDecoder:
         self.workers, self.capacity, self.timeout_s = workers, workers + max(0, queue), timeout_s
         self.busy = 0  # requests admitted and not finished
         self.killed = 0  # processes killed at their deadline (or found dead)
+        # the longest time from a decode's deadline until its killed process was gone (measured here, by the
+        # thread that killed it: the figure behind "no decode outlives its limit by more than 1 s")
+        self.max_overrun_s = 0.0
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
@@ -198,6 +206,11 @@ class ProcessDecoder:
                 with self._lock:
                     self._all.discard(worker)
                     self.killed += 1
+                    if worker.overrun_s is not None:
+                        self.max_overrun_s = max(self.max_overrun_s, worker.overrun_s)
+                if worker.overrun_s is not None:
+                    log.warning("a decode passed its %g s limit: its process was killed, gone %.3f s after the "
+                                "deadline", self.timeout_s, worker.overrun_s)
                 if not self._closed:
                     self._threads.submit(self._spare)
             else:
@@ -233,10 +246,13 @@ class ProcessDecoder:
                 pass
 
         future.add_done_callback(done)
+        waited = asyncio.wrap_future(future)
         try:  # the thread kills the decode at the deadline; this bounds a wait for a process being started
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
+            return await asyncio.wait_for(asyncio.shield(waited),
                                           max(0.0, deadline - time.monotonic()) + LATE_GRACE_S)
         except asyncio.TimeoutError:
+            # answered already: the thread's outcome (a timeout of its own, most likely) is read and dropped
+            waited.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise DecodeTimeout from None
 
     def _finished(self) -> None:

@@ -1,5 +1,5 @@
 """Decoding one uploaded image within limits: an allow-list of formats, sides and pixels from the header, a
-JPEG's scans and decode work from its markers (:mod:`service.jpeg_work`), and a reduced-scale decode.
+JPEG's scans and decode work from its markers (:mod:`alignsearch.models.jpeg_work`), and a reduced-scale decode.
 
 Only JPEG, PNG, WebP, GIF (first frame) and BMP are opened: Pillow never tries its other plugins, so an EPS
 or PDF upload is refused before anything could start Ghostscript. Width, height and their product are
@@ -19,13 +19,11 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .jpeg_work import jpeg_work
+from alignsearch.models.jpeg_work import MAX_BLOCK_SCANS, MAX_JPEG_SCANS, work_refusal
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 ALLOWED_NAMES = "JPEG, PNG, WebP, GIF or BMP"
 KEEP_SIDE = 1024
-MAX_JPEG_SCANS = 100  # Pillow writes 10 for a progressive JPEG; libjpeg-turbo's own tools suggest 500 at most
-MAX_BLOCK_SCANS = 50_000_000  # about a second of one core; a 40-megapixel progressive JPEG needs 4-7M
 
 
 class DecodeRefused(Exception):
@@ -40,7 +38,7 @@ class DecodeRefused(Exception):
 @dataclass(frozen=True)
 class ImageLimits:
     """What an upload may be (``max_pixels``, ``max_side``; for a JPEG ``max_scans`` and ``max_block_scans``,
-    see :mod:`service.jpeg_work`) and how large a JPEG is decoded: at the smallest DCT scale that keeps both
+    see :mod:`alignsearch.models.jpeg_work`) and how large a JPEG is decoded: at the smallest DCT scale that keeps both
     sides at ``decode_side`` or more."""
 
     max_pixels: int
@@ -52,12 +50,9 @@ class ImageLimits:
 
 def check_work(data: bytes, limits: ImageLimits) -> None:
     """Refuse (413) a JPEG with more scans or more decode work than ``limits`` allow; cheap (markers only)."""
-    work = jpeg_work(data, limits.max_scans, limits.max_block_scans)
-    if work is None or not work.stopped:
-        return
-    if work.scans > limits.max_scans:
-        raise DecodeRefused(413, f"the JPEG has more than {limits.max_scans} scans (progressive passes)")
-    raise DecodeRefused(413, f"the JPEG's scans would take more than {limits.max_block_scans} block decodes")
+    reason = work_refusal(data, limits.max_scans, limits.max_block_scans)
+    if reason is not None:
+        raise DecodeRefused(413, reason)
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:

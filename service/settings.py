@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignsearch.models.jpeg_work import MAX_BLOCK_SCANS, MAX_JPEG_SCANS
+
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"ALIGNSEARCH_{name}", default)
@@ -50,8 +52,8 @@ class Settings:
     decode_workers: int = field(default_factory=lambda: _int("DECODE_WORKERS", max(1, (os.cpu_count() or 2) // 2)))
     decode_timeout_s: float = field(default_factory=lambda: _float("DECODE_TIMEOUT_S", 10))
     # a JPEG's scans (progressive passes) and blocks decoded over all scans, read from its markers
-    max_jpeg_scans: int = field(default_factory=lambda: _int("MAX_JPEG_SCANS", 100))
-    max_decode_work: int = field(default_factory=lambda: _int("MAX_DECODE_WORK", 50_000_000))
+    max_jpeg_scans: int = field(default_factory=lambda: _int("MAX_JPEG_SCANS", MAX_JPEG_SCANS))
+    max_decode_work: int = field(default_factory=lambda: _int("MAX_DECODE_WORK", MAX_BLOCK_SCANS))
     # admission control of the search work
     max_queue: int = field(default_factory=lambda: _int("MAX_QUEUE", 64))
     max_heavy_queue: int = field(default_factory=lambda: _int("MAX_HEAVY_QUEUE", 4))

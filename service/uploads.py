@@ -20,6 +20,7 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from alignsearch.models.jpeg_work import work_refusal
 from alignsearch.models.preprocess import DRAFT_FACTOR
 
 from . import image_decode, schemas
@@ -203,4 +204,7 @@ async def upload_fields(request: Request, limit: int) -> tuple[bytes, str, list[
             image_format = image.format
     except Exception:  # noqa: BLE001  (Pillow's header parsers raise many kinds)
         raise HTTPException(415, f"the upload is not a {ALLOWED_NAMES} image") from None
+    reason = work_refusal(data)  # the limits index add decodes it under (models.preprocess)
+    if reason is not None:
+        raise HTTPException(413, reason)
     return data, image_format, [c.strip() for c in captions], fields

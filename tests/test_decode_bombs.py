@@ -28,6 +28,11 @@ def server(built):
         yield url
 
 
+# The target is a decode's process gone within 1 s of its time limit, as the server measures it; the assertions
+# allow this much more for a loaded machine (the figure is printed).
+LOAD_SLACK_S = 2.0
+
+
 def _children(port: int) -> set[int]:
     """The decode processes of the server listening on ``port`` (its children that multiprocessing spawned)."""
     procs = {}
@@ -41,20 +46,29 @@ def _children(port: int) -> set[int]:
             procs[int(entry.name)] = (cmd, ppid)
     servers = {pid for pid, (cmd, _) in procs.items() if b"serve" in cmd and str(port).encode() in cmd}
     return {pid for pid, (cmd, ppid) in procs.items()
-            if ppid in servers and any(b"multiprocessing" in part for part in cmd)}
+            if ppid in servers and any(b"spawn_main" in part for part in cmd)}
+
+
+def _metric(server: str, name: str) -> float:
+    lines = [line for line in httpx.get(server + "/metrics", timeout=30).text.splitlines()
+             if line.startswith(name + " ")]
+    assert lines, name
+    return float(lines[0].split()[1])
+
+
+def _until(predicate, limit: float = 120) -> bool:
+    """Poll ``predicate`` until it holds (decode processes start in seconds on a loaded machine)."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _upload(server: str, data: bytes) -> httpx.Response:
     return httpx.post(server + "/search/image", files={"file": ("x.jpg", data, "image/jpeg")}, data={"k": "3"},
-                      timeout=60)
-
-
-def _eventually_ok(server: str, limit: float = 120) -> None:
-    """An ordinary upload answered 200 (retried while a decode process starts: seconds on a loaded machine)."""
-    deadline = time.monotonic() + limit
-    while (status := _upload(server, _photo()).status_code) == 503 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert status == 200
+                      timeout=120)
 
 
 def _photo() -> bytes:
@@ -63,30 +77,34 @@ def _photo() -> bytes:
     return buf.getvalue()
 
 
+def _ready(server: str) -> None:
+    """A decode process waits idle (started after the last kill), so the next upload's time limit is all its
+    decode's."""
+    assert _until(lambda: _metric(server, "alignsearch_decode_processes_idle") >= 1), "no decode process started"
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_scan_bombs_are_refused_or_killed_and_image_search_stays_up(server):
     port = urlsplit(server).port
-    _eventually_ok(server)
-    for _ in range(3):  # 20,000 scans: over the limit, refused from the markers before any decode
-        started = time.perf_counter()
+    _ready(server)
+    assert _upload(server, _photo()).status_code == 200
+    for _ in range(3):  # 20,000 scans: over the limit, refused from the markers before any decode (a decode
+        # of it would take seconds: a 503 at the 1 s limit, not this 413)
         response = _upload(server, scan_bomb(1000, 20_000))
         assert response.status_code == 413 and "scans" in response.json()["detail"]
-        assert time.perf_counter() - started < 3
-    before = _children(port)
-    assert before, "the server runs its decodes in processes of its own"
+    assert _metric(server, "alignsearch_decode_processes_killed") == 0
     slow = scan_bomb(3000, 980)  # under the scan limit, seconds to decode: killed at the time limit
+    killed: set[int] = set()
     for _ in range(2):
-        started = time.perf_counter()
+        _ready(server)
+        killed |= _children(port)
         response = _upload(server, slow)
-        took = time.perf_counter() - started
         assert response.status_code == 503 and "longer than" in response.json()["detail"]
-        assert response.headers["Retry-After"] == "1" and took < TIMEOUT_S + 3, took
-    for _ in range(100):  # the killed processes are gone; a fresh one is started for the next upload
-        if not before & _children(port):
-            break
-        time.sleep(0.1)
-    assert not before & _children(port), "a decode process outlived its time limit"
-    _eventually_ok(server)
-    metrics = httpx.get(server + "/metrics", timeout=10).text
-    killed = [line for line in metrics.splitlines() if line.startswith("alignsearch_decode_processes_killed ")]
-    assert killed and float(killed[0].split()[1]) >= 2
+        assert response.headers["Retry-After"] == "1"
+    assert _metric(server, "alignsearch_decode_processes_killed") == 2
+    overrun = _metric(server, "alignsearch_decode_kill_overrun_seconds_max")
+    print(f"the longest a killed decode outlived its {TIMEOUT_S:g} s limit: {overrun:.3f} s")
+    assert 0 < overrun < 1.0 + LOAD_SLACK_S
+    assert not killed & _children(port), "a decode process outlived its time limit"
+    _ready(server)  # a fresh process is started for the next upload
+    assert _upload(server, _photo()).status_code == 200
