@@ -5,7 +5,10 @@ second (:func:`bench.bombs.scan_bomb`: a 6000 x 6000 progressive JPEG with one s
 MB; ``--slow`` sends bombs under the scan limit instead, 3000 x 3000 with 95 scans, that reach a decode
 process) while one client sends ordinary image searches back to back. Writes JSON: the share of ordinary
 searches answered 200 within 1 s (the target is >= 95%), their latency percentiles, and how the bombs were
-answered.
+answered. The same ordinary searches are first timed for ``--duration`` seconds with no bombs (``baseline``),
+so the effect of the bombs is a ratio within one run; the load average is recorded around both. The server's
+decode metrics at the end (processes killed at their time limit, the longest a killed decode outlived it) come
+with the report. ``--quick``: 15 s each.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def measure(url: str, duration: float, rate: float, bomb: bytes) -> dict:
         worker.start()
         started, sent, futures = time.perf_counter(), 0, []
         while (elapsed := time.perf_counter() - started) < duration:
-            while sent < elapsed * rate:
+            while rate > 0 and sent < elapsed * rate:
                 futures.append(pool.submit(_post, bomber, bomb))
                 sent += 1
             time.sleep(0.01)
@@ -78,6 +81,7 @@ def measure(url: str, duration: float, rate: float, bomb: bytes) -> dict:
                      "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 1),
                      "p95_ms": round(float(np.percentile(latencies, 95)) * 1000, 1),
                      "max_ms": round(float(latencies.max()) * 1000, 1)},
+        "load_average_1m": os.getloadavg()[0],
         "bombs": {"sent": len(bombs), "status": dict(Counter(s for s, _ in bombs)),
                   "p50_ms": round(float(np.percentile([t for _, t in bombs] or [0], 50)) * 1000, 1),
                   "max_ms": round(max([t for _, t in bombs] or [0]) * 1000, 1)},
@@ -87,7 +91,9 @@ def measure(url: str, duration: float, rate: float, bomb: bytes) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m alignsearch.bench.bomb_availability", description=__doc__)
     p.add_argument("--index", type=Path, required=True, help="an index folder to serve")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of bombs (default 60)")
+    p.add_argument("--duration", type=float, default=None, help="seconds of bombs, and of the baseline before them "
+                   "(default 60; 15 with --quick)")
+    p.add_argument("--quick", action="store_true", help="15 s of baseline and 15 s of bombs")
     p.add_argument("--rate", type=float, default=8.0, help="bomb uploads per second (default 8)")
     p.add_argument("--slow", action="store_true", help="bombs under the scan limit that reach a decode process")
     p.add_argument("--out", type=Path, default=RESULTS / "bomb-availability.json", help="where to write the JSON")
@@ -96,17 +102,25 @@ def main(argv: list[str] | None = None) -> int:
     env = {"ALIGNSEARCH_MAX_WORK": "20000"}
     if args.slow:  # let the bombs through the work bound so that they reach a process and its time limit
         env["ALIGNSEARCH_MAX_DECODE_WORK"] = str(10**12)
+    args.duration = args.duration or (15.0 if args.quick else 60.0)
     try:
         with serve(args.index, "--max-upload-bytes", str(4 * len(bomb)), env=env, ready_timeout=900) as url:
+            with httpx.Client(base_url=url, timeout=120) as client:  # warm up: a decode process, the encoder
+                _post(client, _photo())
             load_before = os.getloadavg()[0]
+            baseline = measure(url, args.duration, 0, bomb)
             report = measure(url, args.duration, args.rate, bomb)
-            report["load_average_1m"] = {"before": load_before, "after": os.getloadavg()[0],
-                                         "cpu_count": os.cpu_count()}
-    except (OSError, RuntimeError) as exc:
+            metrics = httpx.get(url + "/metrics", timeout=30).text
+    except (OSError, RuntimeError, httpx.HTTPError) as exc:
         print(f"bench.bomb_availability: error: {exc}", file=sys.stderr)
         return 2
+    decode = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith(("alignsearch_decode_processes_killed ", "alignsearch_decode_kill_overrun"))}
     report = {"duration_s": args.duration, "rate_per_s": args.rate, "bomb_bytes": len(bomb),
-              "bomb": "slow (under the scan limit)" if args.slow else "20,000 scans", **report}
+              "bomb": "slow (under the scan limit)" if args.slow else "20,000 scans",
+              "load_average_1m_before": load_before, "cpu_count": os.cpu_count(),
+              "baseline": {"ordinary": baseline["ordinary"], "load_average_1m": baseline["load_average_1m"]},
+              **report, "decode_metrics": decode}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
