@@ -16,21 +16,21 @@ from PIL import Image
 from alignsearch.bench.bombs import scan_bomb
 from alignsearch.service.launch import serve
 
-TIMEOUT_S = 1.0
+TIMEOUT_S = 3.0  # long enough for an ordinary photo on a loaded machine; the slow bomb needs ~30 s idle
 
 
 @pytest.fixture(scope="module")
 def server(built):
-    env = {"ALIGNSEARCH_MAX_PIXELS": "10000000", "ALIGNSEARCH_MAX_JPEG_SCANS": "1000",
+    env = {"ALIGNSEARCH_MAX_PIXELS": "10000000", "ALIGNSEARCH_MAX_JPEG_SCANS": "30000",
            "ALIGNSEARCH_MAX_DECODE_WORK": str(10**12), "ALIGNSEARCH_DECODE_TIMEOUT_S": str(TIMEOUT_S),
-           "ALIGNSEARCH_DECODE_WORKERS": "1"}
+           "ALIGNSEARCH_DECODE_WORKERS": "1", "ALIGNSEARCH_REQUEST_TIMEOUT_S": "600"}
     with serve(built, "--max-upload-bytes", "4000000", env=env, ready_timeout=900) as url:
         yield url
 
 
 # The target is a decode's process gone within 1 s of its time limit, as the server measures it; the assertions
 # allow this much more for a loaded machine (the figure is printed).
-LOAD_SLACK_S = 2.0
+LOAD_SLACK_S = 4.0
 
 
 def _children(port: int) -> set[int]:
@@ -80,20 +80,31 @@ def _photo() -> bytes:
 def _ready(server: str) -> None:
     """A decode process waits idle (started after the last kill), so the next upload's time limit is all its
     decode's."""
-    assert _until(lambda: _metric(server, "alignsearch_decode_processes_idle") >= 1), "no decode process started"
+    assert _until(lambda: _metric(server, "alignsearch_decode_processes_idle") >= 1, 300), "no decode process"
+
+
+def _searched(server: str) -> None:
+    """An ordinary photo is searched: 200, after retries while the machine is too loaded to decode it within
+    the limit (a 503, which is the right answer then)."""
+    for _ in range(20):
+        _ready(server)
+        response = _upload(server, _photo())
+        if response.status_code != 503:
+            break
+    assert response.status_code == 200, response.text[:200]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_scan_bombs_are_refused_or_killed_and_image_search_stays_up(server):
     port = urlsplit(server).port
-    _ready(server)
-    assert _upload(server, _photo()).status_code == 200
-    for _ in range(3):  # 20,000 scans: over the limit, refused from the markers before any decode (a decode
-        # of it would take seconds: a 503 at the 1 s limit, not this 413)
-        response = _upload(server, scan_bomb(1000, 20_000))
+    _searched(server)
+    kills = _metric(server, "alignsearch_decode_processes_killed")
+    for _ in range(3):  # 40,000 scans: over the limit, refused from the markers before any decode (a decode
+        # of it would take far longer than the limit: a 503, not this 413)
+        response = _upload(server, scan_bomb(1000, 40_000))
         assert response.status_code == 413 and "scans" in response.json()["detail"]
-    assert _metric(server, "alignsearch_decode_processes_killed") == 0
-    slow = scan_bomb(3000, 980)  # under the scan limit, seconds to decode: killed at the time limit
+    assert _metric(server, "alignsearch_decode_processes_killed") == kills
+    slow = scan_bomb(2000, 20_000)  # under the scan limit, ~30 s to decode: killed at the time limit
     killed: set[int] = set()
     for _ in range(2):
         _ready(server)
@@ -101,10 +112,9 @@ def test_scan_bombs_are_refused_or_killed_and_image_search_stays_up(server):
         response = _upload(server, slow)
         assert response.status_code == 503 and "longer than" in response.json()["detail"]
         assert response.headers["Retry-After"] == "1"
-    assert _metric(server, "alignsearch_decode_processes_killed") == 2
+    assert _metric(server, "alignsearch_decode_processes_killed") >= kills + 2
     overrun = _metric(server, "alignsearch_decode_kill_overrun_seconds_max")
     print(f"the longest a killed decode outlived its {TIMEOUT_S:g} s limit: {overrun:.3f} s")
     assert 0 < overrun < 1.0 + LOAD_SLACK_S
-    assert not killed & _children(port), "a decode process outlived its time limit"
-    _ready(server)  # a fresh process is started for the next upload
-    assert _upload(server, _photo()).status_code == 200
+    assert killed and not killed & _children(port), "a decode process outlived its time limit"
+    _searched(server)  # a fresh process is started for the next upload

@@ -95,7 +95,7 @@ def test_a_phone_photo_uploaded_as_a_query_gets_the_pixels_the_build_gave_it():
 
 # The target is a decode's process gone within 1 s of its time limit; the assertions allow this much more for a
 # loaded machine (what is measured is printed, and the server's metric reports it).
-LOAD_SLACK_S = 2.0
+LOAD_SLACK_S = 4.0
 
 
 async def _until(predicate, limit_s: float) -> bool:
