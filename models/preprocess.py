@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from .jpeg_work import work_refusal
+
 if TYPE_CHECKING:  # torch loads on first use: the decode processes (indexer.reader) never import it
     import torch
 
@@ -66,7 +68,10 @@ def load_image_sized(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIX
     With ``min_side``, a JPEG is decoded at the smallest scale (1/2, 1/4, 1/8, from its DCT coefficients) that
     keeps both sides at ``min_side`` or more, as Pillow's ``thumbnail`` does: a 12-megapixel phone photo
     decodes about 10x faster at 1/4 scale, and images with a side under ``2 * min_side`` decode at full size,
-    the same pixels as without it."""
+    the same pixels as without it.
+
+    A JPEG over the scan or decode-work limits (:mod:`.jpeg_work`: a progressive file whose scans would take
+    minutes to decode) is refused from its markers first, as the server refuses such an upload."""
     image, size, _ = read_image(source, max_pixels, min_side)
     return image, size
 
@@ -76,7 +81,7 @@ def read_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
     """:func:`load_image_sized`, and the file's EXIF tags (``Image.getexif`` of the file as opened, read while
     it is open: no second open for them)."""
     try:
-        image = Image.open(io.BytesIO(source)) if isinstance(source, (bytes, bytearray)) else Image.open(source)
+        image = Image.open(_checked_jpeg(source))
         width, height = image.size
         if width * height > max_pixels:
             raise ImageTooLarge(f"image of {width}x{height} pixels exceeds the {max_pixels} pixel limit")
@@ -94,6 +99,22 @@ def read_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
         raise ImageTooLarge(f"image exceeds the {MAX_IMAGE_PIXELS} pixel limit") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc
+
+
+def _checked_jpeg(source: str | Path | bytes) -> io.BytesIO | str | Path:
+    """What Pillow should open for ``source``: a JPEG's bytes once its markers are within the decode-work limits
+    (:class:`ImageTooLarge` otherwise), anything else as given."""
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        with open(source, "rb") as f:
+            if f.read(2) != b"\xff\xd8":
+                return source
+            data = b"\xff\xd8" + f.read()
+    reason = work_refusal(data)
+    if reason is not None:
+        raise ImageTooLarge(reason)
+    return io.BytesIO(data)
 
 
 class ImagePreprocessor:

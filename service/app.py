@@ -70,13 +70,17 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
             "similar": Lanes("similar", on_current(current, similar_batch), s,
                              state.metrics.batch_size.labels("similar").observe, threads),
         }
-        limits = ImageLimits(s.max_pixels, s.max_image_side, decode_side_for(opened.model))
+        limits = ImageLimits(s.max_pixels, s.max_image_side, decode_side_for(opened.model), s.max_jpeg_scans,
+                             s.max_decode_work)
         state.decoder = Decoder(limits, s.decode_workers, DECODE_QUEUE, s.decode_timeout_s)
         for name, lanes in state.lanes.items():
             await lanes.start()
             for lane_name, lane in (("light", lanes.light), ("heavy", lanes.heavy)):
                 state.metrics.waiting.labels(f"{name}-{lane_name}").set_function(lambda lane=lane: lane.waiting)
         state.metrics.decoding.set_function(lambda: state.decoder.busy)
+        state.metrics.decode_kills.set_function(lambda: state.decoder.pool.killed)
+        state.metrics.decode_overrun.set_function(lambda: state.decoder.pool.max_overrun_s)
+        state.metrics.decode_idle.set_function(lambda: state.decoder.pool.idle())
         state.follower = follower
         state.writer = Writer(follower, s.write_batch_ms / 1000, s.write_batch_max,
                               observe=state.metrics.write_group.observe)
@@ -95,6 +99,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
     app = FastAPI(title="alignsearch", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fine-grained image-text search: a FAISS first stage on global vectors, "
                               "reranked by region-word alignment.")
+    app.router.redirect_slashes = False  # /metrics/ is a 404, not a redirect to /metrics
     app.state.alignsearch = state
     errors.install(app)
     # the routers' routes themselves, not an include: ``app.routes`` then lists every route with its path on

@@ -35,6 +35,12 @@ class Metrics:
                              registry=self.registry)
         self.decoding = Gauge("alignsearch_decodes_busy", "image decodes running or waiting for the decode pool",
                               registry=self.registry)
+        self.decode_kills = Gauge("alignsearch_decode_processes_killed", "decode processes killed at their time "
+                                  "limit (or found dead) since the start", registry=self.registry)
+        self.decode_overrun = Gauge("alignsearch_decode_kill_overrun_seconds_max", "the longest time from a decode's "
+                                    "time limit until its killed process was gone", registry=self.registry)
+        self.decode_idle = Gauge("alignsearch_decode_processes_idle", "decode processes started and waiting for an "
+                                 "upload", registry=self.registry)
 
     def observe_stages(self, endpoint: str, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():

@@ -112,11 +112,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_app(app: Any, sock: socket.socket, log_level: str) -> None:
-    """Serve ``app`` with uvicorn on the socket :func:`bind` returned."""
+def run_app(app: Any, sock: socket.socket, log_level: str, header_timeout_s: float | None = None) -> None:
+    """Serve ``app`` with uvicorn on the socket :func:`bind` returned: an idle kept-alive connection is closed
+    after 5 s, one whose request headers take longer than ``header_timeout_s`` (default: the setting) too."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    from .connections import KEEP_ALIVE_S, guarded_protocol
+
+    timeout = Settings().header_timeout_s if header_timeout_s is None else header_timeout_s
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S,
+                                  http=guarded_protocol(timeout))).run(sockets=[sock])
 
 
 def serving_line(index: Path, counts: dict[str, int], host: str, port: int, workers: int = 1) -> str:
@@ -144,7 +149,7 @@ def serve_worker(sock: socket.socket, announce: Callable[[Any], None], settings:
     if prepare is not None:
         prepare(searcher)
     announce(searcher.index.manifest["counts"])
-    run_app(create_app(settings, searcher), sock, log_level)
+    run_app(create_app(settings, searcher), sock, log_level, settings.header_timeout_s)
 
 
 def run_serve(args: argparse.Namespace) -> int:

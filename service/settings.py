@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignsearch.models.jpeg_work import MAX_BLOCK_SCANS, MAX_JPEG_SCANS
+
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"ALIGNSEARCH_{name}", default)
@@ -45,11 +47,16 @@ class Settings:
     max_upload_bytes: int = field(default_factory=lambda: _int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024))
     max_json_bytes: int = field(default_factory=lambda: _int("MAX_JSON_BYTES", 64 * 1024))
     body_timeout_s: float = field(default_factory=lambda: _float("BODY_TIMEOUT_S", 30))
+    # a request's headers must be complete this long after the connection opened or its last response
+    header_timeout_s: float = field(default_factory=lambda: _float("HEADER_TIMEOUT_S", 10))
     # image uploads, checked from the header before any pixel is decoded
     max_pixels: int = field(default_factory=lambda: _int("MAX_PIXELS", 40_000_000))
     max_image_side: int = field(default_factory=lambda: _int("MAX_IMAGE_SIDE", 12_000))
     decode_workers: int = field(default_factory=lambda: _int("DECODE_WORKERS", max(1, (os.cpu_count() or 2) // 2)))
     decode_timeout_s: float = field(default_factory=lambda: _float("DECODE_TIMEOUT_S", 10))
+    # a JPEG's scans (progressive passes) and blocks decoded over all scans, read from its markers
+    max_jpeg_scans: int = field(default_factory=lambda: _int("MAX_JPEG_SCANS", MAX_JPEG_SCANS))
+    max_decode_work: int = field(default_factory=lambda: _int("MAX_DECODE_WORK", MAX_BLOCK_SCANS))
     # admission control of the search work
     max_queue: int = field(default_factory=lambda: _int("MAX_QUEUE", 64))
     max_heavy_queue: int = field(default_factory=lambda: _int("MAX_HEAVY_QUEUE", 4))

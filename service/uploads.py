@@ -1,56 +1,38 @@
-"""Image uploads: reading the request, an allow-list of formats, limits from the header, and decoding in a
-bounded pool of its own with a time limit.
+"""Image uploads: reading the request, and decoding it in a bounded pool of killable processes.
 
-Only JPEG, PNG, WebP, GIF (first frame) and BMP are opened: Pillow never tries its other plugins, so an EPS
-or PDF upload is refused before anything could start Ghostscript. Width, height and their product are
-checked from the header, before a pixel is decoded, so a small file that would decode to a huge image (a
-1 x 39,000,000 PNG) costs nothing. Decodes run in their own thread pool (not the search workers'), at most
-``workers`` at a time with ``queue`` more waiting; beyond that, or past the time limit, the answer is 503.
-A decode that passes its time limit cannot be stopped inside Pillow: its thread finishes in the background
-and keeps its pool slot until then, so the pool bound still holds. A decoded image is reduced to at most
-``KEEP_SIDE`` pixels a side in the pool (the encoders read 224-384 px; a large JPEG is decoded at a reduced
-scale to begin with, as the build decodes it), so an image waiting for its search batch holds a few MB, not a
-hundred.
+The limits and the decode itself are in :mod:`service.image_decode` (an allow-list of formats, sides and
+pixels checked from the header, a JPEG's scans and work from its markers); the pool in
+:mod:`service.decode_procs` (a decode past its time limit has its process killed, so its slot is free when its
+503 is sent). This module maps their refusals onto HTTP answers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from alignsearch.models.jpeg_work import work_refusal
 from alignsearch.models.preprocess import DRAFT_FACTOR
 
-from . import schemas
+from . import image_decode, schemas
 from .admission import overloaded
+from .decode_procs import DecodeBusy, DecodeTimeout, ProcessDecoder
+from .image_decode import ALLOWED_FORMATS, ALLOWED_NAMES, KEEP_SIDE, DecodeRefused, ImageLimits
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-ALLOWED_NAMES = "JPEG, PNG, WebP, GIF or BMP"
+__all__ = ["ALLOWED_FORMATS", "ALLOWED_NAMES", "KEEP_SIDE", "Decoder", "ImageLimits", "decode_image",
+           "decode_side_for", "read_upload"]
 # A JSON image request has a handful of fields, a filter and a base64 string (which has no ':'); more colons
 # than this means a body built to be expensive to parse (say, a million keys), refused before parsing.
 MAX_JSON_COLONS = 512
-KEEP_SIDE = 1024
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    """What an upload may be (``max_pixels``, ``max_side``) and how large a JPEG is decoded: at the smallest DCT
-    scale that keeps both sides at ``decode_side`` or more (:func:`decode_side_for` a model)."""
-
-    max_pixels: int
-    max_side: int
-    decode_side: int = KEEP_SIDE
 
 
 def decode_side_for(model: object) -> int:
@@ -62,68 +44,46 @@ def decode_side_for(model: object) -> int:
     return KEEP_SIDE if pre is None else min(KEEP_SIDE, DRAFT_FACTOR * pre.size)
 
 
+def _http(exc: DecodeRefused) -> HTTPException:
+    return HTTPException(exc.status, exc.detail)
+
+
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Bytes of an allowed format -> RGB image (EXIF orientation applied); HTTPException 413/415 otherwise."""
+    """Bytes of an allowed format -> RGB image, in this process; HTTPException 413/415 otherwise."""
     try:
-        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except UnidentifiedImageError:
-        raise HTTPException(415, f"the upload is not a {ALLOWED_NAMES} image") from None
-    except Image.DecompressionBombError:  # Pillow's own bound, far above ours
-        raise HTTPException(413, f"the image exceeds the {limits.max_pixels} pixel limit") from None
-    except Exception:  # noqa: BLE001  (Pillow's header parsers raise many kinds)
-        raise HTTPException(415, f"the upload's {ALLOWED_NAMES} header is corrupt") from None
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise HTTPException(415, "the image has no pixels")
-    if max(width, height) > limits.max_side:
-        raise HTTPException(413, f"image of {width}x{height} pixels exceeds the {limits.max_side}-pixel side limit")
-    if width * height > limits.max_pixels:
-        raise HTTPException(413, f"image of {width}x{height} pixels exceeds the {limits.max_pixels} pixel limit")
-    try:
-        if image.format == "JPEG":
-            image.draft("RGB", (limits.decode_side, limits.decode_side))  # DCT scaling: never below decode_side
-        image.load()  # the first frame of an animation
-        ImageOps.exif_transpose(image, in_place=True)  # no copy of the full-size pixels
-        if image.mode not in ("RGB", "RGBA", "L", "LA"):  # palette, CMYK, 1-bit: resized in RGB, not nearest
-            image = image.convert("RGB")
-        image.thumbnail((KEEP_SIDE, KEEP_SIDE))  # in place; a no-op for images that are already small
-        return image.convert("RGB")
-    except Exception:  # noqa: BLE001  (truncated or corrupt data fails in many ways inside the decoders)
-        raise HTTPException(415, f"the {image.format} image could not be decoded (truncated or corrupt)") from None
+        return image_decode.decode_image(data, limits)
+    except DecodeRefused as exc:
+        raise _http(exc) from None
 
 
 class Decoder:
-    """Decodes uploads in a thread pool of ``workers`` threads, with ``queue`` more waiting and a time limit."""
+    """Decodes uploads in ``workers`` killable processes, with ``queue`` more waiting and a time limit: 503 when
+    full or late, 413/415 for an upload that is not a usable image. A JPEG over the scan or work limits is
+    refused here, from its markers, before it takes a slot."""
 
-    def __init__(self, limits: ImageLimits, workers: int = 2, queue: int = 8, timeout_s: float = 10.0) -> None:
-        if workers < 1:
-            raise ValueError("decode workers must be >= 1")
+    def __init__(self, limits: ImageLimits, workers: int = 2, queue: int = 8, timeout_s: float = 10.0,
+                 prestart: bool = True) -> None:
         self.limits = limits
-        self.workers = workers
-        self.capacity = workers + max(0, queue)
         self.timeout_s = timeout_s
-        self.busy = 0  # submitted and not finished (a timed-out decode counts until its thread is done)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="alignsearch-decode")
+        self.pool = ProcessDecoder(image_decode.decode_image, limits, workers, queue, timeout_s, prestart)
+
+    @property
+    def busy(self) -> int:
+        return self.pool.busy
 
     async def decode(self, data: bytes) -> Image.Image:
-        if self.busy >= self.capacity:
-            raise overloaded("too many images are being decoded; retry shortly")
-        loop = asyncio.get_running_loop()
-        self.busy += 1
-        future = loop.run_in_executor(self._pool, decode_image, data, self.limits)
-        future.add_done_callback(self._done)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
-        except asyncio.TimeoutError:
+            image_decode.check_work(data, self.limits)
+            return await self.pool.decode(data)
+        except DecodeRefused as exc:
+            raise _http(exc) from None
+        except DecodeBusy:
+            raise overloaded("too many images are being decoded; retry shortly") from None
+        except DecodeTimeout:
             raise overloaded(f"decoding the image took longer than {self.timeout_s:g} s") from None
 
-    def _done(self, future: asyncio.Future) -> None:
-        self.busy -= 1
-        if not future.cancelled():
-            future.exception()  # retrieved, so a refusal after a timeout is not logged as never retrieved
-
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.close()
 
 
 def _validation(exc: ValidationError) -> RequestValidationError:
@@ -244,4 +204,7 @@ async def upload_fields(request: Request, limit: int) -> tuple[bytes, str, list[
             image_format = image.format
     except Exception:  # noqa: BLE001  (Pillow's header parsers raise many kinds)
         raise HTTPException(415, f"the upload is not a {ALLOWED_NAMES} image") from None
+    reason = work_refusal(data)  # the limits index add decodes it under (models.preprocess)
+    if reason is not None:
+        raise HTTPException(413, reason)
     return data, image_format, [c.strip() for c in captions], fields

@@ -9,6 +9,7 @@ import io
 import json
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -20,13 +21,15 @@ from alignsearch.service.launch import serve
 KEY = "hostile-key"
 MAX_UPLOAD = 2_000_000
 MARK = "QZXMARK"
+HEADER_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
 def server(built):
     with serve(built, "--max-upload-bytes", str(MAX_UPLOAD),
                env={"ALIGNSEARCH_API_KEY": KEY, "ALIGNSEARCH_MAX_PIXELS": "1000000",
-                    "ALIGNSEARCH_BODY_TIMEOUT_S": "1.5"}) as url:
+                    "ALIGNSEARCH_BODY_TIMEOUT_S": "1.5", "ALIGNSEARCH_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)},
+               ready_timeout=600) as url:
         yield url
 
 
@@ -227,3 +230,110 @@ def test_readyz_details_need_the_key_and_never_show_a_path(server, built):
     ready = httpx.get(server + "/readyz", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert ready["index"] == built.name and "/" not in json.dumps(ready["index"])
     assert httpx.get(server + "/metrics").status_code == 401
+    slash = httpx.get(server + "/metrics/", headers={"Authorization": f"Bearer {KEY}"})
+    assert slash.status_code == 404 and "location" not in slash.headers
+
+
+# -- connections and files -----------------------------------------------------------------------------------
+
+# Without the header deadline the connections below stay open as long as the client trickles (uvicorn's
+# keep-alive timer stops at the first byte received); with it they are closed HEADER_TIMEOUT_S after they opened or
+# after their last response. The upper bounds allow a loaded machine plenty; the lower bound cannot be hit early.
+SLACK_S = 20.0
+TRICKLE = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 400  # 200 s at a byte every 0.5 s
+
+
+def _closed_after(server, trickle: bytes = b"", every: float = 0.5, first: bytes = b"") -> float:
+    """Seconds until the server closes a connection that sends ``first`` (a whole request, whose answer is read),
+    then ``trickle`` one byte every ``every`` seconds (nothing when empty); counted from the connection's opening
+    or from ``first``'s answer."""
+    parts = urlsplit(server)
+    limit = HEADER_TIMEOUT_S + SLACK_S
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as s:
+        if first:
+            s.sendall(first)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.perf_counter()
+        s.settimeout(every)
+        for byte in trickle:
+            try:
+                s.sendall(bytes([byte]))
+                if s.recv(4096) == b"":
+                    return time.perf_counter() - started
+            except socket.timeout:
+                pass
+            except OSError:  # reset: closed
+                return time.perf_counter() - started
+            assert time.perf_counter() - started < limit, "the connection was never closed"
+        s.settimeout(limit)
+        try:
+            while s.recv(4096):
+                pass
+        except socket.timeout:
+            raise AssertionError("the connection was never closed") from None
+    return time.perf_counter() - started
+
+
+def test_a_connection_that_sends_nothing_is_closed(server):
+    took = _closed_after(server)
+    assert HEADER_TIMEOUT_S - 0.5 < took < HEADER_TIMEOUT_S + SLACK_S, took
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off(server):
+    took = _closed_after(server, TRICKLE)
+    assert HEADER_TIMEOUT_S - 0.5 < took < HEADER_TIMEOUT_S + SLACK_S, took
+
+
+def test_a_kept_alive_connection_gets_a_new_header_deadline(server):
+    took = _closed_after(server, TRICKLE, first=b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert HEADER_TIMEOUT_S - 0.5 < took < HEADER_TIMEOUT_S + SLACK_S, took
+
+
+def _raw(server: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` as it is; the status, headers and body of the answer (read to the connection's close)."""
+    parts = urlsplit(server)
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /search/text HTTP/1.1\r\nHost: x\r\nContent-Length: " + MARK.encode() + b"\r\n\r\n{}",
+    b"POST /search/text HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}",
+    # 21 KB of headers, not yet ended: over h11's 16 KB for an incomplete request (sent all at once and ended, it
+    # would be parsed whole); nothing more is sent, so the server has read all of it when it answers and closes
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + MARK.encode() * 3_000,
+    b"GET /" + MARK.encode() + b" \x00 HTTP/1.1\r\n\r\n",
+], ids=["bad-content-length", "two-content-lengths", "20-kb-header", "bad-request-line"])
+def test_requests_uvicorn_cannot_parse_get_a_json_400(server, request_bytes):
+    status, headers, body = _raw(server, request_bytes)
+    assert status == 400 and headers["content-type"] == "application/json", (status, headers)
+    detail = json.loads(body)["detail"]
+    assert "not valid HTTP" in detail and MARK not in detail and len(body) < 300
+    assert httpx.get(server + "/healthz").status_code == 200  # the server itself is fine
+
+
+def test_a_photo_replaced_by_a_symlink_is_not_served(server, built):
+    from alignsearch.indexer.index import Index
+
+    index = Index(built, use_gpu=False)
+    image_id, rel = index.conn.execute("SELECT id, path FROM images WHERE deleted = 0 LIMIT 1").fetchone()
+    photo = index.images_root / rel
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(f"{server}/images/{image_id}", headers=headers).content == photo.read_bytes()
+    aside = photo.with_name(photo.name + ".aside")
+    photo.rename(aside)
+    try:
+        for target in (built / "manifest.json", Path("/etc/passwd")):
+            photo.symlink_to(target)
+            response = httpx.get(f"{server}/images/{image_id}", headers=headers)
+            photo.unlink()
+            assert_short_4xx(response, 404)
+    finally:
+        aside.rename(photo)
