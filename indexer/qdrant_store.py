@@ -427,7 +427,9 @@ class QdrantGlobalBackend:
         sql = "SELECT row FROM images WHERE deleted = 0"
         live = [r[0] for r in (conn.execute(sql) if wanted is None else
                                conn.execute(sql + " AND row IN (SELECT value FROM json_each(?))", (json.dumps(wanted),)))]
-        present = col.engine.ids(col.name, None, Clause(must=[Ids(tuple(live))])).tolist() if live else []
+        # a new index has a point per row; after a failed update a live row may lack its point
+        present = live if wanted is None or not live else \
+            col.engine.ids(col.name, None, Clause(must=[Ids(tuple(live))])).tolist()
         types = metadata.field_types(conn)
         kinds = index_kinds(types)
         col.engine.index_payload(col.name, {k: v for k, v in kinds.items() if k not in state.get("payload_keys", [])})
