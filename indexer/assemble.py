@@ -119,6 +119,16 @@ def insert_metadata(conn: Any, name: str, first_row: int, shards: list[Shard], r
         row += len(shard.items)
 
 
+def sync_store_fields(folder: Path, collections: dict[str, Any], conn: Any, rows: list[int] | None) -> None:
+    """Hand the photos' fields (SQLite's, through ``conn``) to a global store that filters on them itself
+    (Qdrant's payload): every photo (``rows`` None, a new index) or those at ``rows`` (added or changed). Nothing
+    for a store that does not (FAISS: filters run on SQLite's allowed rows)."""
+    entry = collections["images"]
+    sync = getattr(global_backend(entry.get("backend")), "sync_fields", None)
+    if sync is not None:
+        sync(folder / "images", entry, conn, rows)
+
+
 def store_fields(conn: Any, raw: dict[int, photo_fields.Raw], label: dict[int, str], replace: bool = False) -> None:
     """Type ``raw`` (image row -> field -> values) against the fields the index has, declare the new ones, and
     store the values (``replace``: a named field's old values of that row go)."""
@@ -148,6 +158,7 @@ def assemble_index(final: Path, model: AlignModel, shards: dict[str, list[Shard]
     conn = metadata.connect(final / METADATA)
     for name in COLLECTIONS:
         insert_metadata(conn, name, 0, shards[name], images_root, fields)
+    sync_store_fields(final, collections, conn, None)
     metadata.close_for_checksum(conn)
     return write_manifest(final, {
         "model": model_fields(model), "images_root": str(images_root), "local_codec": local_codec,

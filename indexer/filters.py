@@ -59,6 +59,9 @@ def _scalar(kind: str, value: Any, loc: str, key: str) -> Any:
     raise FilterError(loc, f"field {key!r} is a {kind} field: the value must be {expected}")
 
 
+stored_value = _scalar  # a filter's value as the field's stored form (also what the Qdrant payload holds)
+
+
 class _Compiler:
     """Turns a checked filter into one SQL expression over ``images.row`` and its parameters."""
 

@@ -136,6 +136,16 @@ class Allowed:
         return out
 
 
+@dataclass(frozen=True)
+class StoreFilter:
+    """A filter for a store that can run it itself (Qdrant's payload filter): the filter (checked), the
+    index's field types, and the rows SQLite allows (what the store's answer must stay within)."""
+
+    filter: Any
+    types: dict[str, str]
+    allowed: Allowed
+
+
 ALLOWED_CACHE = 64  # filters whose allowed rows an index version keeps (its SQLite never changes)
 
 
@@ -273,6 +283,8 @@ def verify(folder: str | Path, seal: bool = False) -> list[str]:
     for name, col in index.collections.items():
         live = metadata.count(index.conn, name, live_only=True)
         found = structure_problems(col, index.conn, manifest)
+        deep = getattr(col.store, "check_points", None)  # a store outside the folder: all it holds, read again
+        found = found or (deep(full=True) if deep is not None else [])
         problems += [f"{name}/{p}" for p in found]
         if found:
             continue

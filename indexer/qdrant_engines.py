@@ -7,6 +7,9 @@ the ``MAX_SIM`` comparator, no HNSW graph: it is only ever scored on prefetched 
 ``prefetch[0]`` = top ``candidates`` by ``global``; ``prefetch[1]`` = those same candidates scored by ``MAX_SIM``
 on ``local``; the query = the formula ``$score[0] + weight * $score[1]``. Both packages are imported only when an
 engine is made (the ``qdrant`` extra), so the rest of the indexer runs without them.
+
+Filters (``where``) come as the engine-neutral tree of :mod:`indexer.qdrant_filters`, ANDed with the row bound
+(``row < below``); each engine converts it to its own classes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from .qdrant_filters import AnyOf, Clause, HasVector, Ids, Match, Range
 
 GLOBAL, LOCAL = "global", "local"
 QUANTIZATIONS = ("none", "scalar", "binary")
@@ -45,21 +50,33 @@ class Engine:
     def upsert_global(self, name: str, ids: np.ndarray, vectors: np.ndarray) -> None: ...
     def set_local(self, name: str, ids: list[int], vectors: list[np.ndarray]) -> None: ...
     def delete(self, name: str, ids: list[int]) -> None: ...
-    def count(self, name: str, below: int | None) -> int: ...
-    def ids(self, name: str, below: int | None) -> np.ndarray: ...
+    def count(self, name: str, below: int | None, where: Clause | None = None) -> int: ...
+    def ids(self, name: str, below: int | None, where: Clause | None = None) -> np.ndarray: ...
     def vectors(self, name: str, ids: list[int], which: str) -> dict[int, np.ndarray]: ...
+    def set_payload(self, name: str, payloads: dict[int, dict[str, Any]]) -> None:
+        """Replace the payload of each point (id -> payload)."""
+
+    def index_payload(self, name: str, kinds: dict[str, str]) -> None:
+        """Payload indexes on these keys (``keyword``, ``float`` or ``integer``)."""
+
+    def scan(self, name: str, below: int | None, which: list[str], where: Clause | None = None
+             ) -> Iterable[tuple[int, dict[str, np.ndarray]]]:
+        """Every point below ``below`` (matching ``where``) with its vectors ``which`` (those it has)."""
     def flush(self, name: str) -> None: ...
     def disk_bytes(self, name: str) -> dict[str, int] | None:
         """Bytes on disk by part, or None where the data is on a server."""
 
-    def nearest(self, name: str, queries: np.ndarray, k: int, below: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per query, (row ids, scores) of the top ``k`` by ``global``."""
+    def nearest(self, name: str, queries: np.ndarray, k: int, below: int | None, where: Clause | None = None
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query, (row ids, scores) of the top ``k`` by ``global`` (of the points ``where`` allows)."""
 
     def fused(self, name: str, queries: np.ndarray, words: list[np.ndarray], weights: list[float], candidates: int,
-              k: int, below: int | None, quantized: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+              k: int, below: int | None, quantized: bool = False, where: Clause | None = None
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query (one request for all), (row ids, scores) of the top ``k`` of
-        ``global + weight * MAX_SIM(words, local)`` over the top ``candidates`` by ``global``; ``quantized``:
-        MAX_SIM on the quantized multivectors, not rescored."""
+        ``global + weight * MAX_SIM(words, local)`` over the top ``candidates`` by ``global`` (of the points
+        ``where`` allows: the filter is in the first prefetch); ``quantized``: MAX_SIM on the quantized
+        multivectors, not rescored."""
 
 
 def _split(ids: np.ndarray, vectors: np.ndarray) -> Iterable[tuple[list[int], np.ndarray]]:
@@ -127,25 +144,66 @@ class EdgeEngine(Engine):
     def delete(self, name: str, ids: list[int]) -> None:
         self._shard(name).update(self.edge.UpdateOperation.delete_points(ids))
 
-    def _below(self, below: int | None) -> Any:
+    def _convert(self, node: Any) -> Any:
         e = self.edge
-        return None if below is None else e.Filter(must=[e.FieldCondition("row", range=e.RangeFloat(lt=below))])
+        if isinstance(node, Clause):
+            parts = {k: [self._convert(c) for c in getattr(node, k)] or None for k in ("must", "should", "must_not")}
+            return e.Filter(**parts)
+        if isinstance(node, Match):
+            return e.FieldCondition(node.key, match=e.MatchValue(node.value))
+        if isinstance(node, AnyOf):
+            return e.FieldCondition(node.key, match=e.MatchAny(list(node.values)))
+        if isinstance(node, Range):
+            return e.FieldCondition(node.key, range=e.RangeFloat(gt=node.gt, gte=node.gte, lt=node.lt, lte=node.lte))
+        if isinstance(node, Ids):
+            return e.HasIdCondition(set(node.ids))
+        if isinstance(node, HasVector):
+            return e.HasVectorCondition(node.name)
+        raise TypeError(f"not a filter node: {type(node).__name__}")
 
-    def count(self, name: str, below: int | None) -> int:
-        return int(self._shard(name).count(self.edge.CountRequest(exact=True, filter=self._below(below))))
+    def _below(self, below: int | None, where: Clause | None = None) -> Any:
+        must = ([] if below is None else [Range("row", lt=below)]) + ([] if where is None else [where])
+        return self._convert(Clause(must=must)) if must else None
 
-    def ids(self, name: str, below: int | None) -> np.ndarray:
+    def count(self, name: str, below: int | None, where: Clause | None = None) -> int:
+        return int(self._shard(name).count(self.edge.CountRequest(exact=True, filter=self._below(below, where))))
+
+    def ids(self, name: str, below: int | None, where: Clause | None = None) -> np.ndarray:
         out, offset = [], None
         while True:
             records, offset = self._shard(name).scroll(self.edge.ScrollRequest(
-                offset=offset, limit=10_000, filter=self._below(below), with_payload=False, with_vector=False))
+                offset=offset, limit=10_000, filter=self._below(below, where), with_payload=False, with_vector=False))
             out += [int(r.id) for r in records]
             if offset is None:
                 return np.sort(np.array(out, dtype=np.int64))
 
     def vectors(self, name: str, ids: list[int], which: str) -> dict[int, np.ndarray]:
         records = self._shard(name).retrieve(ids, with_payload=False, with_vector=[which])
-        return {int(r.id): np.asarray(r.vector[which], dtype=np.float32) for r in records}
+        return {int(r.id): np.asarray(r.vector[which], dtype=np.float32) for r in records
+                if r.vector and which in r.vector}  # a point without this vector (an item without tokens): left out
+
+    def scan(self, name: str, below: int | None, which: list[str], where: Clause | None = None
+             ) -> Iterable[tuple[int, dict[str, np.ndarray]]]:
+        offset = None
+        while True:
+            records, offset = self._shard(name).scroll(self.edge.ScrollRequest(
+                offset=offset, limit=1_000, filter=self._below(below, where), with_payload=False, with_vector=which))
+            for r in records:
+                yield int(r.id), {w: np.asarray(v, dtype=np.float32) for w, v in (r.vector or {}).items()}
+            if offset is None:
+                return
+
+    def set_payload(self, name: str, payloads: dict[int, dict[str, Any]]) -> None:
+        shard, op = self._shard(name), self.edge.UpdateOperation.overwrite_payload
+        for point, payload in payloads.items():
+            shard.update(op([int(point)], payload))
+
+    def index_payload(self, name: str, kinds: dict[str, str]) -> None:
+        e = self.edge
+        schema = {"keyword": e.PayloadSchemaType.Keyword, "float": e.PayloadSchemaType.Float,
+                  "integer": e.PayloadSchemaType.Integer}
+        for key, kind in kinds.items():
+            self._shard(name).update(e.UpdateOperation.create_field_index(key, schema[kind]))
 
     def flush(self, name: str) -> None:
         """Run Qdrant's optimizers (merge segments; an HNSW graph on ``global`` once a segment passes the
@@ -162,26 +220,36 @@ class EdgeEngine(Engine):
                 out[part] += p.stat().st_blocks * 512
         return out
 
-    def nearest(self, name: str, queries: np.ndarray, k: int, below: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    def nearest(self, name: str, queries: np.ndarray, k: int, below: int | None, where: Clause | None = None
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
         e = self.edge
         batch = e.QueryBatchRequest([e.QueryRequest(limit=k, query=e.Query.Nearest(q.tolist(), using=GLOBAL),
-                                                    filter=self._below(below)) for q in queries])
-        return [_unpack(points) for points in self._shard(name).query_batch(batch)]
+                                                    filter=self._below(below, where)) for q in queries])
+        return [_unpack(points) for points in self._query(name, batch)]
+
+    def _query(self, name: str, batch: Any) -> list[Any]:
+        try:
+            return self._shard(name).query_batch(batch)
+        except QdrantUnavailable:
+            raise
+        except Exception as exc:  # damaged files: one line naming the store, not a traceback
+            raise QdrantUnavailable(_edge_problem(self.path, exc)) from None
 
     def fused(self, name: str, queries: np.ndarray, words: list[np.ndarray], weights: list[float], candidates: int,
-              k: int, below: int | None, quantized: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+              k: int, below: int | None, quantized: bool = False, where: Clause | None = None
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
         e, x = self.edge, self.edge.Expression
         params = e.SearchParams(quantization=e.QuantizationSearchParams(rescore=False)) if quantized else None
         requests = []
         for query, word_vectors, weight in zip(queries, words, weights):
             first = e.Prefetch(limit=candidates, query=e.Query.Nearest(query.tolist(), using=GLOBAL),
-                               filter=self._below(below))
+                               filter=self._below(below, where))
             local = e.Prefetch(limit=candidates, query=e.Query.Nearest(word_vectors.tolist(), using=LOCAL),
                                prefetches=[first], params=params)
             formula = e.Formula(x.Sum([x.Variable("$score[0]"),
                                        x.Mult([x.Constant(weight), x.Variable("$score[1]")])]))
             requests.append(e.QueryRequest(limit=k, query=formula, prefetches=[first, local]))
-        return [_unpack(points) for points in self._shard(name).query_batch(e.QueryBatchRequest(requests))]
+        return [_unpack(points) for points in self._query(name, e.QueryBatchRequest(requests))]
 
 
 def _unpack(points: list[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -252,25 +320,70 @@ class ClientEngine(Engine):
     def delete(self, name: str, ids: list[int]) -> None:
         self._call(self.client.delete, name, self.m.PointIdsList(points=ids))
 
-    def _below(self, below: int | None) -> Any:
+    def _convert(self, node: Any) -> Any:
         m = self.m
-        return None if below is None else m.Filter(must=[m.FieldCondition(key="row", range=m.Range(lt=below))])
+        if isinstance(node, Clause):
+            parts = {k: [self._convert(c) for c in getattr(node, k)] or None for k in ("must", "should", "must_not")}
+            return m.Filter(**parts)
+        if isinstance(node, Match):
+            return m.FieldCondition(key=node.key, match=m.MatchValue(value=node.value))
+        if isinstance(node, AnyOf):
+            return m.FieldCondition(key=node.key, match=m.MatchAny(any=list(node.values)))
+        if isinstance(node, Range):
+            return m.FieldCondition(key=node.key, range=m.Range(gt=node.gt, gte=node.gte, lt=node.lt, lte=node.lte))
+        if isinstance(node, Ids):
+            return m.HasIdCondition(has_id=list(node.ids))
+        if isinstance(node, HasVector):
+            return m.HasVectorCondition(has_vector=node.name)
+        raise TypeError(f"not a filter node: {type(node).__name__}")
 
-    def count(self, name: str, below: int | None) -> int:
-        return int(self._call(self.client.count, name, count_filter=self._below(below), exact=True).count)
+    def _below(self, below: int | None, where: Clause | None = None) -> Any:
+        must = ([] if below is None else [Range("row", lt=below)]) + ([] if where is None else [where])
+        return self._convert(Clause(must=must)) if must else None
 
-    def ids(self, name: str, below: int | None) -> np.ndarray:
+    def count(self, name: str, below: int | None, where: Clause | None = None) -> int:
+        return int(self._call(self.client.count, name, count_filter=self._below(below, where), exact=True).count)
+
+    def ids(self, name: str, below: int | None, where: Clause | None = None) -> np.ndarray:
         out, offset = [], None
         while True:
-            records, offset = self._call(self.client.scroll, name, scroll_filter=self._below(below), limit=10_000,
-                                         offset=offset, with_payload=False, with_vectors=False)
+            records, offset = self._call(self.client.scroll, name, scroll_filter=self._below(below, where),
+                                         limit=10_000, offset=offset, with_payload=False, with_vectors=False)
             out += [int(r.id) for r in records]
             if offset is None:
                 return np.sort(np.array(out, dtype=np.int64))
 
+    def scan(self, name: str, below: int | None, which: list[str], where: Clause | None = None
+             ) -> Iterable[tuple[int, dict[str, np.ndarray]]]:
+        offset = None
+        while True:
+            records, offset = self._call(self.client.scroll, name, scroll_filter=self._below(below, where),
+                                         limit=1_000, offset=offset, with_payload=False, with_vectors=which)
+            for r in records:
+                yield int(r.id), {w: np.asarray(v, dtype=np.float32) for w, v in (r.vector or {}).items()}
+            if offset is None:
+                return
+
+    def set_payload(self, name: str, payloads: dict[int, dict[str, Any]]) -> None:
+        m, items = self.m, list(payloads.items())
+        for start in range(0, len(items), BATCH):
+            self._call(self.client.batch_update_points, name, [
+                m.OverwritePayloadOperation(overwrite_payload=m.SetPayload(payload=p, points=[int(i)]))
+                for i, p in items[start : start + BATCH]])
+
+    def index_payload(self, name: str, kinds: dict[str, str]) -> None:
+        if self.where == ":memory:":  # the client's local mode has no payload indexes (and says so)
+            return
+        m = self.m
+        schema = {"keyword": m.PayloadSchemaType.KEYWORD, "float": m.PayloadSchemaType.FLOAT,
+                  "integer": m.PayloadSchemaType.INTEGER}
+        for key, kind in kinds.items():
+            self._call(self.client.create_payload_index, name, key, schema[kind])
+
     def vectors(self, name: str, ids: list[int], which: str) -> dict[int, np.ndarray]:
         records = self._call(self.client.retrieve, name, ids, with_payload=False, with_vectors=[which])
-        return {int(r.id): np.asarray(r.vector[which], dtype=np.float32) for r in records}
+        return {int(r.id): np.asarray(r.vector[which], dtype=np.float32) for r in records
+                if r.vector and which in r.vector}  # a point without this vector (an item without tokens): left out
 
     def flush(self, name: str) -> None:
         pass  # the server persists its own writes
@@ -278,18 +391,22 @@ class ClientEngine(Engine):
     def disk_bytes(self, name: str) -> dict[str, int] | None:
         return None  # on the server's disk
 
-    def nearest(self, name: str, queries: np.ndarray, k: int, below: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    def nearest(self, name: str, queries: np.ndarray, k: int, below: int | None, where: Clause | None = None
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
         m = self.m
-        requests = [m.QueryRequest(query=q.tolist(), using=GLOBAL, limit=k, filter=self._below(below)) for q in queries]
+        requests = [m.QueryRequest(query=q.tolist(), using=GLOBAL, limit=k, filter=self._below(below, where))
+                    for q in queries]
         return [_unpack(r.points) for r in self._call(self.client.query_batch_points, name, requests)]
 
     def fused(self, name: str, queries: np.ndarray, words: list[np.ndarray], weights: list[float], candidates: int,
-              k: int, below: int | None, quantized: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+              k: int, below: int | None, quantized: bool = False, where: Clause | None = None
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
         m = self.m
         params = m.SearchParams(quantization=m.QuantizationSearchParams(rescore=False)) if quantized else None
         requests = []
         for query, word_vectors, weight in zip(queries, words, weights):
-            first = m.Prefetch(query=query.tolist(), using=GLOBAL, limit=candidates, filter=self._below(below))
+            first = m.Prefetch(query=query.tolist(), using=GLOBAL, limit=candidates,
+                               filter=self._below(below, where))
             local = m.Prefetch(query=word_vectors.tolist(), using=LOCAL, limit=candidates, prefetch=[first],
                                params=params)
             formula = m.FormulaQuery(formula=m.SumExpression(sum=["$score[0]",

@@ -30,6 +30,28 @@ score is approximate; the local store spec (the manifest's ``local_codec``) name
 another scale than cosine similarities (Qdrant's own), which the fused score inherits. Image -> captions
 fetches the originals, so it is unchanged.
 
+**Filters** (:mod:`indexer.filters`): the photos' fields are the images collection's payload
+(:mod:`indexer.qdrant_filters`: written at build, ``index add`` and a fields update, with payload indexes on
+every field), and text -> images maps the filter to a payload filter in the first prefetch, so Qdrant ranks the
+allowed points only. Payload is written in place, not swapped with the index folder: each point's payload
+carries the *fields version* it was written for (``fv``), ``qdrant.json`` the version of this index
+(``fields_version``); a search counts only points of its version or older through the payload filter, and the
+few rows a running (or failed) update has written ahead are taken from SQLite's answer (their ids), checked
+again after the query (redone when an update moved meanwhile). An update first rewrites every row left ahead by a
+failed one. Anything else (image -> captions, scorings without a MAX_SIM form, indexes written before payloads)
+runs the pipeline's filtered first stage on the global vectors with SQLite's allowed rows as a point-id filter.
+Either way the answer is the FAISS index's for the same filter.
+
+**Under the index's guard**: ``qdrant.json`` (checksummed in the manifest) records at every write what the
+collection holds below its row bound: the points with each named vector, an order-free digest of all their
+vectors (sum of a hash per point and vector), and the hashes of a sample of points spread over the rows (the
+last one included). Opening the index (``serve``, ``index info``) checks the counts, the sample and (up to
+``OPEN_DIGEST_MAX`` rows: reading every vector through Qdrant's API costs about a millisecond each on a loaded
+box) the global vectors' digest; ``index verify`` every vector, global and local. Fewer points than recorded (a deleted
+``segments/``), changed bytes (a flipped vector file) or an unreadable file (a truncated ``chunk_0.mmap``) are
+refused in one line naming the collection. The embedded store's own files change when it is opened (its
+config, its segments' state), so they are not checksummed; what they hold is.
+
 Not transactional: the index folder is swapped atomically, but points are written to Qdrant in place. A failed
 ``index add`` leaves points for rows the metadata does not have (hidden by the row bound; the retry overwrites
 them, ids being rows); a failed ``index delete`` may have removed points whose rows stay live (they no longer
@@ -38,6 +60,7 @@ come back from a search).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -49,12 +72,23 @@ import torch
 
 from alignsearch.models.scoring import ScoringConfig
 
-from . import qdrant_engines
-from .layout import atomic_path
-from .qdrant_engines import GLOBAL, LOCAL, QUANTIZATIONS, Engine
+from . import metadata, qdrant_engines
+from .layout import IndexError_, atomic_path
+from .qdrant_engines import GLOBAL, LOCAL, QUANTIZATIONS, Engine, QdrantUnavailable
+from .qdrant_filters import FV, Clause, HasVector, Ids, Range, index_kinds, payload, to_clause
 
 NAME = "qdrant"
 STATE_FILE, LENGTHS_FILE = "qdrant.json", "lengths.npy"
+SAMPLE = 64  # points whose vectors' hashes qdrant.json records
+OPEN_DIGEST_MAX = 20_000  # opening an index reads all global vectors of collections up to this many rows
+DRIFT_RETRIES = 3  # filtered searches redone while an update moves rows ahead of this version
+MOD = 1 << 64
+
+
+def vector_hash(row: int, vector: np.ndarray) -> int:
+    """A 64-bit hash of a point's vector (with its id, so that swapped points differ)."""
+    data = np.int64(row).tobytes() + np.ascontiguousarray(vector, dtype="<f4").tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)
@@ -124,13 +158,31 @@ class QdrantGlobalStore:
     backend = NAME
     real_deletes = True
 
-    def __init__(self, collection: QdrantCollection, below: int | None = None) -> None:
+    def __init__(self, collection: QdrantCollection, below: int | None = None, fields_version: int | None = None
+                 ) -> None:
         self.collection = collection
         self.below = below  # rows at or above it are not (yet) this version's: never returned
+        self.fields_version = fields_version  # None: no payload of fields (filters by ids only)
         self._count = collection.engine.count(collection.name, below) if below is not None else 0
+        self._removed = {GLOBAL: [0, 0], LOCAL: [0, 0]}  # points and digest taken out since the last save
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The stored global vectors of ``rows`` (all present), in order."""
+        col = self.collection
+        found = col.engine.vectors(col.name, [int(r) for r in rows], GLOBAL)
+        return np.stack([found[int(r)] for r in rows]) if len(rows) else np.zeros((0, col.dim), np.float32)
+
+    def search_ids(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The top ``k`` of ``ids`` only (a point-id filter), as :meth:`search`."""
+        return self._pad(self.collection.engine.nearest(self.collection.name, np.asarray(queries, np.float32), k,
+                                                        self.below, Clause(must=[Ids(tuple(int(i) for i in ids))])), k)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        found = self.collection.engine.nearest(self.collection.name, np.asarray(queries, np.float32), k, self.below)
+        return self._pad(self.collection.engine.nearest(self.collection.name, np.asarray(queries, np.float32), k,
+                                                        self.below), k)
+
+    @staticmethod
+    def _pad(found: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
         scores = np.full((len(found), k), -np.inf, dtype=np.float32)
         ids = np.full((len(found), k), -1, dtype=np.int64)
         for i, (rows, s) in enumerate(found):
@@ -138,15 +190,25 @@ class QdrantGlobalStore:
         return scores, ids
 
     def search_fused(self, queries: np.ndarray, words: list[np.ndarray], k: int, candidates: int,
-                     scoring: ScoringConfig) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None:
+                     scoring: ScoringConfig, where: Any = None
+                     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None:
         """Text -> items ranked inside Qdrant by ``S_global + w * S_local`` (see the module's docstring): per
-        query (rows, fused, global, local scores), best first; None when the scoring has no MAX_SIM form."""
+        query (rows, fused, global, local scores), best first; None when the scoring has no MAX_SIM form, or
+        ``where`` (:class:`indexer.index.StoreFilter`) cannot run as a payload filter here."""
         weights = [maxsim_weight(scoring, len(w)) for w in words]
         if any(w is None for w in weights):
             return None
+        if where is not None and self.fields_version is None:
+            return None
         col, queries = self.collection, np.asarray(queries, np.float32)
-        found = col.engine.fused(col.name, queries, [np.asarray(w, np.float32) for w in words], weights, candidates,
-                                 k, self.below, quantized=col.quantization != "none")
+        words = [np.asarray(w, np.float32) for w in words]
+        quantized = col.quantization != "none"
+        if where is None:
+            found = col.engine.fused(col.name, queries, words, weights, candidates, k, self.below, quantized)
+        else:
+            found = self._fused_filtered(queries, words, weights, candidates, k, quantized, where)
+            if found is None:
+                return None
         stored = col.engine.vectors(col.name, sorted({int(r) for rows, _ in found for r in rows}), GLOBAL)
         out = []
         for query, (rows, fused) in zip(queries, found):  # the global part, from the hits' stored vectors
@@ -154,14 +216,40 @@ class QdrantGlobalStore:
             out.append((rows, fused, g, ((fused - g) / np.float32(scoring.local_weight)).astype(np.float32)))
         return out
 
+    def _fused_filtered(self, queries: np.ndarray, words: list[np.ndarray], weights: list[float], candidates: int,
+                        k: int, quantized: bool, where: Any) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """The fused query of the points the filter allows: this version's payload through the payload filter,
+        rows written ahead of it by their ids (SQLite's answer); redone while such rows move; None if they keep
+        moving (the caller then filters by ids only)."""
+        col, version = self.collection, int(self.fields_version)
+        current = Clause(must=[Range(FV, lte=version), to_clause(where.filter, where.types)])
+        ahead_of = Clause(must_not=[Range(FV, lte=version)])
+        for _ in range(DRIFT_RETRIES):
+            ahead = col.engine.ids(col.name, self.below, ahead_of)
+            extra = ahead[where.allowed.contains(ahead)]
+            clause = Clause(should=[current, Ids(tuple(int(r) for r in extra))]) if len(extra) else current
+            found = col.engine.fused(col.name, queries, words, weights, candidates, k, self.below, quantized,
+                                     where=clause)
+            if np.array_equal(col.engine.ids(col.name, self.below, ahead_of), ahead):
+                if all(bool(where.allowed.contains(rows).all()) for rows, _ in found):
+                    return found
+                return None  # the payload disagrees with SQLite: the ids decide
+        return None
+
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         self.collection.engine.upsert_global(self.collection.name, np.asarray(ids), np.asarray(vectors, np.float32))
         self._count += len(ids)
 
     def remove(self, ids: np.ndarray) -> int:
         ids = [int(i) for i in ids]
-        present = self.collection.engine.vectors(self.collection.name, ids, GLOBAL)
-        self.collection.engine.delete(self.collection.name, ids)
+        col = self.collection
+        present = col.engine.vectors(col.name, ids, GLOBAL)
+        for which, found in ((GLOBAL, present), (LOCAL, col.engine.vectors(col.name, ids, LOCAL))):
+            for row, vector in found.items():
+                if len(vector):
+                    self._removed[which][0] += 1
+                    self._removed[which][1] = (self._removed[which][1] + vector_hash(row, vector)) % MOD
+        col.engine.delete(col.name, ids)
         self._count -= len(present)
         return len(present)
 
@@ -175,7 +263,21 @@ class QdrantGlobalStore:
         return {"backend": NAME, "factory": NAME, "type": NAME, "qdrant": self.collection.entry()}
 
     def save(self, folder: Path) -> None:
-        self.collection.engine.flush(self.collection.name)
+        """Persist the collection and renew what ``qdrant.json`` records of it (less the points removed)."""
+        col = self.collection
+        col.engine.flush(col.name)
+        path = Path(folder) / STATE_FILE
+        if not path.is_file():
+            return
+        state = json.loads(path.read_text())
+        check = state.get("check")
+        if check is not None:
+            for which, (points, digest) in self._removed.items():
+                check["points"][which] -= points
+                check["digest"][which] = _hex((int(check["digest"][which], 16) - digest) % MOD)
+            check["sample"] = _sample(col, int(state["items"]))
+            self._removed = {GLOBAL: [0, 0], LOCAL: [0, 0]}
+        _write_state(folder, state)
 
 
 class QdrantLocalStore:
@@ -183,9 +285,10 @@ class QdrantLocalStore:
 
     backend = NAME
 
-    def __init__(self, collection: QdrantCollection, lengths: np.ndarray) -> None:
+    def __init__(self, collection: QdrantCollection, lengths: np.ndarray, state: dict[str, Any] | None = None) -> None:
         self.codec = collection
         self._lengths = lengths
+        self.state = state or {}
 
     def __len__(self) -> int:
         return len(self._lengths)
@@ -221,7 +324,40 @@ class QdrantLocalStore:
                             f"int64 token counts")
         if dim is not None and self.codec.dim != dim:
             problems.append(f"{STATE_FILE}: a collection of {self.codec.dim}-d vectors, the model's are {dim}-d")
-        return problems
+        return problems + self.check_points(full=False)
+
+    def check_points(self, full: bool = True) -> list[str]:
+        """What the collection holds against what ``qdrant.json`` recorded at the last write: the points with
+        each vector, the sampled points' vectors, the digest of all global vectors (up to ``OPEN_DIGEST_MAX``
+        rows unless ``full``) and, ``full``, of all local ones. Nothing for an index written before these
+        records. Cost: a count and 64 retrieves, plus reading each vector digested once through Qdrant's API
+        (about 0.8 ms per 384-d vector on the loaded 2-core box)."""
+        check = self.state.get("check")
+        if not check:
+            return []
+        col, items = self.codec, int(self.state.get("items", len(self._lengths)))
+        where = f"{STATE_FILE}: Qdrant collection {col.name}" + (f" in {col.connection['path']}"
+                                                                  if col.connection.get("path") else "")
+        try:
+            problems = []
+            for which in (GLOBAL, LOCAL):
+                held = col.engine.count(col.name, items, Clause(must=[HasVector(which)]))
+                if held != check["points"][which]:
+                    problems.append(f"{where}: {held} points with {which} vectors, {check['points'][which]} "
+                                    f"recorded ({'fewer' if held < check['points'][which] else 'more'} than written)")
+            if problems:
+                return problems
+            if _sample(col, items, list(map(int, check["sample"]))) != check["sample"]:
+                return [f"{where}: sampled points' vectors differ from those written (changed bytes?)"]
+            for which in (GLOBAL, LOCAL) if full else (GLOBAL,) if items <= OPEN_DIGEST_MAX else ():
+                if _digest(col, items, which, 0) != int(check["digest"][which], 16):
+                    problems.append(f"{where}: the {which} vectors differ from those written (changed bytes?)")
+            return problems
+        except QdrantUnavailable as exc:
+            return [f"{where}: {exc}"]
+        except Exception as exc:  # the engine's own errors on damaged files (plain Exception)
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            return [f"{where}: its data cannot be read ({reason})"]
 
     def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [int(r) for r in rows]
@@ -269,7 +405,39 @@ class QdrantGlobalBackend:
     def open(self, folder: Path, entry: dict[str, Any], use_gpu: bool = False,
              writable: bool = False) -> QdrantGlobalStore:
         state = _read_state(folder)
-        return QdrantGlobalStore(QdrantCollection.of(entry.get("qdrant") or state["collection"]), state["items"])
+        with _one_line(folder):
+            return QdrantGlobalStore(QdrantCollection.of(entry.get("qdrant") or state["collection"]), state["items"],
+                                     state.get("fields_version"))
+
+    def sync_fields(self, folder: Path, entry: dict[str, Any], conn: Any, rows: Iterable[int] | None) -> None:
+        """Write the photos' fields (SQLite's, through ``conn``) as the payload of their points, for a new
+        version of the index: every live row (``rows`` None: a new index, version 0), or ``rows`` (added or
+        changed) and those a failed update left ahead of this version (version + 1). Payload indexes are made
+        for new fields. An index written before payloads is left as it is (its filters go by ids)."""
+        state = _read_state(folder)
+        if rows is not None and "fields_version" not in state:
+            return
+        col = QdrantCollection.of(entry.get("qdrant") or state["collection"])
+        if rows is None:
+            version, wanted = 0, None
+        else:
+            version = int(state["fields_version"]) + 1
+            ahead = col.engine.ids(col.name, None, Clause(must_not=[Range(FV, lte=version - 1)]))
+            wanted = sorted({int(r) for r in rows} | set(ahead.tolist()))
+        sql = "SELECT row FROM images WHERE deleted = 0"
+        live = [r[0] for r in (conn.execute(sql) if wanted is None else
+                               conn.execute(sql + " AND row IN (SELECT value FROM json_each(?))", (json.dumps(wanted),)))]
+        # a new index has a point per row; after a failed update a live row may lack its point
+        present = live if wanted is None or not live else \
+            col.engine.ids(col.name, None, Clause(must=[Ids(tuple(live))])).tolist()
+        types = metadata.field_types(conn)
+        kinds = index_kinds(types)
+        col.engine.index_payload(col.name, {k: v for k, v in kinds.items() if k not in state.get("payload_keys", [])})
+        values = metadata.image_fields(conn, present)
+        col.engine.set_payload(col.name, {r: payload(r, values.get(r, {}), types, version) for r in present})
+        col.engine.flush(col.name)
+        state.update(fields_version=version, payload_keys=sorted(kinds))
+        _write_state(folder, state)
 
 
 class QdrantLocalBackend:
@@ -324,12 +492,23 @@ class QdrantLocalBackend:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / LENGTHS_FILE) as tmp, open(tmp, "wb") as fh:
             np.save(fh, all_lengths.astype(np.int64))
-        with atomic_path(folder / STATE_FILE) as tmp:
-            tmp.write_text(json.dumps({"collection": codec.entry(), "items": len(all_lengths)}, indent=2))
+        state = dict(previous.state) if previous is not None else {}
+        old = state.get("check")
+        check = {"points": {GLOBAL: 0, LOCAL: 0}, "digest": {GLOBAL: _hex(0), LOCAL: _hex(0)}, "sample": {}} \
+            if old is None else old
+        first = row if old is not None else 0  # an index written before these records: all its points
+        for which in (GLOBAL, LOCAL):  # the new points as stored, read back
+            counted = [0]
+            digest = _digest(codec, len(all_lengths), which, first, counted)
+            check["points"][which] += counted[0]
+            check["digest"][which] = _hex((int(check["digest"][which], 16) + digest) % MOD)
+        check["sample"] = _sample(codec, len(all_lengths))
+        state.update(collection=codec.entry(), items=len(all_lengths), check=check)
+        _write_state(folder, state)
 
     def open(self, folder: Path) -> QdrantLocalStore:
         state = _read_state(folder)
-        return QdrantLocalStore(QdrantCollection.of(state["collection"]), np.load(folder / LENGTHS_FILE))
+        return QdrantLocalStore(QdrantCollection.of(state["collection"]), np.load(folder / LENGTHS_FILE), state)
 
 
 def _read_state(folder: Path) -> dict[str, Any]:
@@ -337,6 +516,52 @@ def _read_state(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {STATE_FILE} (not a Qdrant-backed collection)")
     return json.loads(path.read_text())
+
+
+def _write_state(folder: Path, state: dict[str, Any]) -> None:
+    with atomic_path(Path(folder) / STATE_FILE) as tmp:
+        tmp.write_text(json.dumps(state, indent=2))
+
+
+class _one_line:
+    """Qdrant that cannot be opened, as the index's one-line error naming the collection folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        if isinstance(exc, QdrantUnavailable):
+            raise IndexError_(f"{self.folder / STATE_FILE}: {exc}") from None
+        return False
+
+
+def _hex(value: int) -> str:
+    return f"{value:016x}"
+
+
+def _digest(col: QdrantCollection, items: int, which: str, first: int, counted: list[int] | None = None) -> int:
+    """Sum (mod 2^64) of the hashes of the ``which`` vectors of the points in rows ``first`` to ``items``."""
+    total, n = 0, 0
+    for row, vectors in col.engine.scan(col.name, items, [which], Clause(must=[Range("row", gte=first)])):
+        vector = vectors.get(which)
+        if vector is not None and vector.size:
+            total, n = (total + vector_hash(row, vector)) % MOD, n + 1
+    if counted is not None:
+        counted[0] = n
+    return total
+
+
+def _sample(col: QdrantCollection, items: int, rows: list[int] | None = None) -> dict[str, list[str | None]]:
+    """The hashes of the global and local vectors of ``rows`` (default: ``SAMPLE`` rows spread evenly over
+    ``0 .. items - 1``, the last included), by row; None for a vector (or point) that is not there."""
+    if rows is None:
+        rows = sorted({int(r) for r in np.linspace(0, items - 1, min(SAMPLE, items)).round()}) if items else []
+    found = {which: col.engine.vectors(col.name, rows, which) for which in (GLOBAL, LOCAL)} if rows else {}
+    return {str(r): [_hex(vector_hash(r, found[w][r])) if r in found[w] and found[w][r].size else None
+                     for w in (GLOBAL, LOCAL)] for r in rows}
 
 
 GLOBAL_BACKEND, LOCAL_BACKEND = QdrantGlobalBackend(), QdrantLocalBackend()

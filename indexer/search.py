@@ -32,8 +32,7 @@ from alignsearch.models.scoring import ScoringConfig, rank
 from alignsearch.models.words import content_words
 
 from . import kernels
-from .filters import FilterError
-from .index import Allowed, Collection, Index, check_model
+from .index import Allowed, Collection, Index, StoreFilter, check_model
 from .rerank import Reranked, precision_dtype
 
 EXACT_MAX = 2048  # allowed rows up to this many are scored exactly from their stored global vectors
@@ -174,10 +173,10 @@ class Searcher:
         """Encoded text queries -> ranked images (words are the query side)."""
         scoring = scoring or self.scoring
         allowed = self._allowed(self.index.images, filter)
-        if allowed is None:
-            in_store = self._search_in_store(enc, self.index.images, k, candidates, explain, scoring, offset)
-            if in_store is not None:
-                return in_store
+        where = None if allowed is None else StoreFilter(filter, self.index.field_types, allowed)
+        in_store = self._search_in_store(enc, self.index.images, k, candidates, explain, scoring, offset, where)
+        if in_store is not None:
+            return in_store
         return self._search(enc, self.index.images, k, candidates, explain, True, scoring, allowed, offset)
 
     def search_image_encoded(self, enc: EncoderOutput, k: int, candidates: int, explain: bool = False,
@@ -193,11 +192,7 @@ class Searcher:
         """The rows ``filter_`` allows (None: no filter); FilterError for a filter this index cannot run."""
         if filter_ is None:
             return None
-        allowed = self.index.allowed(col.name, filter_)
-        if col.index.backend != "faiss":
-            raise FilterError("filter", f"filters are not supported on indexes stored in {col.index.backend}; "
-                                        "rebuild the index with the default store (FAISS)")
-        return allowed
+        return self.index.allowed(col.name, filter_)
 
     def similar_queries(self, image_ids: list[str]) -> tuple[EncoderOutput, list[int]]:
         """The global vectors of indexed images (stored ones; the file encoded again where the store keeps none)
@@ -431,22 +426,26 @@ class Searcher:
         return results
 
     def _search_in_store(self, enc: EncoderOutput, col: Collection, k: int, candidates: int, explain: bool,
-                         scoring: ScoringConfig, offset: int = 0) -> list[SearchResult] | None:
+                         scoring: ScoringConfig, offset: int = 0, where: StoreFilter | None = None
+                         ) -> list[SearchResult] | None:
         """Text -> images where the global store ranks by the fused score itself (Qdrant: prefetch on global,
-        MAX_SIM on local, a formula; :mod:`indexer.qdrant_store`); None where it cannot, for this store or
-        this scoring (then :meth:`_search` runs). Same hits, scores and groundings as :meth:`_search`."""
+        MAX_SIM on local, a formula; :mod:`indexer.qdrant_store`), of the rows ``where`` allows when given;
+        None where it cannot, for this store, this scoring or this filter (then :meth:`_search` runs). Same
+        hits, scores and groundings as :meth:`_search`."""
         search_fused = getattr(col.index, "search_fused", None)
         if search_fused is None:
             return None
         if k < 1 or candidates < 1 or offset < 0:
             raise ValueError("k and candidates must be >= 1, offset >= 0")
         reference = self.reference_scores(enc, True)
-        if not col.live:
+        total = col.live if where is None else where.allowed.count
+        if not total:
             return [_result([], 0.0, 0.0, enc, q, offset, 0, reference) for q in range(len(enc.local))]
         start = time.perf_counter()
         words = [enc.local[q][enc.mask[q].bool()].numpy() for q in range(len(enc.local))]
         need = offset + k
-        found = search_fused(enc.global_emb.numpy(), words, need, max(candidates, need), scoring)
+        found = search_fused(enc.global_emb.numpy(), words, need, max(candidates, need), scoring,
+                             **({} if where is None else {"where": where}))
         if found is None:
             return None
         rule = self.match_rule(True)
@@ -462,7 +461,7 @@ class Searcher:
             hits = self._hits(col.name, rows[order], *(torch.from_numpy(x[order]) for x in (fused, g, local)))
             if explain and len(hits):
                 self._explain(enc, q, hits, *col.store.gather(rows[order]), True)
-            results.append(_result(hits, store_ms, _ms(start), enc, q, offset, col.live, reference,
+            results.append(_result(hits, store_ms, _ms(start), enc, q, offset, total, reference,
                                    collection=collection))  # the store ranked: rerank = metadata
         return results
 

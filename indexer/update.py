@@ -16,7 +16,7 @@ from alignsearch.models.model import AlignModel
 from alignsearch.models.precomputed import check_input
 
 from . import layout, metadata, photo_fields
-from .assemble import insert_metadata, model_fields, store_fields, write_collection
+from .assemble import insert_metadata, model_fields, store_fields, sync_store_fields, write_collection
 from .build import BuildOptions, encode_all, user_fields
 from .caption_ids import caption_items
 from .index import check_model, open_collection
@@ -97,8 +97,11 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
         scratch.append(tmp)
         shards = encode_all(model, options, files, tmp, Path(manifest["images_root"]),
                             lambda known: caption_items(rows, existing | known, taken, present))
+        new_rows: list[int] = []
         for name in layout.COLLECTIONS:
             first = int(conn.execute(f"SELECT COALESCE(MAX(row) + 1, 0) FROM {name}").fetchone()[0])
+            if name == "images":
+                new_rows = list(range(first, first + sum(len(s.items) for s in shards[name])))
             col = open_collection(work, name, manifest, conn, writable=True)
             entry = manifest["collections"][name]
             manifest["collections"][name] = write_collection(
@@ -107,6 +110,7 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
             insert_metadata(conn, name, first, shards[name], Path(manifest["images_root"]), fields)
             manifest["counts"][name] = metadata.count(conn, name, live_only=True)
         updated = update_fields(conn, {i: fields[i] for i in given & existing})
+        sync_store_fields(work, manifest["collections"], conn, new_rows + _rows_of(conn, sorted(given & existing)))
         linked = metadata.link_captions(conn, [i["id"] for s in shards["images"] for i in s.items])
         metadata.close_for_checksum(conn)
         manifest["model"] = model_fields(model)  # an index of the previous fingerprint rule is migrated here
@@ -145,6 +149,7 @@ def set_fields(index_dir: Path, given: dict[str, photo_fields.Raw]) -> dict[str,
     def change(work: Path, manifest: dict) -> dict:
         conn = metadata.connect(work / layout.METADATA)
         report["updated"] = update_fields(conn, {i: given[i] for i in live})
+        sync_store_fields(work, manifest["collections"], conn, _rows_of(conn, sorted(live)))
         metadata.close_for_checksum(conn)
         return manifest
 
@@ -162,6 +167,12 @@ def update_fields(conn: sqlite3.Connection, given: dict[str, photo_fields.Raw], 
             raw[found[0]], label[found[0]] = fields, image_id
     store_fields(conn, raw, label, replace=replace)
     return len(raw)
+
+
+def _rows_of(conn: sqlite3.Connection, image_ids: list[str]) -> list[int]:
+    """Rows of the live images ``image_ids``."""
+    return [r[0] for r in conn.execute("SELECT row FROM images WHERE deleted = 0 AND id IN "
+                                       "(SELECT value FROM json_each(?))", (json.dumps(image_ids),))]
 
 
 def _captions_of(conn: Any, image_rows: list[int], exclude: set[str]) -> list[str]:

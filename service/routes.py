@@ -140,9 +140,6 @@ async def _check_filter(searcher: Searcher, collection: str, filter_: Any) -> No
         await run_in_threadpool(searcher.index.allowed, collection, filter_)
     except FilterError as exc:
         raise _filter_error(exc) from None
-    backend = searcher.index.collections[collection].index.backend
-    if backend != "faiss":
-        raise HTTPException(422, f"filters are not supported on indexes stored in {backend}")
 
 
 def _page(result: SearchResult) -> dict[str, Any]:

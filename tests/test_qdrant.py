@@ -176,14 +176,21 @@ def test_served_through_a_real_server_and_the_embedded_store_is_locked(qdrant_in
                                                                        capsys):
     from alignsearch.service.launch import serve
 
-    expected = float32_searcher(faiss_index, model).search_text(TEXTS[:2], k=5, candidates=20)
+    in_sub = {"must": [{"key": "folder", "prefix": "sub"}]}
+    reference = float32_searcher(faiss_index, model)
+    expected = reference.search_text(TEXTS[:2], k=5, candidates=20)
+    filtered = reference.search_text(TEXTS[:2], k=2, candidates=20, filter=in_sub, offset=1)
     qdrant_engines.release()  # this process's shards: the server opens them
-    with serve(qdrant_index) as url:
-        for text, want in zip(TEXTS[:2], expected):
+    with serve(qdrant_index, ready_timeout=600) as url:  # a loaded machine starts it slowly
+        for text, want, page in zip(TEXTS[:2], expected, filtered):
             body = httpx.post(f"{url}/search/text", json={"query": text, "k": 5, "candidates": 20, "explain": True},
                               timeout=60).json()
             assert [r["id"] for r in body["results"]] == [h.id for h in want.hits]
             assert body["results"][0]["grounding"]
+            body = httpx.post(f"{url}/search/text", json={"query": text, "k": 2, "candidates": 20, "offset": 1,
+                                                          "filter": in_sub}, timeout=60).json()
+            assert [r["id"] for r in body["results"]] == [h.id for h in page.hits]  # a filter, page 2: as FAISS
+            assert body["total"] == page.total and body["has_more"] == page.has_more
         with open(sample_files(photos[0])[0], "rb") as fh:
             response = httpx.post(f"{url}/search/image", files={"file": fh}, data={"k": "3"}, timeout=60)
         assert response.status_code == 200 and len(response.json()["results"]) == 3
