@@ -17,6 +17,7 @@ from alignsearch.indexer.index import Index, verify
 from alignsearch.indexer.search import Searcher
 from alignsearch.models import load_model
 from alignsearch.models.preprocess import load_image
+from alignsearch.models.reference import COLLECTION_M
 from alignsearch.models.words import content_words
 from alignsearch.cli import main
 
@@ -190,15 +191,15 @@ def test_gpu_copy_is_used_up_to_its_k_limit(built, model, monkeypatch):
             return self.index.search(queries, k)
 
     monkeypatch.setattr(faiss_index, "to_gpu", FakeGpu)
-    monkeypatch.setattr(faiss_index, "GPU_MAX_K", 8)
+    monkeypatch.setattr(faiss_index, "GPU_MAX_K", 12)
     index = Index(built)
     store = index.images.index
     assert isinstance(store.index, FakeGpu) and store.cpu_index is not store.index
     searcher, plain = Searcher(index, model), Searcher(Index(built, use_gpu=False), model)
-    for k in (5, N_IMAGES):  # N_IMAGES > 8: the CPU original answers
+    for k in (5, N_IMAGES):  # N_IMAGES > 12: the CPU original answers
         assert [h.id for h in searcher.search_text(QUERIES[:1], k=k, candidates=k)[0].hits] == \
                [h.id for h in plain.search_text(QUERIES[:1], k=k, candidates=k)[0].hits]
-    assert store.index.calls == [5]
+    assert store.index.calls == [COLLECTION_M]  # k = 5 fetches the match test's 10 best: still on the GPU
 
 
 def test_reference_test_tells_matches_from_weak_hits(searcher, model):

@@ -3,6 +3,7 @@ admission queues shared out between them; a worker that exits ends the server.""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from alignsearch.bench.pagecache import children
 from alignsearch.service.launch import serve
 from alignsearch.service.serve import bind
 from alignsearch.service.settings import Settings
-from alignsearch.service.workers import run_workers, worker_settings
+from alignsearch.service.workers import POLL_S, run_workers, worker_settings
 
 
 def test_each_worker_admits_its_share_of_the_queues():
@@ -29,25 +30,22 @@ def test_each_worker_admits_its_share_of_the_queues():
         worker_settings(settings, 0)
 
 
-def exit_with(sock, announce, code: int) -> None:  # a worker that announces itself, then leaves
+def exit_with(sock, announce, code: int) -> None:  # a worker that announces itself, serves a moment, then leaves
     announce({"code": code})
+    time.sleep(10 * POLL_S)  # long enough for the parent's poll to see both announcements
     raise SystemExit(code)
 
 
 def test_a_worker_that_exits_ends_the_server_with_its_status():
     sock = bind("127.0.0.1", 0)
     ready = []
+    before = {p for p in children() if "spawn_main" in _cmdline(p)}  # other tests' pools may be alive
     try:
         assert run_workers(sock, 2, exit_with, (3,), on_ready=ready.append) == 3
     finally:
         sock.close()
-    assert not [p for p in children() if "spawn_main" in _cmdline(p)]  # every worker was waited for
+    assert not {p for p in children() if "spawn_main" in _cmdline(p)} - before  # every worker was waited for
     assert ready == [[{"code": 3}, {"code": 3}]]
-
-
-def _descendants(pid: int) -> list[int]:
-    found = children(pid)
-    return found + [d for c in found for d in _descendants(c)]
 
 
 def _cmdline(pid: int) -> str:
@@ -69,7 +67,7 @@ def test_two_workers_answer_as_the_searcher_does(built):
     with serve(built, "--workers", "2", env={"ALIGNSEARCH_RELOAD_INTERVAL_S": "0"}, ready_timeout=900) as url:
         port = url.rsplit(":", 1)[1]
         server = next(p for p in children() if f" --port {port} " in _cmdline(p))
-        workers = [p for p in _descendants(server) if "spawn_main" in _cmdline(p)]
+        workers = [p for p in children(server) if "spawn_main" in _cmdline(p)]  # each worker has its own decoders
         assert len(workers) == 2
 
         def ask(i: int) -> tuple[str, httpx.Response]:
