@@ -56,26 +56,16 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
-def _image_request_body() -> dict[str, Any]:
-    fields = schemas.ImageSearchFields.model_json_schema()
+def _upload_request_body(fields_model: Any, json_model: Any, what: str, json_first: bool = False) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of a search that takes an uploaded ``what`` as a multipart ``file`` with
+    ``fields_model``'s form fields, or a JSON body of ``json_model`` (listed first when ``json_first``)."""
+    fields = fields_model.model_json_schema()
     form = {"type": "object", "required": ["file"],
             "properties": {"file": {"type": "string", "format": "binary",
-                                    "description": f"the image ({ALLOWED_NAMES})"}, **fields["properties"]}}
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": form},
-        "application/json": {"schema": schemas.ImageSearchJSON.model_json_schema()},
-    }}}
-
-
-def _similar_request_body() -> dict[str, Any]:
-    fields = schemas.SimilarFields.model_json_schema()
-    form = {"type": "object", "required": ["file"],
-            "properties": {"file": {"type": "string", "format": "binary",
-                                    "description": f"the photo ({ALLOWED_NAMES})"}, **fields["properties"]}}
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": schemas.SimilarJSON.model_json_schema()},
-        "multipart/form-data": {"schema": form},
-    }}}
+                                    "description": f"the {what} ({ALLOWED_NAMES})"}, **fields["properties"]}}
+    content = [("multipart/form-data", {"schema": form}),
+               ("application/json", {"schema": json_model.model_json_schema()})]
+    return {"requestBody": {"required": True, "content": dict(content[::-1] if json_first else content)}}
 
 
 # -- dependencies --------------------------------------------------------------------------------------------
@@ -184,7 +174,8 @@ async def search_text(req: schemas.TextSearchRequest, state: AppState = Depends(
 
 @api.post("/search/image", response_model=schemas.ImageSearchResponse,
           summary="ranked captions for an image (multipart field 'file', or JSON 'image_base64')",
-          responses=errors(400, 401, 408, 413, 415, 422, 503), openapi_extra=_image_request_body())
+          responses=errors(400, 401, 408, 413, 415, 422, 503),
+          openapi_extra=_upload_request_body(schemas.ImageSearchFields, schemas.ImageSearchJSON, "image"))
 async def search_image(request: Request, state: AppState = Depends(get_state),
                        searcher: Searcher = Depends(get_searcher)) -> schemas.ImageSearchResponse:
     started = time.perf_counter()
@@ -209,7 +200,8 @@ async def search_image(request: Request, state: AppState = Depends(get_state),
 @api.post("/search/similar", response_model=schemas.SimilarSearchResponse,
           summary="photos like an indexed photo (JSON 'id') or an uploaded one (multipart 'file' or JSON "
                   "'image_base64'), by the cosine of their global vectors; the photo itself is left out",
-          responses=errors(400, 401, 404, 408, 413, 415, 422, 503), openapi_extra=_similar_request_body())
+          responses=errors(400, 401, 404, 408, 413, 415, 422, 503),
+          openapi_extra=_upload_request_body(schemas.SimilarFields, schemas.SimilarJSON, "photo", json_first=True))
 async def search_similar(request: Request, state: AppState = Depends(get_state),
                          searcher: Searcher = Depends(get_searcher)) -> schemas.SimilarSearchResponse:
     started = time.perf_counter()
