@@ -149,6 +149,7 @@ class Load:
     cut: set[int] = field(default_factory=set)  # requests in flight when the server died
     statuses: Counter = field(default_factory=Counter)  # "POST /images 201", ...
     server_errors: list[dict[str, Any]] = field(default_factory=list)
+    refusals: list[dict[str, Any]] = field(default_factory=list)  # 4xx answers (the first few)
     search_ms: list[float] = field(default_factory=list)
     search_cut: int = 0
     visible_ms: list[float] = field(default_factory=list)  # 201 -> found by a filtered search
@@ -163,6 +164,8 @@ class Load:
             self.statuses[f"{route} {r.status_code}"] += 1
             if r.status_code >= 500:
                 self.server_errors.append({"route": route, "status": r.status_code, "detail": r.text[:200]})
+            elif r.status_code >= 400 and len(self.refusals) < 10:
+                self.refusals.append({"route": route, "status": r.status_code, "detail": r.text[:200]})
 
 
 def _found(client: httpx.Client, url: str, photo: Photo) -> bool:
@@ -361,7 +364,7 @@ def run(photos: int = 1000, clients: int = 8, searchers: int = 4, kill_at: float
             "server_env": {k: v for k, v in env.items() if k != "ALIGNSEARCH_API_KEY"},
             "seed_index_build_s": round(build_s, 1),
             "statuses": dict(sorted(load.statuses.items())), "server_errors_5xx": five,
-            "server_error_samples": load.server_errors[:10],
+            "server_error_samples": load.server_errors[:10], "refusal_samples": load.refusals,
             "acknowledged": len(load.acked), "acknowledged_new": sum(load.created.values()),
             "lost_acknowledged": len(lost), "lost_sample": lost[:10],
             "acknowledged_served_by_id": listed[True], "acknowledged_not_served": listed[False],

@@ -30,7 +30,7 @@ from .files import NotServable, chunks, open_recorded
 from .pipeline import ImageQuery, SimilarQuery, TextQuery
 from .state import AppState
 from .uploads import ALLOWED_NAMES, read_similar, read_upload, upload_fields
-from .writes import Writer
+from .writes import Unreadable, Writer
 
 STATIC = Path(__file__).resolve().parent / "static"
 FEATURES_ONLY = "this index was built from precomputed region features"
@@ -285,7 +285,7 @@ async def add_image(request: Request, state: AppState = Depends(get_state), writ
         image_id, created = await writer.add(data, image_format, captions, fields)
     except FieldError as exc:
         raise HTTPException(422, str(exc)) from None
-    except ValueError:
+    except Unreadable:  # only the photo's own failure is the client's; an index that cannot be updated is not
         raise HTTPException(415, "the photo could not be read for indexing") from None
     except OSError:
         raise HTTPException(503, "the server could not store the photo (its images folder is not writable)") from None
