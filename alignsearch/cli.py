@@ -14,7 +14,7 @@ from .console import one_line_errors, run_command, use_formatter
 
 def build_parser() -> argparse.ArgumentParser:
     from alignsearch.indexer.cli import add_eval_parser, add_index_parser
-    from alignsearch.models.cli import add_train_parser
+    from alignsearch.models.cli import add_combine_parser, add_train_parser
 
     from alignsearch.service.demo import add_demo_parser
     from alignsearch.service.serve import add_serve_parser
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(sub)
+    add_combine_parser(sub)
     add_eval_parser(sub)
     add_index_parser(sub)
     add_serve_parser(sub)

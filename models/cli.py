@@ -199,3 +199,33 @@ def run_train(args: argparse.Namespace) -> int:
                       "fingerprint": summary["fingerprint"],
                       "validation_rsum": {m: r["rsum"] for m, r in summary["validation"].items()}}, indent=2))
     return 0
+
+
+def add_combine_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("combine", help="combine two trained models: one's regions, both image towers' global vectors",
+                       description="Write a model that encodes photos with MODEL's regions and the global vector "
+                                   "normalize((1 - w) * MODEL + w * COMPANION). Both must share the locked text "
+                                   "tower; texts are encoded once. Encoding a photo costs both image towers.")
+    p.add_argument("model", help="the model whose regions photos keep (a folder or a shipped name)")
+    p.add_argument("companion", help="the model whose global vector is mixed in (a folder or a shipped name)")
+    p.add_argument("--weight", type=float, default=0.5, help="the companion's share of the global vector (0-1)")
+    p.add_argument("--local-weight", type=float, default=None,
+                   help="w of the fused score global + w * local (default: MODEL's)")
+    p.add_argument("--out", type=Path, required=True, help="the new model folder")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=run_combine)
+
+
+def run_combine(args: argparse.Namespace) -> int:
+    if not 0.0 < args.weight < 1.0:
+        raise ValueError("--weight must be between 0 and 1")
+    if args.local_weight is not None and args.local_weight < 0:
+        raise ValueError("--local-weight must be >= 0")
+    if args.out.exists():
+        raise FileExistsError(f"--out {args.out} exists: pick a new folder")
+    from .factory import combine_models, load_model, save_model
+
+    own, companion = load_model(args.model, device=args.device), load_model(args.companion, device=args.device)
+    fingerprint = save_model(combine_models(own, companion, args.weight, args.local_weight), args.out)
+    print(json.dumps({"model": str(args.out), "fingerprint": fingerprint}, indent=2))
+    return 0

@@ -76,6 +76,25 @@ class PriorConfig:
 
 
 @dataclass
+class CompanionConfig:
+    """A second, already trained image tower whose global vector is mixed into this model's:
+    ``normalize((1 - weight) * own + weight * companion)``. Its regions are not used (a photo keeps one region
+    set, this model's), and it shares this model's locked text tower, so a text is encoded once. The
+    companion's heads are stored in this model's weights file (keys ``companion.*``)."""
+
+    model: "ModelConfig"
+    weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        if not 0.0 < self.weight < 1.0:
+            raise ValueError("global_companion: weight must be between 0 and 1")
+        if self.model.global_companion is not None:
+            raise ValueError("global_companion: a companion cannot have a companion of its own")
+
+
+@dataclass
 class ModelConfig:
     image_backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig("efficientnet", "lite0"))
     text_backbone: BackboneConfig = field(
@@ -88,6 +107,7 @@ class ModelConfig:
     alignment: str = "MrSw"
     local_weight: float = 0.2
     lse_lambda: float = 10.0
+    global_companion: CompanionConfig | None = None  # None: this model's global vector alone
 
     def __post_init__(self) -> None:
         if isinstance(self.image_backbone, dict):
@@ -100,6 +120,8 @@ class ModelConfig:
             self.text_head = HeadConfig(**self.text_head)
         if isinstance(self.class_prior, dict):
             self.class_prior = PriorConfig(**self.class_prior)
+        if isinstance(self.global_companion, dict):
+            self.global_companion = CompanionConfig(**self.global_companion)
         self.alignment = canonical_alignment(self.alignment)  # old configs: "CHAN-lse" is "LSE-norm"
         if self.alignment not in ALIGNMENTS:
             raise ValueError(f"unknown alignment {self.alignment!r}; choose from {ALIGNMENTS}")
@@ -109,7 +131,12 @@ class ModelConfig:
             raise ValueError(f"{self.text_backbone.kind!r} is not a text backbone kind {TEXT_BACKBONES}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["global_companion"] is None:  # a model without one writes the config it always wrote
+            del data["global_companion"]
+        else:
+            data["global_companion"]["model"].pop("global_companion", None)
+        return data
 
     def scoring(self) -> ScoringConfig:
         """The default scoring settings (alignment, local weight, LSE lambda) this model was tuned with."""

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from .config import CompanionConfig, ModelConfig
 from .identity import CONFIG_FILE, WEIGHTS_FILE, legacy_fingerprint, model_fingerprint
 from .model import AlignModel, resolve_device
 from .reference import load_reference
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "create_model", "load_model", "model_fingerprint", "save_model"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "combine_models", "create_model", "load_model", "model_fingerprint",
+           "save_model"]
 CALIBRATION_FILE = "calibration.json"  # measured on the model, not part of it: outside the fingerprint
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 DEFAULT_MODEL = "default"
@@ -61,6 +62,30 @@ def save_model(model: AlignModel, folder: str | os.PathLike) -> str:
     else:
         tmp.rename(folder)
     return model_fingerprint(folder)
+
+
+def combine_models(own: AlignModel, companion: AlignModel, weight: float, local_weight: float | None = None
+                   ) -> AlignModel:
+    """``own`` with ``companion`` as its global companion (:class:`~models.config.CompanionConfig`): photos keep
+    ``own``'s regions and get the global vector ``normalize((1 - weight) * own + weight * companion)``;
+    ``local_weight`` (default: ``own``'s) is the fused score's w. Both must be trained, share the locked text
+    tower and normalise pixels alike (ValueError otherwise). Save it with :func:`save_model`."""
+    if own.companion is not None or companion.companion is not None:
+        raise ValueError("combine two plain models (neither may have a companion already)")
+    data = own.config.to_dict()
+    data["global_companion"] = {"model": companion.config.to_dict(), "weight": weight}
+    if local_weight is not None:
+        data["local_weight"] = local_weight
+    config = ModelConfig.from_dict(data)
+    assert isinstance(config.global_companion, CompanionConfig)
+    model = AlignModel(config)
+    state = {**own.trainable_state_dict(),
+             **{f"companion.{k}": v for k, v in companion.trainable_state_dict().items()}}
+    model.load_state_dict(state, strict=False)
+    missing = sorted(set(model.trainable_state_dict()) - set(state))
+    if missing:
+        raise ValueError(f"the combined model lacks weights: {missing[:5]}")
+    return model.to(own.device).eval()
 
 
 def _rmtree(path: Path) -> None:

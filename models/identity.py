@@ -96,6 +96,8 @@ def model_fingerprint(folder: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({k: v for k, v in config.items() if k not in SCORING_FIELDS}, sort_keys=True).encode())
     backbones = [parsed.image_backbone] + ([parsed.text_backbone] if parsed.text_backbone != parsed.image_backbone else [])
+    if parsed.global_companion is not None:  # its image tower changes the global vectors too
+        backbones.append(parsed.global_companion.model.image_backbone)
     digest.update(json.dumps([backbone_digest(b) for b in backbones], sort_keys=True).encode())
     _update_with_file(digest, folder / WEIGHTS_FILE)
     return digest.hexdigest()[:16]

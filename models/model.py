@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -93,11 +94,13 @@ def _build_image_backbone(config: ModelConfig) -> ImageBackbone:
 class AlignModel(nn.Module):
     """Image encoder + text encoder + alignment settings, built from a :class:`ModelConfig`."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, text_backbone: HFTextBackbone | None = None) -> None:
+        """``text_backbone``: an already loaded text tower to share (a global companion's is its owner's)."""
         super().__init__()
         self.config = config
         self.joint: HFJointModel | None = None
         self.class_prior: ClassPrior | None = None
+        self.companion: AlignModel | None = None
         if "hf-clip" in (config.image_backbone.kind, config.text_backbone.kind):
             if config.image_backbone.kind != config.text_backbone.kind or (
                 config.image_backbone.name != config.text_backbone.name
@@ -109,7 +112,7 @@ class AlignModel(nn.Module):
             self.embed_dim = self.joint.embed_dim
             return
         self.image_backbone = _build_image_backbone(config)
-        self.text_backbone = HFTextBackbone(config.text_backbone)
+        self.text_backbone = text_backbone if text_backbone is not None else HFTextBackbone(config.text_backbone)
         self.embed_dim = config.embed_dim
         if config.image_head is None:
             raise ValueError("backbones other than hf-clip need an image_head")
@@ -127,6 +130,23 @@ class AlignModel(nn.Module):
             if config.text_head is not None:
                 raise ValueError("a class prior needs a locked text tower (text_head: null)")
             self.class_prior = ClassPrior(config.class_prior, self.image_backbone.num_classes, config.embed_dim)
+        if config.global_companion is not None:
+            self.companion = self._build_companion(config)
+
+    def _build_companion(self, config: ModelConfig) -> "AlignModel":
+        other = config.global_companion.model
+        if other.text_head is not None or config.text_head is not None or other.text_backbone != config.text_backbone:
+            raise ValueError("a global companion must share this model's locked text tower (same text backbone, "
+                             "no text head on either)")
+        if other.embed_dim != config.embed_dim:
+            raise ValueError("a global companion must have this model's embed_dim")
+        companion = AlignModel(other, text_backbone=self.text_backbone)
+        if companion.image_preprocessor is None or self.image_preprocessor is None:
+            raise ValueError("a global companion and its owner must both read images (not precomputed features)")
+        if (companion.image_preprocessor.mean != self.image_preprocessor.mean).any() or (
+                companion.image_preprocessor.std != self.image_preprocessor.std).any():
+            raise ValueError("a global companion must normalise pixels as its owner does")
+        return companion
 
     # -- properties -----------------------------------------------------------------------------------
     @property
@@ -211,7 +231,22 @@ class AlignModel(nn.Module):
         pixel_values = pixel_values.to(self.device)
         if self.joint is not None:
             return EncoderOutput(*self.joint.encode_images(pixel_values))
-        return self.image_head_forward(self.image_features(pixel_values))
+        out = self.image_head_forward(self.image_features(pixel_values))
+        if self.companion is not None:
+            out.global_emb = self._mix_companion(out.global_emb, pixel_values)
+        return out
+
+    def _mix_companion(self, own: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``normalize((1 - a) * own + a * companion)``; the companion sees the same pixels, resized (with
+        antialiasing) to its own input size."""
+        assert self.companion is not None and self.companion.image_preprocessor is not None
+        size = self.companion.image_preprocessor.size
+        if tuple(pixel_values.shape[-2:]) != (size, size):
+            pixel_values = F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False,
+                                         antialias=True)
+        other = self.companion.image_head_forward(self.companion.image_features(pixel_values)).global_emb
+        weight = self.config.global_companion.weight
+        return F.normalize((1.0 - weight) * own + weight * other.to(own.dtype), dim=-1)
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> EncoderOutput:
         """PIL images -> joint-space embeddings (``global_emb``, per-region ``local``, ``mask``)."""
@@ -264,8 +299,10 @@ class AlignModel(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a model folder stores: the heads and any unfrozen backbone parameters."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        heads = ("image_head.", "text_head.", "class_prior.")
         return {
             k: v.detach().cpu().contiguous()
             for k, v in self.state_dict().items()
-            if k in trainable or k.startswith(("image_head.", "text_head.", "class_prior."))
+            if (k in trainable and not k.startswith("companion.text_backbone.")) or k.startswith(heads)
+            or k.startswith(tuple(f"companion.{h}" for h in heads))
         }

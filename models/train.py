@@ -333,6 +333,9 @@ def prepare_run(options: TrainOptions, config: ModelConfig) -> TrainRun:
         raise FileNotFoundError(f"images folder not found: {options.images}")
     if options.loss not in LOSSES:
         raise ValueError(f"unknown loss {options.loss!r}; choose from {sorted(LOSSES)}")
+    if config.global_companion is not None:
+        raise ValueError("a model with a global companion is combined from two trained models "
+                         "(alignsearch combine), not trained; train each of them instead")
     identity = run_identity(options, config)
     resume = _resume_checked(options, identity)  # before any feature is computed
     records = load_dataset(options.dataset)
