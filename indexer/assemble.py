@@ -150,7 +150,8 @@ def assemble_index(final: Path, model: AlignModel, shards: dict[str, list[Shard]
     collections = {}
     for name, other in (("images", "captions"), ("captions", "images")):
         spec = global_spec or backend.choose(counts[name], model.embed_dim, memory_budget_bytes)
-        codec_spec = local.spec_for(local_codec, name)
+        grid = model.region_grid() if name == "images" else None
+        codec_spec = local.spec_for(local_codec, name, grid[0] * grid[1] if grid else None, model.embed_dim)
         codec = train_codec(model.embed_dim, codec_spec, shards[name], shards[other], local)
         collections[name] = write_collection(final / name, shards[name], 0, spec, codec, dim=model.embed_dim,
                                              fallback=shards[other], backend=backend, local=local)

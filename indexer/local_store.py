@@ -28,15 +28,32 @@ COPY_CHUNK = 262_144  # vectors encoded / codes copied per step while writing a 
 
 PRESETS: dict[str, dict[str, str]] = {
     # chosen on the validation images (docs/design.md, "Compact local store"): region codes <= 4 kB per photo within 1 rsum of
-    # SQfp16; the caption side keeps SQfp16, where the word vectors lose most to PQ (image-to-text recall)
+    # SQfp16; the caption side keeps SQfp16, where the word vectors lose most to PQ (image-to-text recall).
+    # PQ64 is for 49 regions; a photo with more regions gets fewer bytes per region (compact_pq)
     "compact": {"images": "PQ64", "captions": "SQfp16"},
 }
+COMPACT_BYTES_PER_PHOTO = 4096  # the compact preset's budget for one photo's region codes
+PQ_SIZES = (64, 48, 32, 24, 16, 8)  # bytes per region the compact preset picks from (divisors of 384)
 
 
-def collection_spec(spec: str, collection: str) -> str:
-    """The factory string ``spec`` gives ``collection`` (``images`` / ``captions``): a preset's entry for it,
-    otherwise ``spec`` itself (one codec for both)."""
-    return PRESETS[spec][collection] if spec in PRESETS else spec
+def compact_pq(regions: int, dim: int) -> str:
+    """The compact preset's photo codec for ``regions`` regions per photo: the largest PQ of :data:`PQ_SIZES`
+    (dividing ``dim``) whose codes fit :data:`COMPACT_BYTES_PER_PHOTO` (49 regions: PQ64; 81: PQ48)."""
+    for m in PQ_SIZES:
+        if dim % m == 0 and regions * m <= COMPACT_BYTES_PER_PHOTO:
+            return f"PQ{m}"
+    return f"PQ{PQ_SIZES[-1]}"
+
+
+def collection_spec(spec: str, collection: str, regions: int | None = None, dim: int = 384) -> str:
+    """The factory string ``spec`` gives ``collection`` (``images`` / ``captions``): a preset's entry for it
+    (the compact preset's photo codec sized for ``regions`` per photo, when known), otherwise ``spec`` itself
+    (one codec for both)."""
+    if spec not in PRESETS:
+        return spec
+    if spec == "compact" and collection == "images" and regions:
+        return compact_pq(regions, dim)
+    return PRESETS[spec][collection]
 
 
 def make_codec(dim: int, factory: str, sample: np.ndarray, train: bool = True) -> faiss.Index:
@@ -366,8 +383,8 @@ class CodecBackend:
             make_codec(dim, factory, np.zeros((0, dim), np.float32), train=False)
 
     @staticmethod
-    def spec_for(spec: str, collection: str) -> str:
-        return collection_spec(spec, collection)
+    def spec_for(spec: str, collection: str, regions: int | None = None, dim: int = 384) -> str:
+        return collection_spec(spec, collection, regions, dim)
 
     @staticmethod
     def make_codec(dim: int, spec: str, sample: np.ndarray) -> faiss.Index:

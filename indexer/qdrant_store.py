@@ -450,7 +450,7 @@ class QdrantLocalBackend:
         self.settings = settings
 
     @staticmethod
-    def spec_for(spec: str, collection: str) -> str:
+    def spec_for(spec: str, collection: str, regions: int | None = None, dim: int = 384) -> str:
         """The same quantization for both collections (Qdrant has no per-collection presets)."""
         return spec
 

@@ -120,9 +120,9 @@ class LocalBackend(Protocol):
 
     def validate(self, spec: str, dim: int) -> None: ...
 
-    def spec_for(self, spec: str, collection: str) -> str:
+    def spec_for(self, spec: str, collection: str, regions: int | None = None, dim: int = 384) -> str:
         """The spec ``collection``'s store uses when the index is built with ``spec`` (a preset may name one
-        codec per collection)."""
+        codec per collection, and size it for ``regions`` per item of ``dim`` when they are known)."""
 
     def make_codec(self, dim: int, spec: str, sample: np.ndarray) -> Any:
         """The codec, trained on ``sample`` when it needs training."""

@@ -5,6 +5,7 @@ for the slow tests only (they skip without it)."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import shutil
@@ -76,6 +77,21 @@ def tiny_clip(tmp_path_factory) -> str:
     CLIPModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+@functools.lru_cache(maxsize=1)
+def default_grid() -> tuple[int, int]:
+    """(rows, cols) of the shipped default model's region grid: what an index built without --model holds."""
+    from alignsearch.models.factory import load_model
+
+    grid = load_model(None, device="cpu").region_grid()
+    assert grid is not None
+    return grid
+
+
+def default_regions() -> int:
+    rows, cols = default_grid()
+    return rows * cols
 
 
 def _sample_dir() -> Path:

@@ -13,7 +13,7 @@ from alignsearch.indexer.index import Index, verify
 from alignsearch.indexer.search import Searcher
 from alignsearch.models import load_model
 
-from conftest import N_IMAGES, build_index as _build
+from conftest import N_IMAGES, build_index as _build, default_regions
 
 COMPACT_MAX_BYTES_PER_PHOTO = 4096  # issue 13's target for the region codes of one photo
 
@@ -33,6 +33,11 @@ def compact(tmp_path_factory, photos) -> Index:
 def test_a_preset_names_one_codec_per_collection_and_a_factory_string_both():
     assert local_store.collection_spec("compact", "images") == "PQ64"
     assert local_store.collection_spec("compact", "captions") == "SQfp16"
+    # sized to the photo's regions: 7 x 7 cells keep PQ64 (3.1 kB), 9 x 9 get PQ48 (3.9 kB), both under 4 kB
+    assert local_store.collection_spec("compact", "images", regions=49) == "PQ64"
+    assert local_store.collection_spec("compact", "images", regions=81) == "PQ48"
+    assert local_store.collection_spec("compact", "captions", regions=81) == "SQfp16"
+    assert local_store.collection_spec("PQ16", "images", regions=81) == "PQ16"
     assert {local_store.collection_spec("OPQ8,PQ8", c) for c in ("images", "captions")} == {"OPQ8,PQ8"}
     backend = stores.local_backend()
     backend.validate("compact", 384)
@@ -51,11 +56,13 @@ def test_an_unknown_codec_is_a_one_line_refusal_before_anything_is_written(photo
 def test_compact_region_codes_fit_the_budget_and_captions_keep_sqfp16(compact, built):
     info, reference = compact.info(), Index(built).info()
     assert info["local_codec"] == "compact"
-    assert (info["images"]["local_codec"], info["captions"]["local_codec"]) == ("PQ64", "SQfp16")
-    assert compact.images.store.code_size == 64 and compact.captions.store.code_size == 2 * 384
+    regions = default_regions()
+    m = int(local_store.compact_pq(regions, 384)[2:])  # PQ64 for 7 x 7 cells, PQ48 for 9 x 9
+    assert (info["images"]["local_codec"], info["captions"]["local_codec"]) == (f"PQ{m}", "SQfp16")
+    assert compact.images.store.code_size == m and compact.captions.store.code_size == 2 * 384
     per_photo = info["images"]["bytes_per_item"]["local"]
-    assert per_photo == pytest.approx(49 * 64 + 8, abs=1) and per_photo <= COMPACT_MAX_BYTES_PER_PHOTO
-    assert per_photo < reference["images"]["bytes_per_item"]["local"] / 11  # SQfp16: 49 * 768 bytes
+    assert per_photo == pytest.approx(regions * m + 8, abs=1) and per_photo <= COMPACT_MAX_BYTES_PER_PHOTO
+    assert per_photo < reference["images"]["bytes_per_item"]["local"] / 11  # SQfp16: 768 bytes per region
     assert info["captions"]["bytes_per_item"] == reference["captions"]["bytes_per_item"]
     assert verify(compact.folder) == []
 

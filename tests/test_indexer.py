@@ -20,7 +20,7 @@ from alignsearch.indexer.search import Searcher
 from alignsearch.models import load_model
 from alignsearch.cli import main
 
-from conftest import (N_CAPTIONS, N_IMAGES, build_index as _build, demo_captions, encode_as_built,
+from conftest import (N_CAPTIONS, N_IMAGES, build_index as _build, default_regions, demo_captions, encode_as_built,
                       kill_after_first_shard, sample_files)
 
 
@@ -35,7 +35,7 @@ def test_build_counts_and_skips_bad_items(built, capsys):
     assert info["counts"]["images"] == N_IMAGES
     assert info["counts"]["captions"] == N_CAPTIONS + 1  # the empty caption skipped, the standalone kept
     assert info["images"]["faiss_type"] == "IndexFlat"
-    assert info["images"]["bytes_per_item"]["local"] == pytest.approx(49 * 384 * 2 + 8, abs=20)  # SQfp16 + offset (+ .npy headers)
+    assert info["images"]["bytes_per_item"]["local"] == pytest.approx(default_regions() * 384 * 2 + 8, abs=20)  # SQfp16 + offset (+ .npy headers)
     report = json.loads((built / "build_report.json").read_text())
     skipped = {s["item"]: s["reason"] for s in report["skipped"]}
     assert {"garbage.jpg", "empty.png", "truncated.jpg"} <= set(skipped)
@@ -134,7 +134,7 @@ def test_caption_finds_its_image_and_image_finds_its_captions(built, model):
     hits = searcher.search_text([caption["text"]], k=5, candidates=10, explain=True)[0].hits
     assert caption["image_id"] in [h.id for h in hits]
     grounding = hits[0].grounding
-    assert grounding and all(0 <= g["region"] < 49 and len(g["cell"]) == 2 for g in grounding)
+    assert grounding and all(0 <= g["region"] < default_regions() and len(g["cell"]) == 2 for g in grounding)
     from alignsearch.models.preprocess import load_image
 
     image_id = caption["image_id"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import N_CAPTIONS, N_IMAGES, sample_files
+from conftest import N_CAPTIONS, N_IMAGES, default_regions, sample_files
 from alignsearch.indexer import layout, local_store
 from alignsearch.indexer.index import Index, verify
 from alignsearch.indexer.search import Searcher
@@ -170,8 +170,8 @@ def test_trained_codecs_without_captions_then_add_captions(photos, tmp_path, mod
     assert main(["index", "info", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["counts"]["captions"] == N_CAPTIONS + 1 and info["local_codec"] == codec
-    code_size = {"SQ8": 384, "PQ16": 16, "compact": 64}[codec]
-    assert info["images"]["bytes_per_item"]["local"] == pytest.approx(49 * code_size + 8, abs=30)
+    code_size = {"SQ8": 384, "PQ16": 16, "compact": int(local_store.compact_pq(default_regions(), 384)[2:])}[codec]
+    assert info["images"]["bytes_per_item"]["local"] == pytest.approx(default_regions() * code_size + 8, abs=30)
     searcher = Searcher(Index(out), model)
     caption = searcher.index.conn.execute("SELECT text, image_id FROM captions WHERE image_id IS NOT NULL").fetchone()
     hits = searcher.search_text([caption["text"]], k=N_IMAGES, candidates=N_IMAGES)[0].hits

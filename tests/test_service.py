@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import N_IMAGES
+from conftest import N_IMAGES, default_grid
 from alignsearch.service.launch import serve
 from alignsearch.service.client import AlignSearchClient, AlignSearchError, AsyncAlignSearchClient
 
@@ -58,8 +58,9 @@ def test_explain_grounds_each_word_in_a_grid_cell(client):
     res = client.search_text("a dog runs on the grass", k=2, candidates=10, explain=True)
     grounding = res["results"][0]["grounding"]
     assert [g["word"] for g in grounding] == ["dog", "runs", "grass"]  # whole words, stopwords left out
-    assert all(1 / 49 <= g["confidence"] <= 1.0 for g in grounding)
-    assert all(g["grid"] == [7, 7] and g["cell"] == [g["region"] // 7, g["region"] % 7] for g in grounding)
+    rows, cols = default_grid()
+    assert all(1 / (rows * cols) <= g["confidence"] <= 1.0 for g in grounding)
+    assert all(g["grid"] == [rows, cols] and g["cell"] == [g["region"] // cols, g["region"] % cols] for g in grounding)
 
 
 def test_nonsense_matches_nothing_and_real_queries_keep_their_hits(client):
