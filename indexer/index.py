@@ -30,10 +30,14 @@ def check_model(manifest: dict[str, Any], model: AlignModel) -> None:
     rule = entry.get("fingerprint_rule", 1)
     got = model.fingerprint if rule == RULE else getattr(model, "legacy_fingerprint", None)
     if got != expected:
+        from alignsearch.models.factory import shipped_model_named_by
+
+        shipped = shipped_model_named_by(expected) if rule == RULE else None
+        advice = (f"it was built with the shipped model {shipped!r}: pass --model {shipped}, or rebuild the index"
+                  if shipped else "rebuild the index or load the model it was built with")
         raise layout.IndexError_(
             f"model fingerprint {model.fingerprint} ({getattr(model, 'source', '?')}) does not match the index's "
-            f"{expected} ({entry.get('source')}; the model's weights, config or backbone files changed): "
-            "rebuild the index or load the model it was built with")
+            f"{expected} ({entry.get('source')}; the model's weights, config or backbone files changed): {advice}")
 
 
 @dataclass

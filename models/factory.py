@@ -35,6 +35,20 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     raise FileNotFoundError(f"no model folder {name!r} (and no shipped model of that name; shipped: {available})")
 
 
+def shipped_model_named_by(fingerprint: str) -> str | None:
+    """The name of the shipped model whose fingerprint is ``fingerprint`` (an index built with it names it in
+    its manifest), or None. Hashes each shipped model's files: for error messages, not for a hot path."""
+    if not PRETRAINED_DIR.is_dir():
+        return None
+    for folder in sorted(p for p in PRETRAINED_DIR.iterdir() if (p / CONFIG_FILE).is_file()):
+        try:
+            if model_fingerprint(folder) == fingerprint:
+                return folder.name
+        except (OSError, ValueError, ImportError):  # a shipped model whose backbone is not installed
+            continue
+    return None
+
+
 def create_model(config: ModelConfig) -> AlignModel:
     """Build a model from its config: backbones loaded, heads freshly initialised (class-name vectors encoded)."""
     model = AlignModel(config)

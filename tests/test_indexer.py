@@ -181,8 +181,10 @@ def test_model_fingerprint_mismatch_is_refused(built, tmp_path):
 
     save_model(create_model(ModelConfig()), tmp_path / "other")
     other = load_model(tmp_path / "other", device="cpu")
-    with pytest.raises(layout.IndexError_, match="fingerprint"):
+    with pytest.raises(layout.IndexError_, match="fingerprint") as err:
         Searcher(Index(built), other)
+    # built with a shipped model: the message names it, so an upgrade's new default is one flag away
+    assert "built with the shipped model 'default': pass --model default" in str(err.value)
 
 
 def test_bad_factory_string_is_a_clear_error(photos, tmp_path, capsys):
