@@ -36,8 +36,7 @@ CONNECT_TIMEOUT_S = 5.0
 
 def image_preprocessor(model: AlignModel) -> ImagePreprocessor:
     """The model's image preprocessing (picklable: the decode tasks get it without the model)."""
-    source = model.joint if model.joint is not None else model.image_backbone
-    pre = getattr(source, "preprocessor", None)
+    pre = model.image_preprocessor
     if not isinstance(pre, ImagePreprocessor):
         raise TypeError("this model reads precomputed region features, not image files")
     return pre

@@ -91,6 +91,15 @@ def _build_image_backbone(config: ModelConfig) -> ImageBackbone:
     return PrecomputedBackbone(config.image_backbone)
 
 
+def _resized(pixel_values: torch.Tensor, pre: ImagePreprocessor | None) -> torch.Tensor:
+    """Normalised pixels at ``pre``'s input size (bilinear with antialiasing: a tower of a combined model gets the
+    larger tower's input scaled down)."""
+    assert pre is not None
+    if tuple(pixel_values.shape[-2:]) == (pre.size, pre.size):
+        return pixel_values
+    return F.interpolate(pixel_values, size=(pre.size, pre.size), mode="bilinear", align_corners=False, antialias=True)
+
+
 class AlignModel(nn.Module):
     """Image encoder + text encoder + alignment settings, built from a :class:`ModelConfig`."""
 
@@ -178,11 +187,17 @@ class AlignModel(nn.Module):
     @property
     def image_preprocessor(self) -> ImagePreprocessor | None:
         """The plain image preprocessor (picklable: worker processes can resize for it), or None when the
-        image backbone takes precomputed features."""
+        image backbone takes precomputed features. With a global companion, the larger input of the two: each
+        tower gets the pixels resized down to its own (:meth:`encode_pixels`)."""
         source = self.joint if self.joint is not None else self.image_backbone
-        return getattr(source, "preprocessor", None)
+        own = getattr(source, "preprocessor", None)
+        other = self.companion.image_preprocessor if self.companion is not None else None
+        return other if own is not None and other is not None and other.size > own.size else own
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        if self.companion is not None:
+            assert self.image_preprocessor is not None
+            return self.image_preprocessor(images)
         source = self.joint if self.joint is not None else self.image_backbone
         return source.preprocess(images)
 
@@ -231,22 +246,15 @@ class AlignModel(nn.Module):
         pixel_values = pixel_values.to(self.device)
         if self.joint is not None:
             return EncoderOutput(*self.joint.encode_images(pixel_values))
-        out = self.image_head_forward(self.image_features(pixel_values))
-        if self.companion is not None:
-            out.global_emb = self._mix_companion(out.global_emb, pixel_values)
-        return out
-
-    def _mix_companion(self, own: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``normalize((1 - a) * own + a * companion)``; the companion sees the same pixels, resized (with
-        antialiasing) to its own input size."""
-        assert self.companion is not None and self.companion.image_preprocessor is not None
-        size = self.companion.image_preprocessor.size
-        if tuple(pixel_values.shape[-2:]) != (size, size):
-            pixel_values = F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False,
-                                         antialias=True)
-        other = self.companion.image_head_forward(self.companion.image_features(pixel_values)).global_emb
+        if self.companion is None:
+            return self.image_head_forward(self.image_features(pixel_values))
+        out = self.image_head_forward(self.image_features(_resized(pixel_values, self.image_backbone.preprocessor)))
+        companion = self.companion
+        other = companion.image_head_forward(companion.image_features(
+            _resized(pixel_values, companion.image_preprocessor))).global_emb
         weight = self.config.global_companion.weight
-        return F.normalize((1.0 - weight) * own + weight * other.to(own.dtype), dim=-1)
+        out.global_emb = F.normalize((1.0 - weight) * out.global_emb + weight * other.to(out.global_emb.dtype), dim=-1)
+        return out
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> EncoderOutput:
         """PIL images -> joint-space embeddings (``global_emb``, per-region ``local``, ``mask``)."""

@@ -97,3 +97,15 @@ def test_combine_command_writes_a_model_and_refuses_an_existing_folder(tmp_path,
     assert load_model(out, device="cpu").config.global_companion.weight == 0.4
     assert main(["combine", "lite2", "default", "--out", str(out)]) != 0
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_smaller_input_model_with_a_larger_companion_reads_the_larger_input(parts):
+    lite2, lite0 = parts
+    both = combine_models(lite0, lite2, weight=0.6)
+    assert both.image_preprocessor.size == lite2.image_preprocessor.size == 260  # each tower scaled down from it
+    assert both.region_grid() == lite0.region_grid() == (7, 7)
+    images = photos()
+    got, own = both.encode_images(images), lite0.encode_images(images)
+    assert got.local.shape == own.local.shape
+    cos = F.cosine_similarity(got.local, own.local, dim=-1)  # lite0's regions from 260 px scaled to 224
+    assert cos.min() > 0.9, cos.min()
