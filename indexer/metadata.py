@@ -180,3 +180,16 @@ def image_fields(conn: sqlite3.Connection, rows: list[int]) -> dict[int, dict[st
                           "ORDER BY rowid", (json.dumps([int(x) for x in rows]),)):
         out.setdefault(r[0], {}).setdefault(r[1], []).append(r[2])
     return out
+
+
+RETIRED_MARK = "\x1fdeleted-row-"  # never in a file name a scan lists: ids of retired rows cannot collide
+
+
+def retire_deleted_ids(conn: sqlite3.Connection, ids: list[str]) -> int:
+    """Rename the tombstoned image rows of ``ids`` (``ID`` -> ``ID<RETIRED_MARK>ROW``), so that those ids can be
+    indexed again as new rows (ids are unique); returns how many were renamed. Live rows are left alone."""
+    if not ids:
+        return 0
+    cur = conn.execute("UPDATE images SET id = id || ? || row WHERE deleted = 1 AND id IN "
+                       "(SELECT value FROM json_each(?))", (RETIRED_MARK, json.dumps(list(ids))))
+    return cur.rowcount

@@ -76,7 +76,7 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
 
     def change(work: Path, manifest: dict) -> dict:
         conn = metadata.connect(work / layout.METADATA)
-        existing = {r[0] for r in conn.execute("SELECT id FROM images")}
+        existing = {r[0] for r in conn.execute("SELECT id FROM images WHERE deleted = 0")}
         if options.features is not None:
             listed, unread = scan_features(options.features, rows), Counter()
             if options.files is not None:
@@ -87,6 +87,7 @@ def add(model: AlignModel, index_dir: Path, options: BuildOptions) -> dict[str, 
         else:
             listed, unread = scan_images(options.images)
         files = [f for f in listed if f not in existing]
+        metadata.retire_deleted_ids(conn, files)  # a deleted photo added again is indexed again, as a new row
         taken, present = set(), set()
         for r in conn.execute("SELECT id, text, image_id, extra FROM captions WHERE deleted = 0"):
             taken.add(r[0])

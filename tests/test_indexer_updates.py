@@ -244,6 +244,16 @@ def test_deleting_an_image_deletes_its_captions_across_a_restart(index_copy, mod
     report = json.loads(capsys.readouterr().out)
     assert report["captions_deleted"] == left and report["captions_deleted_with_images"] == left - 1
     assert verify(index_copy) == []
+    # a deleted photo added again is indexed again (a new row; the tombstone keeps its own, renamed id)
+    root = searcher.index.images_root
+    assert main(["index", "add", str(index_copy), "--images", str(root), "--quiet"]) == 0
+    added = json.loads(capsys.readouterr().out)
+    assert added["images_added"] == 2, added
+    searcher = Searcher(Index(index_copy), model)
+    assert searcher.index.manifest["counts"]["images"] == before["images"]
+    assert searcher.search_image([photo], k=1, candidates=N_CAPTIONS)[0].hits  # captions still searchable
+    assert searcher.index.image_by_id(image_id) is not None and searcher.index.image_by_id(other) is not None
+    assert verify(index_copy) == []
 
 
 @pytest.fixture()

@@ -89,6 +89,10 @@ def test_add_patch_delete_a_photo(server, index_dir):
     assert image_id not in _find(server, {})
     assert httpx.get(f"{server}/images/{image_id}", headers=AUTH, timeout=60).status_code == 404
     assert httpx.delete(f"{server}/images/{image_id}", headers=AUTH, timeout=60).status_code == 404
+    back = _post(server, data, captions=["a purple square"], metadata={"album": "back"})  # deleted, then sent again
+    assert back.status_code == 201 and back.json()["id"] == image_id and back.json()["created"], back.text
+    assert _find(server, {"must": [{"key": "album", "match": {"value": "back"}}]}) == [image_id]
+    assert httpx.get(f"{server}/images/{image_id}", headers=AUTH, timeout=60).content == data
     assert verify(index_dir) == []
 
 
