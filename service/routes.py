@@ -156,7 +156,7 @@ api = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @api.post("/search/text", response_model=schemas.TextSearchResponse, summary="ranked images for a sentence",
-          responses=errors(401, 408, 413, 422, 503))
+          responses=errors(400, 401, 408, 413, 422, 503))
 async def search_text(req: schemas.TextSearchRequest, state: AppState = Depends(get_state),
                       searcher: Searcher = Depends(get_searcher)) -> schemas.TextSearchResponse:
     started = time.perf_counter()

@@ -61,8 +61,15 @@ class Page(BaseModel):
     next_offset: int | None = Field(None, description="the offset of the next page (null when there is none)")
 
 
+# what the upload routes decode (base64.b64decode(validate=True)), stated in the schema: the standard alphabet,
+# padding only at the end, and at least one 4-character group
+BASE64_PATTERN = r"^[A-Za-z0-9+/]*={0,2}$"
+BASE64_MIN = 4
+
+
 class TextSearchRequest(SearchParams):
-    query: str = Field(..., max_length=MAX_QUERY_CHARS, description="the sentence to search images for")
+    query: str = Field(..., min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S",
+                       description="the sentence to search images for (not blank)")
     explain: bool = Field(False, description="add, per result, each query word's best-matching region")
     min_score: float | None = Field(
         None, ge=-1.0, le=1.0, allow_inf_nan=False,
@@ -83,7 +90,8 @@ class ImageSearchFields(SearchParams):
 
 
 class ImageSearchJSON(ImageSearchFields):
-    image_base64: str = Field(..., min_length=1, description="the image file's bytes, base64-encoded")
+    image_base64: str = Field(..., min_length=BASE64_MIN, pattern=BASE64_PATTERN,
+                              description="the image file's bytes, base64-encoded (standard alphabet, no line breaks)")
 
 
 class SimilarFields(BaseModel):
@@ -109,7 +117,9 @@ class SimilarFields(BaseModel):
 
 class SimilarJSON(SimilarFields):
     id: str | None = Field(None, min_length=1, max_length=4096, description="an indexed photo's id")
-    image_base64: str | None = Field(None, min_length=1, description="or a photo's bytes, base64-encoded")
+    image_base64: str | None = Field(None, min_length=BASE64_MIN, pattern=BASE64_PATTERN,
+                                     description="or a photo's bytes, base64-encoded (standard alphabet, no line "
+                                                 "breaks)")
 
     @model_validator(mode="after")
     def _one_query(self) -> SimilarJSON:

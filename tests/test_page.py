@@ -433,3 +433,23 @@ def test_search_page_with_confidences_weak_matches_and_a_narrow_screen(browser, 
     _state(page, "8c-narrow-results")
     assert errors == []
     page.close()
+
+
+def test_the_schema_states_what_the_routes_refuse(page_server):
+    """A blank query and a string that is not base64 are refused by the schema itself (422), and the schema says
+    so: a client generated from it never sends them."""
+    spec = httpx.get(page_server + "/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    query = schemas["TextSearchRequest"]["properties"]["query"]
+    assert query["minLength"] == 1 and query["pattern"] == r"\S"
+    for path in ("/search/image", "/search/similar"):  # their JSON bodies
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        prop = body["properties"]["image_base64"]
+        prop = next((p for p in prop.get("anyOf", [prop]) if p.get("type") == "string"), prop)
+        assert prop["minLength"] == 4 and prop["pattern"].startswith("^[A-Za-z0-9+/]"), path
+    assert "400" in spec["paths"]["/search/text"]["post"]["responses"]
+    for body in ({"query": "   "}, {"query": ""}):
+        r = httpx.post(page_server + "/search/text", json=body, headers={"Authorization": "Bearer " + KEY})
+        assert r.status_code == 422 and "query" in r.text, r.text
+    r = httpx.post(page_server + "/search/image", json={"image_base64": "00"}, headers={"Authorization": "Bearer " + KEY})
+    assert r.status_code == 422 and "image_base64" in r.text

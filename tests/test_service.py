@@ -158,7 +158,8 @@ def test_bad_uploads_get_clear_4xx(server):
         (files(b""), 400, "empty"),
         (files(os.urandom(MAX_UPLOAD + 10)), 413, "upload limit"),
         (files(_png(2000, 2000)), 413, "pixel limit"),  # a decompression bomb, scaled down: 4 Mpx > 1 Mpx limit
-        ({"json": {"image_base64": "***not base64***"}}, 400, "base64"),
+        ({"json": {"image_base64": "***not base64***"}}, 422, "image_base64"),  # the schema's pattern
+        ({"json": {"image_base64": "AAAAA"}}, 400, "not valid base64"),  # the alphabet, but not whole groups
         ({"json": {"image_base64": base64.b64encode(_png(32, 32)).decode(), "k": 0}}, 422, ""),
         ({"files": {"other": ("x", b"abc")}}, 422, "file"),
         ({"content": b"raw bytes", "headers": {"content-type": "image/jpeg"}},
