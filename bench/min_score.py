@@ -409,6 +409,12 @@ def _encode_images(model, paths: list[Path], cache_dir: Path | None):
     from alignsearch.models.features import image_features
     from alignsearch.models.train import encode_cached
 
+    if getattr(model, "companion", None) is not None:  # two image towers: no cached backbone features to reuse
+        from alignsearch.models.model import EncoderOutput
+        from alignsearch.models.preprocess import load_image
+
+        return EncoderOutput.concat([model.encode_images([load_image(p) for p in paths[i:i + 64]])
+                                     for i in range(0, len(paths), 64)])
     feats, failures = image_features(model, paths, cache_dir, workers=2)
     if failures:
         raise OSError(f"{len(failures)} photo(s) could not be decoded, e.g. {failures[0][0]}")

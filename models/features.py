@@ -133,6 +133,9 @@ def image_features(
     (a folder per backbone, preprocessing, view and image list): an interrupted run continues where its last
     flushed batch ended, a finished one is reused as it is, and a change of backbone or preprocessing code
     starts a new folder."""
+    if getattr(model, "companion", None) is not None:
+        raise ValueError("a combined model has two image towers: encode its photos with encode_images, not "
+                         "through one backbone's cached features")
     stamp = [f"{p}:{p.stat().st_size}" if p.exists() else str(p) for p in paths]
     key = _cache_key(f"image-view{view}" if view else "image", model.config.image_backbone.__dict__, stamp)
     folder = cache_dir / f"image-{key}" if cache_dir else None
