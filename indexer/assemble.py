@@ -137,6 +137,12 @@ def store_fields(conn: Any, raw: dict[int, photo_fields.Raw], label: dict[int, s
     metadata.set_image_fields(conn, values, replace=replace)
 
 
+def _most_regions(shards: list[Shard]) -> int | None:
+    """The most regions one item of ``shards`` has (what a per-photo codec budget is sized for); None when empty."""
+    counts = [int(np.max(s.lengths)) for s in shards if len(s.lengths)]
+    return max(counts) if counts else None
+
+
 def assemble_index(final: Path, model: AlignModel, shards: dict[str, list[Shard]], images_root: Path,
                    local_codec: str, global_spec: str | None = None, memory_budget_bytes: float = 4e9,
                    backend: GlobalBackend | None = None, local: LocalBackend | None = None,
@@ -150,8 +156,8 @@ def assemble_index(final: Path, model: AlignModel, shards: dict[str, list[Shard]
     collections = {}
     for name, other in (("images", "captions"), ("captions", "images")):
         spec = global_spec or backend.choose(counts[name], model.embed_dim, memory_budget_bytes)
-        grid = model.region_grid() if name == "images" else None
-        codec_spec = local.spec_for(local_codec, name, grid[0] * grid[1] if grid else None, model.embed_dim)
+        codec_spec = local.spec_for(local_codec, name, _most_regions(shards[name]) if name == "images" else None,
+                                    model.embed_dim)
         codec = train_codec(model.embed_dim, codec_spec, shards[name], shards[other], local)
         collections[name] = write_collection(final / name, shards[name], 0, spec, codec, dim=model.embed_dim,
                                              fallback=shards[other], backend=backend, local=local)
