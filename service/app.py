@@ -21,7 +21,7 @@ from alignsearch.indexer.search import Searcher
 from . import docs, errors
 from .admission import Lanes
 from .auth import is_open
-from .compute import compute_threads
+from .compute import compute_threads, lower_this_thread
 from .follow import IndexFollower
 from .gate import Gate
 from .metrics import RequestMetrics
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = state.settings
         threads = compute_threads()
+        threads.heavy.run(lower_this_thread, s.heavy_nice)  # cheap queries get the CPU first
         opened = searcher or await asyncio.get_running_loop().run_in_executor(
             threads.light, lambda: Searcher.open(s.index, s.model, s.device, rerank_precision=s.rerank_precision))
         follower = IndexFollower(opened.index.folder, opened, s.reload_interval_s,
@@ -72,7 +73,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
         }
         limits = ImageLimits(s.max_pixels, s.max_image_side, decode_side_for(opened.model), s.max_jpeg_scans,
                              s.max_decode_work)
-        state.decoder = Decoder(limits, s.decode_workers, DECODE_QUEUE, s.decode_timeout_s)
+        state.decoder = Decoder(limits, s.decode_workers, DECODE_QUEUE, s.decode_timeout_s, nice=s.heavy_nice)
         for name, lanes in state.lanes.items():
             await lanes.start()
             for lane_name, lane in (("light", lanes.light), ("heavy", lanes.heavy)):
@@ -83,7 +84,7 @@ def create_app(settings: Settings | None = None, searcher: Searcher | None = Non
         state.metrics.decode_idle.set_function(lambda: state.decoder.pool.idle())
         state.follower = follower
         state.writer = Writer(follower, s.write_batch_ms / 1000, s.write_batch_max,
-                              observe=state.metrics.write_group.observe)
+                              observe=state.metrics.write_group.observe, nice=s.heavy_nice)
         if s.api_key or s.allow_writes:
             await asyncio.get_running_loop().run_in_executor(threads.light, state.writer.sweep)
         await follower.start()

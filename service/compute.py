@@ -112,6 +112,22 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+def lower_this_thread(nice: int) -> bool:
+    """Make the calling thread at least ``nice`` steps nicer than the process's main thread (Linux: nice is per
+    thread, and threads it starts later, such as torch's OpenMP team, inherit it; calling again changes nothing);
+    False where the platform cannot (nothing changes)."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + nice)
+        if os.getpriority(os.PRIO_PROCESS, tid) < target:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
+    except OSError:
+        return False
+    return True
+
+
 _shared: ComputeThreads | None = None
 _shared_lock = threading.Lock()
 

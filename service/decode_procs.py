@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,9 +42,14 @@ class DecodeTimeout(Exception):
     """The decode passed its deadline (its process was killed)."""
 
 
-def _serve(conn: Connection, decode: DecodeFn, limits: ImageLimits) -> None:
-    """A decode process: warms up, says it is ready, then one upload in, one answer out, until the pipe
-    closes."""
+def _serve(conn: Connection, decode: DecodeFn, limits: ImageLimits, nice: int = 0) -> None:
+    """A decode process: ``nice`` steps nicer, warms up, says it is ready, then one upload in, one answer out,
+    until the pipe closes."""
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError:  # a platform without nice: the same priority as the server
+            pass
     _warm_up(decode, limits)
     conn.send(("ready",))
     while True:
@@ -80,10 +86,10 @@ def _warm_up(decode: DecodeFn, limits: ImageLimits) -> None:
 class _Worker:
     """One decode process and the parent's end of its pipe."""
 
-    def __init__(self, decode: DecodeFn, limits: ImageLimits) -> None:
+    def __init__(self, decode: DecodeFn, limits: ImageLimits, nice: int = 0) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, decode, limits), name="alignsearch-decode",
+        self.process = ctx.Process(target=_serve, args=(child, decode, limits, nice), name="alignsearch-decode",
                                    daemon=True)
         self.process.start()
         child.close()
@@ -135,10 +141,10 @@ class ProcessDecoder:
     """``workers`` decode processes, ``queue`` more requests waiting, a deadline per request."""
 
     def __init__(self, decode: DecodeFn, limits: ImageLimits, workers: int = 2, queue: int = 8,
-                 timeout_s: float = 10.0, prestart: bool = True) -> None:
+                 timeout_s: float = 10.0, prestart: bool = True, nice: int = 0) -> None:
         if workers < 1:
             raise ValueError("decode workers must be >= 1")
-        self.decode_fn, self.limits = decode, limits
+        self.decode_fn, self.limits, self.nice = decode, limits, nice
         self.workers, self.capacity, self.timeout_s = workers, workers + max(0, queue), timeout_s
         self.busy = 0  # requests admitted and not finished
         self.killed = 0  # processes killed at their deadline (or found dead)
@@ -156,7 +162,7 @@ class ProcessDecoder:
                 self._threads.submit(self._spare)
 
     def _start(self) -> _Worker:
-        worker = _Worker(self.decode_fn, self.limits)
+        worker = _Worker(self.decode_fn, self.limits, self.nice)
         with self._lock:
             self._all.add(worker)
             if self._closed:

@@ -63,6 +63,9 @@ class Settings:
     heavy_work: int = field(default_factory=lambda: _int("HEAVY_WORK", 2_000))
     max_work: int = field(default_factory=lambda: _int("MAX_WORK", 20_000))
     request_timeout_s: float = field(default_factory=lambda: _float("REQUEST_TIMEOUT_S", 30))
+    # the heavy lane's thread and the upload decoders run this much nicer than the light lane (0: the same
+    # priority): the CPU goes to cheap queries first when both want it
+    heavy_nice: int = field(default_factory=lambda: _int("HEAVY_NICE", 10))
     # server processes (alignsearch serve --workers): each admits its share of max_queue / max_heavy_queue
     workers: int = field(default_factory=lambda: _int("WORKERS", 1))
     # following the index on disk (0 disables the watcher; POST /admin/reload still works)

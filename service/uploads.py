@@ -62,10 +62,11 @@ class Decoder:
     refused here, from its markers, before it takes a slot."""
 
     def __init__(self, limits: ImageLimits, workers: int = 2, queue: int = 8, timeout_s: float = 10.0,
-                 prestart: bool = True) -> None:
+                 prestart: bool = True, nice: int = 0) -> None:
+        """``nice``: how much nicer than the server the decode processes run."""
         self.limits = limits
         self.timeout_s = timeout_s
-        self.pool = ProcessDecoder(image_decode.decode_image, limits, workers, queue, timeout_s, prestart)
+        self.pool = ProcessDecoder(image_decode.decode_image, limits, workers, queue, timeout_s, prestart, nice)
 
     @property
     def busy(self) -> int:

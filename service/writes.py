@@ -40,6 +40,7 @@ from alignsearch.indexer import layout, metadata, photo_fields, update
 from alignsearch.indexer.build import BuildOptions
 
 from .admission import overloaded
+from .compute import lower_this_thread
 from .follow import IndexFollower
 
 log = logging.getLogger("alignsearch.service")
@@ -93,8 +94,9 @@ class Writer:
     swap to the result before anyone is answered."""
 
     def __init__(self, follower: IndexFollower, window_s: float = 0.2, max_batch: int = 64,
-                 max_waiting: int = 256, observe: Callable[[int], None] | None = None) -> None:
-        """``observe`` is told the size of each group committed."""
+                 max_waiting: int = 256, observe: Callable[[int], None] | None = None, nice: int = 0) -> None:
+        """``observe`` is told the size of each group committed; the updates (which encode the photos) run
+        ``nice`` steps nicer than the searches."""
         self.follower = follower
         self.observe = observe
         self.window_s = max(0.0, window_s)
@@ -104,7 +106,8 @@ class Writer:
         self._waiting: list[_Upload] = []
         self._full = asyncio.Event()
         self._flusher: asyncio.Task | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="alignsearch-write")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="alignsearch-write", initializer=lower_this_thread,
+                                        initargs=(nice,))
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
         async with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 
 import pytest
@@ -96,3 +97,38 @@ worker.run(time.sleep, 60)
         proc.kill()
     assert proc.returncode == 130 and time.monotonic() - sent < 5
     assert proc.stderr.read().strip() == "interrupted"  # one line, no traceback, no abort
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_heavy_work_runs_nicer_than_the_cheap_queries():
+    import os
+
+    from alignsearch.service.compute import lower_this_thread
+
+    executor = DaemonThreadExecutor("test-nice")
+    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    nice_of_thread = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # noqa: E731
+    assert executor.run(lambda: lower_this_thread(10)) and executor.run(nice_of_thread) == min(19, base + 10)
+    executor.run(lambda: lower_this_thread(10))  # again: no nicer (a second app in the same process)
+    assert executor.run(nice_of_thread) == min(19, base + 10)
+    assert nice_of_thread() == base  # the calling thread is untouched
+    assert not lower_this_thread(0)
+    executor.shutdown()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice is POSIX")
+def test_the_upload_decoders_run_nicer():
+    import os
+
+    from alignsearch.service.image_decode import decode_image
+    from alignsearch.service.uploads import ImageLimits
+    from alignsearch.service.decode_procs import ProcessDecoder
+
+    pool = ProcessDecoder(decode_image, ImageLimits(1_000_000, 4000, 448, 100, 10**9), workers=1, prestart=False,
+                          nice=7)
+    try:
+        worker = pool._start()
+        base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        assert os.getpriority(os.PRIO_PROCESS, worker.process.pid) == min(19, base + 7)
+    finally:
+        pool.close()
