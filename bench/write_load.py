@@ -269,6 +269,21 @@ def index_state(folder: Path, photos: list[Photo]) -> dict[int, dict[str, bool]]
         index.conn.close()
 
 
+def _tracebacks(log: str, most: int = 2) -> list[str]:
+    """The first ``most`` "unexpected error" or failed group commit entries of a server's output, each with its
+    traceback (a commit that failed and was committed again is a finding too, though no request saw it)."""
+    out, lines = [], log.splitlines()
+    for i, line in enumerate(lines):
+        if ("unexpected error" in line or "failed to commit" in line) and len(out) < most:
+            block = [line]
+            for follow in lines[i + 1:i + 60]:
+                block.append(follow)
+                if follow and not follow.startswith((" ", "Traceback", "During", "The above")) and len(block) > 2:
+                    break
+            out.append("\n".join(block))
+    return out
+
+
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -306,6 +321,7 @@ def run(photos: int = 1000, clients: int = 8, searchers: int = 4, kill_at: float
         for t in threads:
             t.start()
         kill: dict[str, Any] = {}
+        killed_log = ""
         during: list[list[float]] = []
         next_load = start_t
         try:
@@ -383,6 +399,8 @@ def run(photos: int = 1000, clients: int = 8, searchers: int = 4, kill_at: float
             "index_verify": {"rc": verify.returncode, "out": (verify.stdout + verify.stderr).strip()[-500:]},
             "load_average": loads, "cpus": os.cpu_count(),
             "server_log_tail": server_log[-1000:],
+            "server_tracebacks": _tracebacks(killed_log + server_log),
+            "commits_failed_and_retried": (killed_log + server_log).count("committing it again"),
         }
         return report
 

@@ -69,6 +69,9 @@ def _indexed(folder: Path, ids: list[str] | None = None) -> set[str]:
         conn.close()
 
 
+COMMIT_RETRIES = 1  # a group whose update fails is committed again this many times before its requests fail
+
+
 class Unreadable(ValueError):
     """The encoder could not read this photo (the update skipped it); the others of its group are indexed."""
 
@@ -148,11 +151,17 @@ class Writer:
                     pass
             async with self._lock:  # uploads that arrive while a delete runs join this group
                 group, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
-                try:
-                    answers = await loop.run_in_executor(self._pool, self._commit_group, group)
-                    await self.follower.check()
-                except Exception as exc:  # noqa: BLE001  (every request of the group gets the failure)
-                    answers = [exc] * len(group)
+                for attempt in range(1 + COMMIT_RETRIES):
+                    try:
+                        answers = await loop.run_in_executor(self._pool, self._commit_group, group)
+                        await self.follower.check()
+                        break
+                    except Exception as exc:  # noqa: BLE001  (every request of the group gets the failure)
+                        # an update is a transaction (a failed one leaves the index as it was, and its photos'
+                        # files removed), so the group is committed again once before anyone gets an error
+                        log.warning("a group of %d uploads failed to commit (%s)%s", len(group), exc,
+                                    "; committing it again" if attempt < COMMIT_RETRIES else "", exc_info=True)
+                        answers = [exc] * len(group)
                 if self.observe:
                     self.observe(len(group))
             for upload, answer in zip(group, answers):

@@ -19,7 +19,8 @@ def test_the_marked_photos_are_distinct():
 def test_uploads_survive_a_kill_mid_stream(tmp_path):
     report = write_load.run(photos=40, clients=4, searchers=2, kill_at=0.5, work=tmp_path, dataset=None,
                             sample_every=5)
-    seen = {k: report[k] for k in ("statuses", "refusal_samples", "kill", "cut_by_kill", "never_sent")}
+    seen = {k: report[k] for k in ("statuses", "refusal_samples", "kill", "cut_by_kill", "never_sent",
+                                   "server_tracebacks", "commits_failed_and_retried")}
     assert report["kill"]["acked_before"] >= 20  # the kill happened midway
     assert report["server_errors_5xx"] == 0, (report["server_error_samples"], seen, report["server_log_tail"])
     assert report["server_failed_after_writes"] is None
