@@ -155,3 +155,40 @@ def test_concurrent_uploads_are_one_update_and_a_bad_one_fails_alone(server, ind
     found = _find(server, {"must": [{"key": "album", "match": {"value": "grouped"}}]})
     assert sorted(found) == sorted(r.json()["id"] for r in answers)  # all searchable when answered
     assert verify(index_dir) == []
+
+
+def test_a_group_whose_update_fails_once_is_committed_again(caplog):
+    """An update is a transaction, so a group whose update failed (the index left as it was) is committed again
+    once before its requests get the error; a second failure reaches them."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from alignsearch.service.writes import Writer
+
+    class Follower:
+        searcher = SimpleNamespace(index=SimpleNamespace(field_types={}))
+
+        async def check(self) -> None:
+            return None
+
+    async def scenario(failures: int) -> list:
+        writer = Writer(Follower(), window_s=0.05)
+        calls = []
+
+        def commit(group):
+            calls.append(len(group))
+            if len(calls) <= failures:
+                raise RuntimeError("a transient failure")
+            return [True] * len(group)
+
+        writer._commit_group = commit
+        results = await asyncio.gather(*(writer.add(_png(c), "PNG", [], {}) for c in ("red", "blue")),
+                                       return_exceptions=True)
+        writer.close()
+        return [calls, results]
+
+    calls, results = asyncio.run(scenario(1))
+    assert calls == [2, 2] and [created for _, created in results] == [True, True]
+    assert "committing it again" in caplog.text
+    calls, results = asyncio.run(scenario(2))
+    assert calls == [2, 2] and all(isinstance(r, RuntimeError) for r in results)
