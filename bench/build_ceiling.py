@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import pstats
 import resource
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from .cli import emit_report
 
 SIZE = (500, 375)  # Flickr's usual photo size
 
@@ -307,11 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"command": "python -m alignsearch.bench.build_ceiling " + " ".join(argv or []),
                   **run(args.images, args.photos, args.workers, args.batch_size, args.repeats, not args.no_profile,
                         Path(work), args.turns)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_report(result, args.json)
     return 0
 
 

@@ -18,6 +18,15 @@ SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "
 DEFAULT_DATASET = Path(os.environ.get("ALIGNSEARCH_DATASET", SHARED_DATASET))
 
 
+def emit_report(report: dict[str, Any], json_path: Path | None = None) -> None:
+    """Print ``report`` as indented JSON and, with ``json_path``, write the same text there (its folder made)."""
+    text = json.dumps(report, indent=2)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text + "\n")
+    print(text)
+
+
 def model_report_main(argv: list[str] | None, prog: str, usage_note: str,
                       run_report: Callable[[str | None], dict[str, Any]]) -> int:
     """A ``python -m alignsearch.bench.PROG [MODEL]`` entry: ``run_report(model or None)`` printed as JSON; bad

@@ -23,6 +23,8 @@ import torch
 
 from alignsearch.models.scoring import rank
 
+from .cli import emit_report
+
 QUERIES = ["a dog runs through the grass", "children playing in the snow", "a red car parked on a street",
            "a man rides a bike", "two people on a beach", "a girl in a pink dress", "a bird on a branch",
            "a crowd watching a concert", "a boat on a lake", "a woman holding an umbrella"]
@@ -127,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     spec = None if args.global_spec == "chosen" else args.global_spec
     report = run(args.n, args.work, args.regions, args.repeats, args.device, global_spec=spec)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
+    emit_report(report, args.json)
     return 0
 
 

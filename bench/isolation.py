@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import random
 import subprocess
@@ -35,7 +34,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from .cli import DEFAULT_DATASET
+from .cli import DEFAULT_DATASET, emit_report
 from .write_load import dataset_photos, synthetic_photo
 
 KEY = "isolation-key"
@@ -149,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
     report = run(args.photos, args.clients, args.queries, heavy_nice=tuple(args.heavy_nice or (None,)))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit_report(report, args.json)
     return 0
 
 

@@ -11,7 +11,6 @@ The Ray instance is started once (timed apart) before both Ray builds. Writes JS
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .cli import emit_report
 
 
 def _load() -> str:
@@ -116,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                                    batch_size=args.batch_size)
             settings = RaySettings(address=args.ray_address, encoder_threads=args.encoder_threads, progress=False)
             result.update(torch_threads_local=torch.get_num_threads(), **compare(model, options, args.small, settings))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit_report(result, args.json)
     return 0
 
 

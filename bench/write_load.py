@@ -39,7 +39,7 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .cli import DEFAULT_DATASET
+from .cli import DEFAULT_DATASET, emit_report
 
 KEY = "write-load-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -433,11 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--photos and --clients must be >= 1, --searchers >= 0, --kill-at in [0, 1)")
     report = run(args.photos, args.clients, args.searchers, args.kill_at, dataset=args.dataset,
                  batch_ms=args.batch_ms, batch_max=args.batch_max)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+    emit_report(report, args.json)
     ok = report["server_errors_5xx"] == 0 and report["lost_acknowledged"] == 0 and report["half_there_any"] == 0 \
         and report["index_verify"]["rc"] == 0
     return 0 if ok else 1
