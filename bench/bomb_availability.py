@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         env["ALIGNSEARCH_MAX_DECODE_WORK"] = str(10**12)
     args.duration = args.duration or (15.0 if args.quick else 60.0)
     try:
-        with serve(args.index, "--max-upload-bytes", str(4 * len(bomb)), env=env, ready_timeout=900) as url:
+        # room for the bomb and for the ordinary photo (a small slow bomb's 4x would refuse the photo with 413)
+        limit = 4 * max(len(bomb), len(_photo()))
+        with serve(args.index, "--max-upload-bytes", str(limit), env=env, ready_timeout=900) as url:
             with httpx.Client(base_url=url, timeout=120) as client:  # warm up: a decode process, the encoder
                 _post(client, _photo())
             load_before = os.getloadavg()[0]
