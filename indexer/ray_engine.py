@@ -28,6 +28,7 @@ from alignsearch.models.preprocess import ImageDecodeError, ImagePreprocessor
 
 from .distributor import Mapper
 from .plan import ShardTask
+from .reaper import Reaper
 from .writer import Shard, empty_shard, is_done, write_shard
 
 RAY_MISSING = "the Ray engine needs Ray: pip install 'alignsearch[ray]' (or 'ray[data]')"
@@ -219,16 +220,19 @@ class RayDistributor:
             raise ValueError("the Ray engine loads the model from its folder on each worker: this model has none")
         self.model, self.settings, self.batch_size = model, settings or RaySettings(), batch_size
         self.started = False
+        self.reaper = Reaper(start=False)
 
     def __enter__(self) -> "RayDistributor":
         preflight(self.settings.address)
         import ray
 
         if not ray.is_initialized():
+            self.reaper = Reaper()  # a killed build leaves no Ray process behind
             try:
                 ray.init(address=self.settings.address, include_dashboard=False, logging_level="error",
                          log_to_driver=self.settings.progress)
             except ConnectionError as exc:
+                self.reaper.close()
                 raise ConnectionError(f"cannot join the Ray cluster at {self.settings.address}: "
                                       f"{str(exc).splitlines()[0]}") from None
             self.started = True
@@ -246,6 +250,7 @@ class RayDistributor:
 
             ray.shutdown()
             self.started = False
+            self.reaper.close()
 
     def pool(self) -> dict[str, Any]:
         """``map_batches`` arguments of the encoder stage: an actor pool of one actor per GPU, or of CPU

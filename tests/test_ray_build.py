@@ -166,3 +166,32 @@ def test_without_ray_installed_the_engine_is_a_one_line_hint(photos, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'alignsearch[ray]'" in err
     assert not (tmp_path / "x").exists()
+
+
+def _ray_processes() -> set[int]:
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+            and (p / "cmdline").exists() and b"ray" in _read(p / "cmdline")}
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the build's watchdog reads /proc (Linux)")
+def test_a_killed_build_leaves_no_ray_process_behind(photos, tmp_path):
+    """A build that started its own Ray instance, killed with SIGKILL: its raylet's agents (re-parented to init)
+    are ended too."""
+    images, captions = photos
+    out = tmp_path / "index"
+    before = _ray_processes()
+    cmd = [sys.executable, "-m", "alignsearch", "index", "build", "--images", str(images), "--captions",
+           str(captions), "--out", str(out), "--quiet", *RAY_ARGS]
+    kill_after_first_shard(cmd, out, timeout=180)
+    deadline = time.monotonic() + 20
+    while (left := _ray_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, [_read(Path(f"/proc/{pid}/cmdline"))[:80] for pid in left]
