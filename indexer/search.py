@@ -290,22 +290,37 @@ class Searcher:
         hit beats) is set whenever the result carries reference scores. The global score is the measure
         because it does not grow with the query's length, as the local (sum over words) part of ``score``
         does. Hits and ranks are unchanged; ``result.no_match`` says if none clears the threshold."""
-        ref = result.reference
-        rule = self.match_rule(result.query_is_text) if ref is not None else None
-        threshold, test = None, None
-        if min_score is not None:
-            threshold, test = float(min_score), "min_score"
-        elif rule is not None:
-            value = float(rule.threshold(ref, result.collection))
-            if np.isfinite(value):
-                threshold, test = round(value, 6), "reference"
-        elif self.default_min_score is not None:
-            threshold, test = self.default_min_score, "min_score"
-        result.min_score, result.match_test = threshold, test
-        for hit in result.hits:
-            hit.match = None if threshold is None else hit.global_score >= threshold
-            hit.relevance = None if ref is None else round(float(relevance(hit.global_score, ref)), 1)
-        return result
+        return self.mark_all([result], [min_score])[0]
+
+    def mark_all(self, results: list[SearchResult], min_scores: list[float | None]) -> list[SearchResult]:
+        """:meth:`mark_matches` of a batch (each result with its request's ``min_score``): the thresholds of all
+        the results that use the reference test are computed at once, each hit's relevance in one lookup per
+        result."""
+        thresholds: list[tuple[float | None, str | None]] = [(None, None)] * len(results)
+        by_rule: dict[bool, list[int]] = {}
+        for i, (result, min_score) in enumerate(zip(results, min_scores)):
+            if min_score is not None:
+                thresholds[i] = (float(min_score), "min_score")
+            elif result.reference is not None and self.match_rule(result.query_is_text) is not None:
+                by_rule.setdefault(result.query_is_text, []).append(i)
+            elif self.default_min_score is not None:
+                thresholds[i] = (self.default_min_score, "min_score")
+        for query_is_text, idx in by_rule.items():  # one bank side: every reference row has its length
+            collection = [np.nan if results[i].collection is None else results[i].collection for i in idx]
+            values = self.match_rule(query_is_text).threshold(np.stack([results[i].reference for i in idx]),
+                                                              np.asarray(collection, dtype=np.float64))
+            for i, value in zip(idx, values):
+                if np.isfinite(value):
+                    thresholds[i] = (round(float(value), 6), "reference")
+        for result, (threshold, test) in zip(results, thresholds):
+            result.min_score, result.match_test = threshold, test
+            ref = result.reference
+            scores = np.array([hit.global_score for hit in result.hits], dtype=np.float64)
+            beats = None if ref is None else [round(float(v), 1) for v in relevance(scores, ref)]
+            for j, hit in enumerate(result.hits):
+                hit.match = None if threshold is None else bool(hit.global_score >= threshold)
+                hit.relevance = None if beats is None else beats[j]
+        return results
 
     def get_image(self, image_id: str) -> dict[str, Any] | None:
         """Metadata of a live indexed image (with its absolute ``file``), or None."""

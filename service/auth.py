@@ -29,6 +29,6 @@ def key_matches(expected: str | None, authorization: str | bytes | None) -> bool
     return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), expected.encode())
 
 
-def has_api_key(request: Request) -> bool:
+async def has_api_key(request: Request) -> bool:
     """Dependency: whether the caller sent the server's key (always True when the server has none)."""
     return key_matches(request.app.state.alignsearch.settings.api_key, request.headers.get("authorization"))

@@ -56,14 +56,24 @@ def _run_batch(encode, search, inputs: list[Any], params: list[schemas.SearchPar
     return results  # type: ignore[return-value]
 
 
+def _marked(searcher: Searcher, results: list[Any], min_scores: list[float | None]) -> list[Any]:
+    """The results with their hits marked as matches or weak hits (:meth:`Searcher.mark_all`, the whole batch at
+    once); errors as they are."""
+    found = [i for i, r in enumerate(results) if isinstance(r, SearchResult)]
+    searcher.mark_all([results[i] for i in found], [min_scores[i] for i in found])
+    return results
+
+
 def text_batch(searcher: Searcher, queries: list[TextQuery]) -> list[SearchResult | FilterError]:
-    """Sentences -> ranked images."""
-    return _run_batch(searcher.model.encode_texts, searcher.search_text_encoded, [q.request.query for q in queries],
-                      [q.request for q in queries])
+    """Sentences -> ranked images, marked with the request's ``min_score`` or the model's match test."""
+    results = _run_batch(searcher.model.encode_texts, searcher.search_text_encoded,
+                         [q.request.query for q in queries], [q.request for q in queries])
+    return _marked(searcher, results, [q.request.min_score for q in queries])
 
 
 def image_batch(searcher: Searcher, queries: list[ImageQuery]) -> list[SearchResult | FilterError]:
-    """Images -> ranked captions, without captions whose image was deleted from the index."""
+    """Images -> ranked captions, without captions whose image was deleted from the index, marked by the model's
+    match test."""
     results = _run_batch(searcher.model.encode_images, searcher.search_image_encoded, [q.image for q in queries],
                          [q.params for q in queries])
     live: dict[str, bool] = {}
@@ -74,7 +84,7 @@ def image_batch(searcher: Searcher, queries: list[ImageQuery]) -> list[SearchRes
             if hit.image_id is not None and hit.image_id not in live:
                 live[hit.image_id] = searcher.get_image(hit.image_id) is not None
         result.hits = [h for h in result.hits if h.image_id is None or live[h.image_id]]
-    return results
+    return _marked(searcher, results, [None] * len(results))
 
 
 @dataclass

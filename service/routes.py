@@ -68,20 +68,20 @@ def _upload_request_body(fields_model: Any, json_model: Any, what: str, json_fir
     return {"requestBody": {"required": True, "content": dict(content[::-1] if json_first else content)}}
 
 
-# -- dependencies --------------------------------------------------------------------------------------------
+# -- dependencies (async: each is a few attribute reads, and a plain `def` would cost a thread hop a request) --
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     return request.app.state.alignsearch
 
 
-def get_searcher(state: AppState = Depends(get_state)) -> Searcher:
+async def get_searcher(state: AppState = Depends(get_state)) -> Searcher:
     """The index version current now (requests that started earlier finish on theirs)."""
     if state.follower is None:
         raise overloaded("the index is not loaded yet")
     return state.follower.searcher
 
 
-def require_api_key(authorized: bool = Depends(has_api_key)) -> None:
+async def require_api_key(authorized: bool = Depends(has_api_key)) -> None:
     if not authorized:
         raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                             headers={"WWW-Authenticate": "Bearer"})
@@ -161,8 +161,7 @@ async def search_text(req: schemas.TextSearchRequest, state: AppState = Depends(
                       searcher: Searcher = Depends(get_searcher)) -> schemas.TextSearchResponse:
     started = time.perf_counter()
     await _check_filter(searcher, "images", req.filter)
-    found = _found(await _lanes(state, "text").run(TextQuery(req), req.ranked, req.k))
-    result = searcher.mark_matches(found, req.min_score)
+    result = _found(await _lanes(state, "text").run(TextQuery(req), req.ranked, req.k))
     timings = _timings(result, started)
     state.metrics.observe_stages("/search/text", timings)
     return schemas.TextSearchResponse(query=req.query, truncated=result.truncated, timings_ms=timings,
@@ -187,7 +186,7 @@ async def search_image(request: Request, state: AppState = Depends(get_state),
     lanes.lane(params.ranked, params.k)  # refused before the decode when over the limit or busy
     await _check_filter(searcher, "captions", params.filter)
     image = await state.decoder.decode(data)
-    result = searcher.mark_matches(_found(await lanes.run(ImageQuery(image, params), params.ranked, params.k)))
+    result = _found(await lanes.run(ImageQuery(image, params), params.ranked, params.k))
     timings = _timings(result, started)
     state.metrics.observe_stages("/search/image", timings)
     return schemas.ImageSearchResponse(timings_ms=timings, **_page(result),
