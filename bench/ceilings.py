@@ -311,6 +311,18 @@ def rerank_ceiling(index: Path, model: Any, repeats: int, candidates: int = 100)
     return out
 
 
+def rerank_bound(rerank: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
+    """What the rerank alone allows: requests/s if the server did nothing but the chosen kernel's rerank of each
+    request's candidates (batched 16 queries at a time, on all the cores torch uses), against the bare endpoint.
+    The served figure can come no nearer to the bare endpoint than this."""
+    kernel = rerank["kernels"][rerank["chosen"]]
+    per_query_ms = kernel["rerank_ms"] / kernel["queries"]
+    bare = statistics.median(p["throughput_rps"] for p in server["phases"]["bare"])
+    rps = 1000.0 / per_query_ms
+    return {"rerank_ms_per_query": round(per_query_ms, 3), "requests_per_s": round(rps, 1),
+            "over_bare": round(rps / max(bare, 1e-9), 3)}
+
+
 def targets(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     server = results.get("server")
@@ -371,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             _write(args.out, results)  # a part's figures are kept even if a later part fails
         if "server" in args.parts:
             results["server"] = server_ceiling(index, work, seconds, rounds, args.workers, args.concurrency)
+        if "rerank" in results and "server" in results:
+            results["server"]["rerank_alone_bound"] = rerank_bound(results["rerank"], results["server"])
         results["targets"] = targets(results)
         results["environment"]["load_at_end"] = pagecache.load()
     print(_write(args.out, results))
