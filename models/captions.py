@@ -1,6 +1,6 @@
 """Caption files, read one way for training and for indexing: an ``image,caption`` CSV (other columns kept),
 JSON lines (``caption`` required, ``image`` optional, other keys kept), or a Karpathy-format JSON (the split
-kept). Each caption is one :class:`CaptionRow`; what a row without an image means is the caller's rule."""
+kept; an image's ``filepath``, as COCO's file has, is the folder its ``filename`` is in). Each caption is one :class:`CaptionRow`; what a row without an image means is the caller's rule."""
 
 from __future__ import annotations
 
@@ -79,6 +79,8 @@ def _karpathy(path: Path) -> list[CaptionRow]:
     for i, item in enumerate(data["images"]):
         try:
             image, split = str(item["filename"]), str(item.get("split", "train"))
+            if item.get("filepath"):  # COCO: train2014/ and val2014/ under the images root
+                image = f"{str(item['filepath']).strip('/')}/{image}"
             rows += [CaptionRow(str(s["raw"]).strip(), image, {"split": split}) for s in item["sentences"]]
         except (KeyError, TypeError, AttributeError) as exc:
             raise DatasetError(f"{path}: images[{i}] lacks filename or sentences[].raw ({exc})") from exc

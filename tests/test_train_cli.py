@@ -124,6 +124,22 @@ def test_csv_dataset_is_read(tmp_path):
     assert select_split(records, "train", val_size=0) == records
 
 
+def test_a_coco_karpathy_file_names_images_under_their_filepath(tmp_path):
+    """COCO's Karpathy file keeps photos in train2014/ and val2014/ ("filepath"); restval trains."""
+    from alignsearch.models.data import load_dataset, select_split
+
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"images": [
+        {"filepath": "val2014", "filename": "COCO_val2014_1.jpg", "split": "restval",
+         "sentences": [{"raw": "A man rides a horse."}]},
+        {"filepath": "val2014", "filename": "COCO_val2014_2.jpg", "split": "val",
+         "sentences": [{"raw": "Two cups of coffee."}]},
+        {"filename": "flat.jpg", "split": "train", "sentences": [{"raw": "A dog."}]}]}))
+    records = load_dataset(path)
+    assert [r.filename for r in records] == ["val2014/COCO_val2014_1.jpg", "val2014/COCO_val2014_2.jpg", "flat.jpg"]
+    assert [r.filename for r in select_split(records, "train")] == ["val2014/COCO_val2014_1.jpg", "flat.jpg"]
+
+
 def test_fine_tuning_top_layers_updates_the_backbone(tmp_path, small_set, tiny_vit, tiny_bert):
     import torch
 
