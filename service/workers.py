@@ -4,7 +4,8 @@ The parent binds the address (:func:`service.serve.bind`), listens, and starts `
 a fresh interpreter each, so no torch thread pool or lock is inherited half-way). Each worker loads the model
 and opens the index itself; the index's stores and FAISS file are memory-mapped, so the page cache holds one
 copy of them for every worker (each process keeps its own model, a few hundred MB). All workers accept on the
-same socket: the kernel gives each new connection to one of them.
+same socket: the kernel gives each new connection to one of them. A worker whose parent is gone (SIGKILL, the
+OOM killer) stops by itself within a second instead of serving the port on its own.
 
 Admission control stays bounded for the server as a whole by splitting it: each worker admits its share of
 the queues, ``ceil(max_queue / N)`` light and ``ceil(max_heavy_queue / N)`` heavy searches waiting
@@ -22,6 +23,8 @@ import queue
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
@@ -31,6 +34,7 @@ from .settings import Settings
 BACKLOG = 2048  # uvicorn's default
 STOP_TIMEOUT_S = 20.0
 POLL_S = 0.2
+PARENT_POLL_S = 0.5  # how often a worker looks whether its parent is still there
 
 
 def worker_settings(settings: Settings, workers: int) -> Settings:
@@ -41,9 +45,21 @@ def worker_settings(settings: Settings, workers: int) -> Settings:
                                max_heavy_queue=max(1, math.ceil(settings.max_heavy_queue / workers)))
 
 
-def _entry(target: Callable[..., None], sock: socket.socket, ready: Any, args: tuple) -> None:
-    """A worker process: ``target(sock, announce, *args)``, where ``announce(info)`` tells the parent it is ready."""
+def _exit_with_parent(parent: int) -> None:
+    """Stop this worker once ``parent`` is gone (it was re-parented): uvicorn's graceful stop by SIGTERM, then,
+    if that has not ended it within ``STOP_TIMEOUT_S``, an exit."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(STOP_TIMEOUT_S)
+    os._exit(1)
+
+
+def _entry(target: Callable[..., None], sock: socket.socket, ready: Any, args: tuple, parent: int) -> None:
+    """A worker process: ``target(sock, announce, *args)``, where ``announce(info)`` tells the parent it is ready;
+    it ends when its ``parent`` process does."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
     target(sock, lambda info=None: ready.put((os.getpid(), info)), *args)
 
 
@@ -55,7 +71,8 @@ def run_workers(sock: socket.socket, workers: int, target: Callable[..., None], 
     sock.listen(BACKLOG)
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(target, sock, ready, args), name=f"alignsearch-worker-{i + 1}")
+    procs = [ctx.Process(target=_entry, args=(target, sock, ready, args, os.getpid()),
+                         name=f"alignsearch-worker-{i + 1}")
              for i in range(workers)]
     stopping = False
 

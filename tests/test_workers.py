@@ -48,6 +48,56 @@ def test_a_worker_that_exits_ends_the_server_with_its_status():
     assert ready == [[{"code": 3}, {"code": 3}]]
 
 
+def serve_forever(sock, announce) -> None:  # a worker that announces itself and never leaves on its own
+    announce({"pid": __import__("os").getpid()})
+    while True:
+        time.sleep(1)
+
+
+# the parent of two serve_forever workers, in a process of its own (killed by the test)
+PARENT = """
+import sys, json
+from alignsearch.service.serve import bind
+from alignsearch.service.workers import run_workers
+from test_workers import serve_forever
+sock = bind("127.0.0.1", 0)
+run_workers(sock, 2, serve_forever, (), on_ready=lambda infos: print(json.dumps(infos), flush=True))
+"""
+
+
+def test_workers_end_when_their_parent_is_killed():
+    """SIGKILL (or the OOM killer) takes the parent without its clean-up: the workers, re-parented, stop by
+    themselves instead of serving the port alone."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        workers = [info["pid"] for info in json.loads(parent.stdout.readline())]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    finally:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "a worker outlived its parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
