@@ -247,6 +247,30 @@ def test_mark_matches_uses_the_collection_score_of_the_result(bank):
     assert alone.match_test is None and alone.min_score is None and alone.hits[0].match is None
 
 
+def test_a_batch_is_marked_as_each_of_its_results_alone(bank):
+    """``mark_all`` (what the server's batches run) gives every result what ``mark_matches`` gives it alone: its
+    own request threshold, reference rule, collection score, side, or none."""
+    ref = np.sort(np.linspace(-0.1, 0.2, 100).astype(np.float32))
+    ref2 = np.sort(np.linspace(0.0, 0.3, 100).astype(np.float32))
+    calibration = {"match": {"text": {"quantile": 0.9, "margin": 0.05, "gap": 0.05, "collection_m": 10},
+                             "image": {"z": 2.0}}}
+    searcher = _searcher(calibration, bank)
+
+    def batch():
+        results = [_result([0.3, 0.2, 0.1], ref), _result([0.3, 0.25], ref2), _result([0.2, 0.1], ref),
+                   _result([0.1, 0.0], ref, query_is_text=False), _result([0.2], None)]
+        results[1].collection = 0.1
+        results[2].collection = 0.19
+        return results, [None, None, 0.15, None, None]
+
+    alone = [searcher.mark_matches(r, m) for r, m in zip(*batch())]
+    together = searcher.mark_all(*batch())
+    for a, b in zip(alone, together):
+        assert (a.min_score, a.match_test, a.no_match) == (b.min_score, b.match_test, b.no_match)
+        assert [(h.match, h.relevance) for h in a.hits] == [(h.match, h.relevance) for h in b.hits]
+    assert [r.match_test for r in together] == ["reference", "reference", "min_score", "reference", None]
+
+
 def test_an_old_calibration_file_still_works_in_a_model_folder(tmp_path):
     from alignsearch.models.factory import load_model
 
