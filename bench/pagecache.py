@@ -11,13 +11,14 @@ after it (:func:`load`), since other work on the machine changes what a timing m
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from alignsearch.indexer import local_store
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -62,14 +63,12 @@ def resident_pages(path: Path) -> np.ndarray:
     size = os.path.getsize(path)
     if size == 0:
         return np.zeros(0, dtype=bool)
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) as mm:
-        pages = (size + PAGE - 1) // PAGE
-        vec = (ctypes.c_ubyte * pages)()
         address = ctypes.addressof(ctypes.c_char.from_buffer(mm))  # the temporary export ends at once
-        if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) != 0:
-            raise OSError(ctypes.get_errno(), f"mincore failed on {path}")
-        return (np.frombuffer(bytes(vec), dtype=np.uint8) & 1).astype(bool)
+        pages = local_store.resident(address, size)
+    if pages is None:
+        raise OSError(f"mincore failed on {path} (or this platform has none)")
+    return pages
 
 
 def load() -> list[float]:

@@ -10,12 +10,16 @@ all at once first (:meth:`LocalStore.prefetch`), so a cold gather is one round o
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import mmap
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import faiss
 import numpy as np
@@ -252,6 +256,15 @@ class LocalStore:
         rows = codes.long() + torch.arange(m, device=codes.device) * (len(self._pq_table) // m)
         return self._tables[key][rows.view(-1)].view(len(codes), -1)
 
+    @functools.cached_property
+    def codes_tensor(self) -> torch.Tensor:
+        """The codes as a tensor over the same memory map, no copy: torch's row gather (``index_select``) is about
+        2x faster than numpy's on these rows. Read-only memory that torch never writes here, so its warning about
+        a non-writable array is silenced for this one view."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(self.codes)
+
     def decode(self, codes: np.ndarray) -> torch.Tensor:
         """n x code_size codes -> n x dim float32 vectors (one ``sa_decode`` call)."""
         if self.fp16:
@@ -322,7 +335,9 @@ class LocalStore:
         size = self.codes.shape[1]  # bytes per vector
         starts = self._mapped_at + self.offsets[rows] * size
         ends = self._mapped_at + self.offsets[rows + 1] * size
-        for first, end in merged_ranges(starts // mmap.PAGESIZE * mmap.PAGESIZE, ends):
+        ranges = merged_ranges(starts // mmap.PAGESIZE * mmap.PAGESIZE, ends)
+        base = self.codes.ctypes.data - self._mapped_at  # the mapping's first byte (page-aligned)
+        for first, end in cold_ranges(base, ranges):
             try:
                 self._mapping.madvise(mmap.MADV_WILLNEED, int(first), int(end - first))
             except OSError:  # a hint the kernel refused: the gather reads the pages itself
@@ -355,6 +370,52 @@ def _mapping_of(codes: np.ndarray) -> tuple[mmap.mmap | None, int]:
     if not isinstance(mapping, mmap.mmap) or not hasattr(mapping, "madvise") or codes.size == 0:
         return None, 0
     return mapping, codes.ctypes.data - np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+
+
+MINCORE_MAX_PAGES = 1 << 20  # residency asked for at most this many pages (4 GB of span) at once: ~0.3 ms
+
+
+@functools.lru_cache(maxsize=1)
+def _mincore() -> Callable[..., int] | None:
+    """libc's ``mincore`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
+    return fn
+
+
+def resident(address: int, length: int) -> np.ndarray | None:
+    """For each page of the mapped memory ``[address, address + length)`` (``address`` page-aligned), whether it
+    is in the page cache (``mincore``); None where that cannot be asked (not Linux, or the call failed)."""
+    mincore = _mincore()
+    if mincore is None:
+        return None
+    vec = np.empty(-(-length // mmap.PAGESIZE), dtype=np.uint8)
+    if length and mincore(address, length, vec.ctypes.data) != 0:
+        return None
+    return (vec & 1).astype(bool)
+
+
+def cold_ranges(base: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The byte ranges of a mapping at address ``base`` (page-aligned starts, sorted) that have a page outside
+    the page cache, by one ``mincore`` over their span: on a warm store none, so a batch makes no ``madvise``
+    call at all (one per range cost 1.1 ms of a 16-query rerank's 10 ms on a warm 10k-photo store). Every range
+    where residency cannot be asked (a span over :data:`MINCORE_MAX_PAGES`, or :func:`resident` cannot)."""
+    if not ranges:
+        return ranges
+    lo, hi = ranges[0][0], max(end for _, end in ranges)
+    pages = resident(base + lo, hi - lo) if hi - lo <= MINCORE_MAX_PAGES * mmap.PAGESIZE else None
+    if pages is None:
+        return ranges
+    bounds = np.array(ranges, dtype=np.int64)
+    first, last = (bounds[:, 0] - lo) // mmap.PAGESIZE, (bounds[:, 1] - 1 - lo) // mmap.PAGESIZE
+    missing = np.concatenate(([0], np.cumsum(~pages)))  # cold pages before each page
+    cold = missing[last + 1] > missing[first]
+    return [r for r, c in zip(ranges, cold.tolist()) if c]
 
 
 def merged_ranges(starts: np.ndarray, ends: np.ndarray) -> list[tuple[int, int]]:
