@@ -10,10 +10,14 @@ compute dtype and a way of scoring (:func:`~indexer.rerank.kernel_name`):
   the store's memory map, converted and scored in small buffers that stay in the CPU's cache, so the batch's
   codes are never copied whole (same scores up to float32 rounding);
 - ``float16``: the codes as stored (SQfp16), the matmul in float16 (native on CUDA and on CPUs with float16
-  arithmetic, emulated and slow elsewhere; scores within 2e-3 per word).
+  arithmetic, emulated and slow elsewhere; scores within 2e-3 per word);
+- ``bfloat16-chunked``: the chunked kernel with the chunk converted on to bfloat16 and the matmul in bfloat16
+  (native on CPUs with AVX512-BF16 or AMX: 5x the float32 matmul's rate on such a CPU; emulated elsewhere, where
+  the measurement drops it; scores within 3e-3 per word). Text batches of :data:`~indexer.rerank.HALF_FROM_QUERIES`
+  queries or more only, as float16.
 
 ``auto`` precision measures all of them (on CUDA: float16 and float32); ``float32`` / ``float16`` measure
-that dtype's kernels only. The sample is a batch of :data:`SAMPLE_QUERIES` random text-shaped queries against
+that dtype's kernels only (so ``float32`` keeps scores equal to the per-query path's). The sample is a batch of :data:`SAMPLE_QUERIES` random text-shaped queries against
 :data:`SAMPLE_CANDIDATES` random items each (the block layout of distinct queries), each kernel timed
 :data:`REPEATS` times in turns, the median kept: about 3 x 20 ms per kernel on an idle 2-core machine. Stores
 under ``SAMPLE_QUERIES * SAMPLE_CANDIDATES`` items keep the default kernel: their rerank is too small to
@@ -57,6 +61,7 @@ def candidates(device: torch.device, precision: str) -> dict[str, tuple[torch.dt
     kernels = {"float32": (torch.float32, 0), "float16": (torch.float16, 0)}
     if device.type == "cpu":  # a GPU's caches are not the point: no chunked variant there
         kernels["float32-chunked"] = (torch.float32, CHUNK_ITEMS)
+        kernels["bfloat16-chunked"] = (torch.bfloat16, CHUNK_ITEMS)
     return {name: k for name, k in kernels.items() if wanted is None or k[0] == wanted}
 
 

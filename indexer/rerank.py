@@ -16,8 +16,9 @@ The matmul runs in ``float16`` on CUDA, whose tensor cores read the SQfp16 codes
 float16 arithmetic (AVX512-FP16 or AMX-FP16) for batches of :data:`HALF_FROM_QUERIES` text queries or more
 (about 2x faster than float32 there, scores within 2e-3); in ``float32`` for smaller batches, for image queries
 (captions are too short for float16 to pay off) and on other CPUs, where torch emulates float16 (bf16 was
-measured slower: converting the fp16 codes costs more than the matmul saves, see docs/benchmarks.md). The
-similarities are pooled in float32 either way.
+measured slower as a plain kernel: converting the fp16 codes costs more than the matmul saves, see
+docs/benchmarks.md; in cache-sized chunks, on a CPU with AVX512-BF16, it is the fastest: :mod:`indexer.kernels`
+times the kernels when an index opens). The similarities are pooled in float32 either way.
 """
 
 from __future__ import annotations
@@ -304,11 +305,16 @@ class Reranker:
         return pair_scores(sims, mask[None], q_mask[:, None, :], scoring.alignment, scoring.lse_lambda)
 
     def _compute(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``tokens`` in ``dtype``; on CPU converted into the thread's reusable buffer."""
+        """``tokens`` in ``dtype``; on CPU converted into the thread's reusable buffer (bfloat16 through a float32
+        one: torch's direct float16 -> bfloat16 conversion was 8x slower than the two vectorised steps here)."""
         if tokens.dtype == dtype:
             return tokens
-        if tokens.device.type != "cpu" or dtype not in _NUMPY:
+        if tokens.device.type != "cpu" or dtype not in _NUMPY and dtype != torch.bfloat16:
             return tokens.to(dtype)
+        if dtype == torch.bfloat16:
+            wide = self._compute(tokens, torch.float32)
+            out = self._workspace.get("compute_bf16", tuple(tokens.shape), np.int16)
+            return torch.from_numpy(out).view(torch.bfloat16).copy_(wide)
         return torch.from_numpy(self._workspace.get("compute", tuple(tokens.shape), _NUMPY[dtype])).copy_(tokens)
 
     @staticmethod

@@ -30,9 +30,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda; env ALIGNSEARCH_DEVICE")
     p.add_argument("--rerank-precision", choices=("auto", "float32", "float16"), default=defaults.rerank_precision,
                    help="the rerank's arithmetic: auto = the kernel this machine runs fastest, timed on the index "
-                        "when it opens (float32; float32 in cache-sized chunks; float16, scores within 2e-3, used "
-                        "for batches of 3 text queries or more on a CPU); float32 = scores equal to the per-query "
-                        "path; float16; env ALIGNSEARCH_RERANK_PRECISION")
+                        "when it opens (float32; float32 in cache-sized chunks; float16, scores within 2e-3; "
+                        "bfloat16 in chunks, within 3e-3; the last two for batches of 3 text queries or more on a "
+                        "CPU); float32 = scores equal to the per-query path; float16; env "
+                        "ALIGNSEARCH_RERANK_PRECISION")
     p.add_argument("--api-key", default=defaults.api_key,
                    help="require 'Authorization: Bearer KEY' on the API (default: none; env ALIGNSEARCH_API_KEY)")
     add_allow_open_option(p, defaults.allow_open)

@@ -30,8 +30,8 @@ class Settings:
     index: Path = field(default_factory=lambda: Path(_env("INDEX", "index")))
     model: str | None = field(default_factory=lambda: _env("MODEL"))
     device: str = field(default_factory=lambda: _env("DEVICE", "auto"))
-    # the rerank's arithmetic: auto (float16 on CUDA, and on CPUs with float16 arithmetic for batches of 3+ text
-    # queries; float32 otherwise: indexer/rerank.py), float32, float16
+    # the rerank's arithmetic: auto (the kernel measured fastest when the index opens: float32, float16 or
+    # bfloat16 for batches of 3+ text queries on a CPU; float16 on CUDA: indexer/kernels.py), float32, float16
     rerank_precision: str = field(default_factory=lambda: _env("RERANK_PRECISION", "auto"))
     api_key: str | None = field(default_factory=lambda: _env("API_KEY"))
     # listen on a non-loopback address without an API key (off: such a server refuses to start)
