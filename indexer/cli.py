@@ -327,7 +327,8 @@ def run_eval(args: argparse.Namespace) -> int:
     report.update(model=model.source, fingerprint=model.fingerprint, split=args.split, candidates=args.candidates,
                   local_codec=args.local_codec)
     print(f"model {model.source} ({model.fingerprint}), split {args.split}: "
-          f"{report['images']} images, {report['captions']} captions, two-stage K={args.candidates}")
+          f"{report['images']} images, {report['captions']} captions, two-stage K={args.candidates}, "
+          f"rerank kernel {report['rerank_kernel']}")
     print(format_table(report["results"]))
     sizes = report["bytes_per_item"]
     print(f"local codes ({args.local_codec}): {sizes['images']['local']:,.0f} bytes per image, "

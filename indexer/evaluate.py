@@ -116,5 +116,5 @@ def _measure(model: AlignModel, folder: Path, candidates: int, progress: bool, r
     if dropped:
         skipped.append(f"{dropped} caption(s) whose image was skipped: left out of the evaluation")
     return {"results": results, "images": n_img, "captions": n_cap, "captions_dropped": dropped,
-            "skipped": skipped,
+            "skipped": skipped, "rerank_kernel": searcher.kernel_choice.kernel,
             "bytes_per_item": {name: sizes[name]["bytes_per_item"] for name in ("images", "captions")}}

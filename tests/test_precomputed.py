@@ -122,6 +122,7 @@ def test_index_eval_and_served_text_search_over_features(trained, tmp_path):
                  "--candidates", "3", "--json", str(result), "--quiet", "--device", "cpu"]) == 0
     evaluation = json.loads(result.read_text())
     assert evaluation["meta"]["images"] == 3 and evaluation["meta"]["captions"] == 6
+    assert evaluation["meta"]["rerank_kernel"] == "float32"  # a store this small keeps the default, unmeasured
     assert all(0 <= evaluation[m]["rsum"] <= 600 for m in ("global", "exhaustive", "two-stage"))
 
     # what the model itself ranks first for each caption, scoring every photo's regions directly
