@@ -28,7 +28,7 @@ from alignsearch.models import alignment
 from alignsearch.models.factory import load_model
 from alignsearch.models.model import AlignModel, EncoderOutput
 from alignsearch.models.reference import COLLECTION_M, MatchRule, ReferenceBank, collection_score, relevance
-from alignsearch.models.scoring import ScoringConfig, rank
+from alignsearch.models.scoring import ScoringConfig, inner_products, rank
 from alignsearch.models.words import content_words
 
 from . import kernels
@@ -364,7 +364,7 @@ class Searcher:
             return [np.zeros(0, np.int64)] * len(queries), [np.zeros(0, np.float32)] * len(queries)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if n <= EXACT_MAX:
-            scores = queries @ np.asarray(col.index.vectors(allowed.rows), dtype=np.float32).T
+            scores = inner_products(queries, col.index.vectors(allowed.rows))
             tops = [_top(s, allowed.rows, want) for s in scores]
             return [t[0] for t in tops], [t[1] for t in tops]
         search_ids = getattr(col.index, "search_ids", None)

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from .scoring import inner_products
+
 REFERENCE_FILE = "reference.safetensors"
 SIDES = ("images", "captions")  # reference photos (for text queries), reference captions (for image queries)
 
@@ -153,7 +155,7 @@ class ReferenceBank:
 
     def scores(self, queries: np.ndarray, query_is_text: bool) -> np.ndarray:
         """Queries x R global scores against the reference side, each row sorted ascending."""
-        return np.sort(np.asarray(queries, dtype=np.float32) @ self.side(query_is_text).T, axis=1)
+        return np.sort(inner_products(queries, self.side(query_is_text)), axis=1)
 
 
 def relevance(score: float | np.ndarray, reference: np.ndarray) -> np.ndarray:

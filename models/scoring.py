@@ -59,6 +59,15 @@ class ScoringConfig:
         return alignment.fuse(global_scores, local, self.local_weight)
 
 
+def inner_products(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """``queries @ vectors.T`` in float32 (numpy in, numpy out), on torch's thread pool: in a process that has just
+    run torch's kernels, numpy's BLAS threads wait on torch's still-spinning OpenMP threads (15 x 1,000 products
+    took 3.5 ms that way after a rerank, 0.14 ms here)."""
+    a = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    b = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    return (a @ b.T).numpy()
+
+
 def rank(scores: torch.Tensor | np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     """Positions of the top ``k`` of ``scores``: score descending, ties broken by row id (deterministic)."""
     scores = scores.numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)

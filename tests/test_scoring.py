@@ -3,6 +3,7 @@ and they agree with one another."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from alignsearch.indexer.index import Index
 from alignsearch.indexer.search import Searcher
 from alignsearch.models import load_model
 from alignsearch.models.evaluation import keep_top_k
-from alignsearch.models.scoring import ScoringConfig
+from alignsearch.models.scoring import ScoringConfig, inner_products
 
 QUERIES = ["a cat looks to the side", "a red motorbike", "a cup of coffee", "galaxies in deep space"]
 
@@ -85,3 +86,12 @@ def test_training_sweep_and_searcher_rank_the_same_candidates_the_same_way(built
             scores = sorted(cut[q][torch.isfinite(cut[q])].tolist(), reverse=True)
             if all(a - b > 4e-3 for a, b in zip(scores, scores[1:])):
                 assert [h.id for h in res.hits] == expected
+
+
+def test_inner_products_are_numpy_s_product_in_float32():
+    rng = np.random.default_rng(0)
+    queries, vectors = rng.standard_normal((5, 24)), rng.standard_normal((40, 24)).astype(np.float32)
+    got = inner_products(queries, vectors)  # float64 queries are taken as float32
+    assert got.dtype == np.float32 and got.shape == (5, 40)
+    np.testing.assert_allclose(got, queries.astype(np.float32) @ vectors.T, rtol=0, atol=1e-5)
+    assert inner_products(queries[:0], vectors).shape == (0, 40)
