@@ -17,11 +17,12 @@ compute dtype and a way of scoring (:func:`~indexer.rerank.kernel_name`):
   queries or more only, as float16.
 
 ``auto`` precision measures all of them (on CUDA: float16 and float32); ``float32`` / ``float16`` measure
-that dtype's kernels only (so ``float32`` keeps scores equal to the per-query path's). The sample is a batch of :data:`SAMPLE_QUERIES` random text-shaped queries against
-:data:`SAMPLE_CANDIDATES` random items each (the block layout of distinct queries), each kernel timed
-:data:`REPEATS` times in turns, the median kept: about 3 x 20 ms per kernel on an idle 2-core machine. Stores
-under ``SAMPLE_QUERIES * SAMPLE_CANDIDATES`` items keep the default kernel: their rerank is too small to
-matter. The choice is kept per process for each (device, store shape, precision).
+that dtype's kernels only (so ``float32`` keeps scores equal to the per-query path's). The sample is a batch
+of :data:`SAMPLE_QUERIES` random text-shaped queries against :data:`SAMPLE_CANDIDATES` random items each (the
+block layout of distinct queries), each kernel timed :data:`REPEATS` times in turns, the median kept: about
+3 x 20 ms per kernel on an idle 2-core machine. Stores under ``SAMPLE_QUERIES * SAMPLE_CANDIDATES`` items keep
+the default kernel: their rerank is too small to matter. The choice is kept per process for each (device,
+store shape, precision).
 """
 
 from __future__ import annotations

@@ -331,17 +331,26 @@ class LocalStore:
         does nothing where the codes are not a memory map or the platform has no ``madvise``."""
         if self._mapping is None or len(rows) == 0:
             return
-        rows = np.asarray(rows, dtype=np.int64)
-        size = self.codes.shape[1]  # bytes per vector
-        starts = self._mapped_at + self.offsets[rows] * size
-        ends = self._mapped_at + self.offsets[rows + 1] * size
-        ranges = merged_ranges(starts // mmap.PAGESIZE * mmap.PAGESIZE, ends)
-        base = self.codes.ctypes.data - self._mapped_at  # the mapping's first byte (page-aligned)
-        for first, end in cold_ranges(base, ranges):
+        for first, end in self.cold_page_ranges(rows):
             try:
                 self._mapping.madvise(mmap.MADV_WILLNEED, int(first), int(end - first))
             except OSError:  # a hint the kernel refused: the gather reads the pages itself
                 return
+
+    def page_ranges(self, rows: np.ndarray) -> list[tuple[int, int]]:
+        """The byte ranges of the memory map that hold the codes of ``rows``, each start rounded down to its
+        page, sorted and merged."""
+        rows = np.asarray(rows, dtype=np.int64)
+        size = self.codes.shape[1]  # bytes per vector
+        starts = self._mapped_at + self.offsets[rows] * size
+        ends = self._mapped_at + self.offsets[rows + 1] * size
+        return merged_ranges(starts // mmap.PAGESIZE * mmap.PAGESIZE, ends)
+
+    def cold_page_ranges(self, rows: np.ndarray) -> list[tuple[int, int]]:
+        """Those of :meth:`page_ranges` that have a page outside the page cache (:func:`cold_ranges`): what
+        :meth:`prefetch` asks the kernel for."""
+        base = self.codes.ctypes.data - self._mapped_at  # the mapping's first byte (page-aligned)
+        return cold_ranges(base, self.page_ranges(rows))
 
     def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode the vectors of ``rows`` in one call: (K x T x D float32, K x T bool mask)."""

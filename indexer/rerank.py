@@ -309,12 +309,12 @@ class Reranker:
         one: torch's direct float16 -> bfloat16 conversion was 8x slower than the two vectorised steps here)."""
         if tokens.dtype == dtype:
             return tokens
-        if tokens.device.type != "cpu" or dtype not in _NUMPY and dtype != torch.bfloat16:
-            return tokens.to(dtype)
-        if dtype == torch.bfloat16:
+        if tokens.device.type == "cpu" and dtype == torch.bfloat16:  # numpy has no bfloat16: an int16 buffer
             wide = self._compute(tokens, torch.float32)
             out = self._workspace.get("compute_bf16", tuple(tokens.shape), np.int16)
             return torch.from_numpy(out).view(torch.bfloat16).copy_(wide)
+        if tokens.device.type != "cpu" or dtype not in _NUMPY:
+            return tokens.to(dtype)
         return torch.from_numpy(self._workspace.get("compute", tuple(tokens.shape), _NUMPY[dtype])).copy_(tokens)
 
     @staticmethod

@@ -99,34 +99,27 @@ def test_a_store_in_memory_has_nothing_to_prefetch():
     assert tokens.shape == (2, REGIONS, DIM) and bool(mask.all())
 
 
-def _ranges(store: local_store.LocalStore, rows: np.ndarray) -> list[tuple[int, int]]:
-    """The merged page-aligned byte ranges of ``rows`` in the store's mapping, as :meth:`prefetch` makes them."""
-    size, at = store.codes.shape[1], store.codes.offset
-    starts, ends = at + store.offsets[rows] * size, at + store.offsets[rows + 1] * size
-    return local_store.merged_ranges(starts // PAGE * PAGE, ends)
-
-
 def test_only_ranges_with_a_page_outside_the_cache_are_asked_for(cold_store):
     """A warm batch makes no ``madvise`` call at all (one per range cost ~10% of a warm rerank); a cold one asks
     for exactly its cold ranges."""
     store, path, _ = cold_store
-    base = store.codes.ctypes.data - store.codes.offset
     read, unread = np.array([10, 500, 1_200]), np.array([50, 900, 1_900])
     both = np.sort(np.concatenate([read, unread]))
-    assert local_store.cold_ranges(base, _ranges(store, both)) == _ranges(store, both)  # all cold
+    assert len(store.page_ranges(both)) == 6
+    assert store.cold_page_ranges(both) == store.page_ranges(both)  # all cold
     store.gather(read)
     _resident_after(path, _pages_of(store, read))
-    assert local_store.cold_ranges(base, _ranges(store, both)) == _ranges(store, unread)
+    assert store.cold_page_ranges(both) == store.page_ranges(unread)
     store.gather(unread)
     _resident_after(path, _pages_of(store, both))
-    assert local_store.cold_ranges(base, _ranges(store, both)) == []
+    assert store.cold_page_ranges(both) == []
 
 
 def test_where_residency_cannot_be_asked_every_range_is_prefetched(cold_store, monkeypatch):
     store, _, _ = cold_store
-    ranges = _ranges(store, np.array([3, 4, 1_000]))
+    rows = np.array([3, 4, 1_000])
     monkeypatch.setattr(local_store, "MINCORE_MAX_PAGES", 1)  # a span too wide to ask about
-    assert local_store.cold_ranges(store.codes.ctypes.data - store.codes.offset, ranges) == ranges
+    assert store.cold_page_ranges(rows) == store.page_ranges(rows)
     monkeypatch.setattr(local_store, "resident", lambda address, length: None)  # no mincore here
     monkeypatch.setattr(local_store, "MINCORE_MAX_PAGES", 1 << 20)
-    assert local_store.cold_ranges(store.codes.ctypes.data - store.codes.offset, ranges) == ranges
+    assert store.cold_page_ranges(rows) == store.page_ranges(rows)
